@@ -1,0 +1,48 @@
+"""URL map: the seed's REST paths, the agent protocol v1, DRF resources, schema, admin, metrics."""
+
+from django.contrib import admin
+from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from rest_framework.routers import DefaultRouter
+
+from clients.api.views import AgentViewSet, EnrollView, HeartbeatView
+from monitoring.api import views as monitoring_views
+from trainings.api import agent_views
+from trainings.api import views as training_views
+from versioning.api.views import ModelVersionViewSet
+
+router = DefaultRouter(trailing_slash=True)
+router.register("trainings", training_views.TrainingViewSet, basename="training")
+router.register("rounds", training_views.RoundViewSet, basename="round")
+router.register("agents", AgentViewSet, basename="agent")
+router.register("versions", ModelVersionViewSet, basename="version")
+
+agent_protocol = [
+    path("enroll", EnrollView.as_view(), name="agent-enroll"),
+    path("heartbeat", HeartbeatView.as_view(), name="agent-heartbeat"),
+    path("tasks/next", agent_views.next_task_view, name="agent-next-task"),
+    path("tasks/<str:task_id>/update", agent_views.UpdateUploadView.as_view(), name="agent-update"),
+    path("tasks/<str:task_id>/fail", agent_views.TaskFailView.as_view(), name="agent-task-fail"),
+    path("models/<str:version_id>", agent_views.ModelDownloadView.as_view(), name="agent-model"),
+]
+
+seed_api = [
+    path("health", training_views.health, name="health"),
+    path("training/start", training_views.training_start, name="training-start"),
+    path("training/<str:training_id>/status", training_views.training_status_view, name="training-status"),
+    path("training/<str:training_id>/stop", training_views.training_stop, name="training-stop"),
+    path("training/<str:training_id>/metrics", training_views.training_metrics, name="training-metrics"),
+    path("system/health", monitoring_views.system_health_view, name="system-health"),
+    path("alerts", monitoring_views.alerts_view, name="alerts"),
+]
+
+urlpatterns = [
+    path("api/", include(seed_api)),
+    path("api/v1/agent/", include(agent_protocol)),
+    path("api/v1/", include(router.urls)),
+    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
+    path("admin/", admin.site.urls),
+    path("", include("django_prometheus.urls")),
+    path("", include("monitoring.urls")),
+]

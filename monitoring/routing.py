@@ -1,0 +1,7 @@
+from django.urls import re_path
+
+from monitoring.consumers import TrainingEventsConsumer
+
+websocket_urlpatterns = [
+    re_path(r"^ws/(?P<client_id>[A-Za-z0-9_.-]{1,64})/?$", TrainingEventsConsumer.as_asgi()),
+]

@@ -1,0 +1,236 @@
+"""Agent protocol v1: long-poll for a task, download a model version, upload an update, give a task back.
+
+The long-poll is an async view so thousands of waiting agents cost no threads; the rest are DRF views.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.core.files.storage import default_storage
+from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
+from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
+from rest_framework import serializers, status
+from rest_framework.parsers import JSONParser, MultiPartParser
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from clients.services import agent_authenticate, agent_touch
+from fedsite.agent_auth import AgentTokenAuthentication, IsAgent
+from fedsite.api import error_response
+from fedsite.errors import Forbidden, NotFound, PayloadTooLarge, ServiceError, ValidationFailed
+from trainings import services
+from trainings.selectors import task_payload
+from trainings.wakeup import wait_for_wakeup
+from versioning.models import ModelVersion
+
+RECHECK_SECONDS = 2.0
+
+
+def _parse_wait(raw: str | None) -> float:
+    if raw in (None, ""):
+        return 0.0
+    try:
+        wait = float(raw)
+    except ValueError as exc:
+        raise ValidationFailed(f"wait must be a number of seconds. Found {raw!r}.") from exc
+    if not 0 <= wait <= settings.FEDSITE_LONG_POLL_MAX:
+        raise ValidationFailed(
+            f"wait must be between 0 and {settings.FEDSITE_LONG_POLL_MAX} seconds. Found {raw}."
+        )
+    return wait
+
+
+def _poll_once(agent: Any) -> dict[str, Any] | None:
+    task = services.task_next_for_agent(agent=agent)
+    return task_payload(task) if task is not None else None
+
+
+def _prepare_poll(authorization: str | None) -> Any:
+    agent = agent_authenticate(authorization=authorization)
+    agent_touch(agent=agent)
+    services.rounds_try_open_waiting_if_any()
+    return agent
+
+
+@csrf_exempt
+async def next_task_view(request: HttpRequest) -> HttpResponse:
+    """``GET /api/v1/agent/tasks/next?wait=<seconds>``: 200 with a task, or 204 after ``wait`` seconds."""
+    if request.method != "GET":
+        return JsonResponse(
+            {"error": {"code": "method_not_allowed", "message": "Use GET.", "details": {}}}, status=405
+        )
+    try:
+        wait = _parse_wait(request.GET.get("wait"))
+        agent = await sync_to_async(_prepare_poll)(request.headers.get("Authorization"))
+        deadline = time.monotonic() + wait
+        while True:
+            payload = await sync_to_async(_poll_once)(agent)
+            if payload is not None:
+                return JsonResponse(payload)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return HttpResponse(status=204)
+            await wait_for_wakeup(agent.pk, min(remaining, RECHECK_SECONDS))
+            if time.monotonic() > deadline - 0.05:
+                payload = await sync_to_async(_poll_once)(agent)
+                return JsonResponse(payload) if payload is not None else HttpResponse(status=204)
+    except ServiceError as exc:
+        response = error_response(exc)
+        if exc.status_code == 401:
+            response["WWW-Authenticate"] = 'Bearer realm="fedsite-agent"'
+        return response
+    except asyncio.CancelledError:
+        raise
+
+
+class ModelDownloadView(APIView):
+    """``GET /api/v1/agent/models/<version_id>``: the version's safetensors bytes, ETag = sha256."""
+
+    authentication_classes = [AgentTokenAuthentication]
+    permission_classes = [IsAgent]
+
+    @extend_schema(
+        tags=["agent protocol"],
+        responses={(200, "application/octet-stream"): bytes, 304: None},
+        parameters=[OpenApiParameter("If-None-Match", str, OpenApiParameter.HEADER, required=False)],
+    )
+    def get(self, request: Request, version_id: str) -> HttpResponse:
+        try:
+            version = ModelVersion.objects.get(pk=version_id)
+        except (ModelVersion.DoesNotExist, ValueError, DjangoValidationError) as exc:
+            raise NotFound(f"No model version {version_id!r}.", code="version_not_found") from exc
+        if not services.agent_may_download(agent=request.auth, version=version):
+            raise Forbidden(
+                "This agent has no task in the training of this model version.", code="not_your_model"
+            )
+        etag = f'"{version.blob_sha256}"'
+        if request.headers.get("If-None-Match", "").strip() == etag:
+            response = HttpResponse(status=304)
+            response["ETag"] = etag
+            return response
+        response = FileResponse(
+            default_storage.open(version.blob_name, "rb"), content_type="application/octet-stream"
+        )
+        response["ETag"] = etag
+        response["Content-Length"] = str(version.size_bytes)
+        response["X-Model-Version"] = str(version.number)
+        return response
+
+
+UPDATE_RESPONSE = inline_serializer(
+    "UpdateAccepted",
+    {
+        "task_id": serializers.UUIDField(),
+        "status": serializers.CharField(),
+        "sha256": serializers.CharField(),
+    },
+)
+UPDATE_REQUEST = inline_serializer(
+    "UpdateUpload",
+    {
+        "update": serializers.FileField(help_text="safetensors: trained minus downloaded parameters, F32"),
+        "meta": serializers.CharField(help_text='JSON: {"num_examples": int, "metrics": {...}}'),
+    },
+)
+
+
+class UpdateUploadView(APIView):
+    """``POST /api/v1/agent/tasks/<task_id>/update`` (multipart: ``update`` file, ``meta`` JSON)."""
+
+    authentication_classes = [AgentTokenAuthentication]
+    permission_classes = [IsAgent]
+    parser_classes = [MultiPartParser]
+
+    @extend_schema(
+        tags=["agent protocol"],
+        request={"multipart/form-data": UPDATE_REQUEST},
+        responses={201: UPDATE_RESPONSE, 200: UPDATE_RESPONSE},
+    )
+    def post(self, request: Request, task_id: str) -> Response:
+        upload = request.FILES.get("update")
+        if upload is None:
+            raise ValidationFailed(
+                "The multipart body needs a file part named 'update' (safetensors).",
+                details={"update": "Required."},
+            )
+        meta = request.data.get("meta")
+        if meta is None:
+            raise ValidationFailed(
+                "The multipart body needs a part named 'meta' (JSON).", details={"meta": "Required."}
+            )
+        if upload.size > settings.FEDSITE_MAX_UPDATE_BYTES:
+            raise PayloadTooLarge(
+                f"The update is {upload.size} bytes; the server accepts at most "
+                f"{settings.FEDSITE_MAX_UPDATE_BYTES}.",
+                code="update_too_large",
+            )
+        update, created = services.update_submit(
+            agent=request.auth, task_id=task_id, data=upload.read(), meta=meta
+        )
+        return Response(
+            {"task_id": str(update.task_id), "status": "accepted", "sha256": update.blob_sha256},
+            status=status.HTTP_201_CREATED if created else status.HTTP_200_OK,
+        )
+
+
+class TaskFailView(APIView):
+    """``POST /api/v1/agent/tasks/<task_id>/fail``: give the task back with a reason."""
+
+    authentication_classes = [AgentTokenAuthentication]
+    permission_classes = [IsAgent]
+    parser_classes = [JSONParser]
+
+    @extend_schema(
+        tags=["agent protocol"],
+        request=inline_serializer("TaskFail", {"reason": serializers.CharField()}),
+        responses={
+            200: inline_serializer(
+                "TaskFailed", {"task_id": serializers.UUIDField(), "status": serializers.CharField()}
+            )
+        },
+    )
+    def post(self, request: Request, task_id: str) -> Response:
+        body = request.data if isinstance(request.data, dict) else {}
+        task = services.task_fail(agent=request.auth, task_id=task_id, reason=body.get("reason"))
+        return Response({"task_id": str(task.pk), "status": task.status})
+
+
+NEXT_TASK_OPENAPI: dict[str, Any] = {
+    "get": {
+        "operationId": "agent_next_task",
+        "summary": "Long-poll for the agent's next task",
+        "description": "Returns 200 with a task as soon as one exists, or 204 with no body after `wait` "
+        "seconds. Counts as a heartbeat. See docs/agent-protocol.md for the task JSON.",
+        "tags": ["agent protocol"],
+        "security": [{"agentToken": []}],
+        "parameters": [
+            {
+                "name": "wait",
+                "in": "query",
+                "required": False,
+                "schema": {"type": "number", "minimum": 0, "maximum": 60},
+            }
+        ],
+        "responses": {
+            "200": {"description": "A task", "content": {"application/json": {"schema": {"type": "object"}}}},
+            "204": {"description": "No task within `wait` seconds"},
+            "401": {"description": "Missing or invalid agent token"},
+        },
+    }
+}
+
+
+def add_next_task_path(result: dict[str, Any], generator: Any, request: Any, public: Any) -> dict[str, Any]:
+    """drf-spectacular post-processing hook: document the async long-poll view."""
+    result.setdefault("paths", {})["/api/v1/agent/tasks/next"] = NEXT_TASK_OPENAPI
+    schemes = result.setdefault("components", {}).setdefault("securitySchemes", {})
+    schemes["agentToken"] = {"type": "http", "scheme": "bearer", "description": "Agent token (fsa_...)"}
+    return result

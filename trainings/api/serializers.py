@@ -1,0 +1,86 @@
+"""Serializers for the operator API (read shapes only; writes go through services)."""
+
+from __future__ import annotations
+
+from rest_framework import serializers
+
+from trainings.models import Round, Training
+
+
+class TrainingSerializer(serializers.ModelSerializer):
+    current_version_number = serializers.IntegerField(
+        source="current_version.number", read_only=True, default=None
+    )
+
+    class Meta:
+        model = Training
+        fields = [
+            "id",
+            "name",
+            "algorithm",
+            "status",
+            "config",
+            "model_spec",
+            "current_round",
+            "current_version_number",
+            "best_accuracy",
+            "stop_reason",
+            "created_at",
+            "started_at",
+            "finished_at",
+        ]
+        read_only_fields = fields
+
+
+class RoundSerializer(serializers.ModelSerializer):
+    base_version_number = serializers.IntegerField(source="base_version.number", read_only=True)
+    tasks = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Round
+        fields = [
+            "id",
+            "training",
+            "number",
+            "status",
+            "attempt",
+            "base_version_number",
+            "deadline",
+            "opened_at",
+            "closed_at",
+            "completed_at",
+            "metrics",
+            "error",
+            "tasks",
+        ]
+        read_only_fields = fields
+
+    def get_tasks(self, round_: Round) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for status in round_.tasks.values_list("status", flat=True):
+            counts[status] = counts.get(status, 0) + 1
+        return counts
+
+
+class TrainingConfigurationSerializer(serializers.Serializer):
+    """Documents the request body; validation itself is ``TrainingConfiguration.from_dict``."""
+
+    name = serializers.CharField()
+    algorithm = serializers.CharField(required=False, default="fedavg")
+    model_type = serializers.ChoiceField(["logreg", "mlp", "neural_network"], required=False)
+    input_dim = serializers.IntegerField(required=False)
+    num_classes = serializers.IntegerField(required=False)
+    hidden_sizes = serializers.ListField(child=serializers.IntegerField(), required=False)
+    target_accuracy = serializers.FloatField(required=False, allow_null=True)
+    max_rounds = serializers.IntegerField(required=False)
+    min_clients_per_round = serializers.IntegerField(required=False, allow_null=True)
+    max_clients_per_round = serializers.IntegerField(required=False, allow_null=True)
+    local_epochs = serializers.IntegerField(required=False)
+    batch_size = serializers.IntegerField(required=False)
+    learning_rate = serializers.FloatField(required=False)
+    round_timeout_seconds = serializers.FloatField(required=False, allow_null=True)
+    max_round_attempts = serializers.IntegerField(required=False, allow_null=True)
+    selection = serializers.ChoiceField(["random", "reliability"], required=False)
+    evaluation_dataset = serializers.ChoiceField(["digits", "mnist"], required=False, allow_null=True)
+    seed = serializers.IntegerField(required=False)
+    metadata = serializers.DictField(required=False)

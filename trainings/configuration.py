@@ -1,0 +1,197 @@
+"""``TrainingConfiguration``: the validated description of a training (the seed's name and keys).
+
+It is a plain frozen dataclass so it can cross boundaries (REST, ``manage.py start_training``, the
+Python coordinator API). ``from_dict`` accepts JSON and reports every bad field at once; ``to_dict``
+is what the ``Training.config`` column stores.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from django.conf import settings
+
+from fedsite.errors import ValidationFailed
+from flcore.strategies import AggregationAlgorithm
+
+MODEL_TYPES = {"logreg": "logreg", "mlp": "mlp", "neural_network": "mlp"}
+SELECTION_POLICIES = ("random", "reliability")
+EVALUATION_DATASETS = ("digits", "mnist")
+
+
+@dataclass(frozen=True)
+class TrainingConfiguration:
+    """What an operator asks for. Field names follow the seed; defaults suit sklearn's digits."""
+
+    name: str
+    algorithm: AggregationAlgorithm = AggregationAlgorithm.FEDAVG
+    model_type: str = "mlp"
+    input_dim: int = 64
+    num_classes: int = 10
+    hidden_sizes: tuple[int, ...] = (64,)
+    target_accuracy: float | None = None
+    max_rounds: int = 100
+    min_clients_per_round: int | None = None
+    max_clients_per_round: int | None = None
+    local_epochs: int = 1
+    batch_size: int = 32
+    learning_rate: float = 0.05
+    round_timeout_seconds: float | None = None
+    max_round_attempts: int | None = None
+    selection: str = "random"
+    evaluation_dataset: str | None = None
+    seed: int = 0
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Any) -> TrainingConfiguration:
+        """Validate JSON-like input; raise ``ValidationFailed`` naming every bad field."""
+        if not isinstance(data, dict):
+            raise ValidationFailed("A training configuration must be a JSON object.")
+        known = {f.name for f in fields(cls)}
+        errors: dict[str, str] = {}
+        unknown = sorted(set(data) - known - {"privacy_budget", "privacy_level"})
+        for key in unknown:
+            errors[key] = f"Unknown field. Known fields: {sorted(known)}."
+        for key in ("privacy_budget", "privacy_level"):
+            if data.get(key) not in (None, "none"):
+                errors[key] = "Differential privacy is not available on this server yet; omit this field."
+        values: dict[str, Any] = {}
+
+        def take(
+            name: str,
+            kind: type,
+            *,
+            minimum: float | None = None,
+            maximum: float | None = None,
+            nullable: bool = False,
+        ) -> None:
+            if name not in data:
+                return
+            value = data[name]
+            if value is None and nullable:
+                values[name] = None
+                return
+            if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+                errors[name] = f"Must be an integer. Found {value!r}."
+                return
+            if kind is float:
+                if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                    errors[name] = f"Must be a finite number. Found {value!r}."
+                    return
+                value = float(value)
+            if kind is str and not isinstance(value, str):
+                errors[name] = f"Must be a string. Found {value!r}."
+                return
+            if minimum is not None and value < minimum:
+                errors[name] = f"Must be at least {minimum}. Found {value!r}."
+                return
+            if maximum is not None and value > maximum:
+                errors[name] = f"Must be at most {maximum}. Found {value!r}."
+                return
+            values[name] = value
+
+        if "name" not in data:
+            errors["name"] = "Required."
+        take("name", str)
+        if isinstance(values.get("name"), str) and not 1 <= len(values["name"].strip()) <= 200:
+            errors["name"] = "Must be 1 to 200 characters."
+        if "algorithm" in data:
+            try:
+                values["algorithm"] = AggregationAlgorithm(data["algorithm"])
+            except ValueError:
+                errors["algorithm"] = (
+                    f"Unknown algorithm {data['algorithm']!r}. "
+                    f"Available: {[a.value for a in AggregationAlgorithm]}."
+                )
+        take("model_type", str)
+        if "model_type" in values and values["model_type"] not in MODEL_TYPES:
+            errors["model_type"] = f"Unknown model type. Available: {sorted(MODEL_TYPES)}."
+        take("input_dim", int, minimum=1, maximum=10_000_000)
+        take("num_classes", int, minimum=2, maximum=100_000)
+        if "hidden_sizes" in data:
+            hidden = data["hidden_sizes"]
+            if not isinstance(hidden, list | tuple) or not all(
+                isinstance(h, int) and not isinstance(h, bool) and 1 <= h <= 100_000 for h in hidden
+            ):
+                errors["hidden_sizes"] = f"Must be a list of positive integers. Found {hidden!r}."
+            else:
+                values["hidden_sizes"] = tuple(hidden)
+        take("target_accuracy", float, minimum=0.0, maximum=1.0, nullable=True)
+        take("max_rounds", int, minimum=1, maximum=1_000_000)
+        take("min_clients_per_round", int, minimum=1, nullable=True)
+        take("max_clients_per_round", int, minimum=1, nullable=True)
+        take("local_epochs", int, minimum=1, maximum=10_000)
+        take("batch_size", int, minimum=1, maximum=1_000_000)
+        take("learning_rate", float, minimum=1e-12, maximum=1e3)
+        take("round_timeout_seconds", float, minimum=1.0, maximum=7 * 24 * 3600, nullable=True)
+        take("max_round_attempts", int, minimum=1, maximum=1000, nullable=True)
+        take("selection", str)
+        if "selection" in values and values["selection"] not in SELECTION_POLICIES:
+            errors["selection"] = f"Must be one of {SELECTION_POLICIES}."
+        take("evaluation_dataset", str, nullable=True)
+        if values.get("evaluation_dataset") not in (None, *EVALUATION_DATASETS):
+            errors["evaluation_dataset"] = f"Must be null or one of {list(EVALUATION_DATASETS)}."
+        take("seed", int, minimum=0, maximum=2**63 - 1)
+        if "metadata" in data:
+            if not isinstance(data["metadata"], dict):
+                errors["metadata"] = "Must be a JSON object."
+            else:
+                values["metadata"] = data["metadata"]
+
+        model_type = MODEL_TYPES.get(values.get("model_type", "mlp"), "mlp")
+        if model_type == "logreg" and "hidden_sizes" not in data:
+            values["hidden_sizes"] = ()
+        if model_type == "logreg" and values.get("hidden_sizes"):
+            errors["hidden_sizes"] = "A logreg model has no hidden layers; omit hidden_sizes or pass []."
+        if model_type == "mlp" and "hidden_sizes" in values and not values["hidden_sizes"]:
+            errors["hidden_sizes"] = "An mlp needs at least one hidden layer."
+        low = values.get("min_clients_per_round") or settings.FEDSITE_MIN_CLIENTS_PER_ROUND
+        high = values.get("max_clients_per_round") or settings.FEDSITE_MAX_CLIENTS_PER_ROUND
+        if "min_clients_per_round" not in errors and "max_clients_per_round" not in errors and low > high:
+            errors["min_clients_per_round"] = (
+                f"min_clients_per_round ({low}) is larger than max_clients_per_round ({high})."
+            )
+        if errors:
+            raise ValidationFailed(
+                "The training configuration is invalid: "
+                + "; ".join(f"{key}: {message}" for key, message in errors.items()),
+                details=errors,
+            )
+        if "model_type" in values:
+            values["model_type"] = MODEL_TYPES[values["model_type"]]
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["algorithm"] = self.algorithm.value
+        data["hidden_sizes"] = list(self.hidden_sizes)
+        return data
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def min_clients(self) -> int:
+        return self.min_clients_per_round or settings.FEDSITE_MIN_CLIENTS_PER_ROUND
+
+    @property
+    def max_clients(self) -> int:
+        return max(self.max_clients_per_round or settings.FEDSITE_MAX_CLIENTS_PER_ROUND, self.min_clients)
+
+    @property
+    def round_timeout(self) -> float:
+        return self.round_timeout_seconds or settings.FEDSITE_ROUND_TIMEOUT
+
+    @property
+    def round_attempts(self) -> int:
+        return self.max_round_attempts or settings.FEDSITE_MAX_ROUND_ATTEMPTS
+
+    def model_spec_json(self) -> dict[str, Any]:
+        return {
+            "architecture": self.model_type,
+            "input_dim": self.input_dim,
+            "num_classes": self.num_classes,
+            "hidden_sizes": list(self.hidden_sizes),
+        }

@@ -1,0 +1,146 @@
+"""Trainings, their rounds, the tasks handed to agents, and the updates agents send back.
+
+Invariants:
+- ``Training.status`` and ``Round.status`` change only through ``trainings.state.transition_*``, which
+  checks the allowed source states under a row lock; nothing assigns them freely.
+- ``(training, number)`` is unique for rounds, ``(round, agent, kind)`` for tasks; an update belongs to
+  exactly one task.
+- Tensors never live in the database: updates and versions are blobs addressed by sha256.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.db import models
+
+
+class Training(models.Model):
+    class Status(models.TextChoices):
+        PENDING = "pending", "pending"
+        RUNNING = "running", "running"
+        COMPLETED = "completed", "completed"
+        STOPPED = "stopped", "stopped by operator"
+        FAILED = "failed", "failed"
+
+    TERMINAL = frozenset({Status.COMPLETED, Status.STOPPED, Status.FAILED})
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.CharField(max_length=200)
+    algorithm = models.CharField(max_length=32)
+    config = models.JSONField(help_text="The validated TrainingConfiguration, as JSON.")
+    model_spec = models.JSONField(null=True, blank=True)
+    parameter_spec = models.JSONField()
+    status = models.CharField(max_length=24, choices=Status.choices, default=Status.PENDING, db_index=True)
+    current_round = models.PositiveIntegerField(default=0)
+    current_version = models.ForeignKey(
+        "versioning.ModelVersion", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    best_accuracy = models.FloatField(null=True, blank=True)
+    stop_reason = models.CharField(max_length=200, blank=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.status})"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in self.TERMINAL
+
+
+class Round(models.Model):
+    class Status(models.TextChoices):
+        WAITING = "waiting_for_agents", "waiting for agents"
+        COLLECTING = "collecting", "collecting updates"
+        AGGREGATING = "aggregating", "aggregating"
+        COMPLETED = "completed", "completed"
+        FAILED = "failed", "failed"
+        CANCELLED = "cancelled", "cancelled"
+
+    training = models.ForeignKey(Training, on_delete=models.CASCADE, related_name="rounds")
+    number = models.PositiveIntegerField()
+    status = models.CharField(max_length=24, choices=Status.choices, default=Status.WAITING, db_index=True)
+    attempt = models.PositiveIntegerField(default=0, help_text="How many times tasks were issued.")
+    base_version = models.ForeignKey("versioning.ModelVersion", on_delete=models.PROTECT, related_name="+")
+    deadline = models.DateTimeField(null=True, blank=True, db_index=True)
+    opened_at = models.DateTimeField(null=True, blank=True)
+    closed_at = models.DateTimeField(null=True, blank=True)
+    completed_at = models.DateTimeField(null=True, blank=True)
+    metrics = models.JSONField(default=dict, blank=True)
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["training", "number"]
+        constraints = [
+            models.UniqueConstraint(fields=["training", "number"], name="unique_round_number_per_training"),
+        ]
+
+    def __str__(self) -> str:
+        return f"round {self.number} of {self.training_id} ({self.status})"
+
+
+class Task(models.Model):
+    class Kind(models.TextChoices):
+        FIT = "fit", "fit"
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "pending"
+        DELIVERED = "delivered", "delivered"
+        COMPLETED = "completed", "completed"
+        FAILED = "failed", "failed"
+        EXPIRED = "expired", "expired"
+        CANCELLED = "cancelled", "cancelled"
+
+    OPEN = frozenset({Status.PENDING, Status.DELIVERED})
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    round = models.ForeignKey(Round, on_delete=models.CASCADE, related_name="tasks")
+    agent = models.ForeignKey("clients.Agent", on_delete=models.CASCADE, related_name="tasks")
+    kind = models.CharField(max_length=24, choices=Kind.choices, default=Kind.FIT)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)
+    attempt = models.PositiveIntegerField(default=1)
+    config = models.JSONField(default=dict, blank=True)
+    deadline = models.DateTimeField()
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    completed_at = models.DateTimeField(null=True, blank=True)
+    failure_reason = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["round", "agent", "kind", "attempt"], name="unique_task_per_agent_per_round_attempt"
+            ),
+        ]
+        indexes = [models.Index(fields=["agent", "status"])]
+
+    def __str__(self) -> str:
+        return f"{self.kind} task for {self.agent_id} in {self.round_id} ({self.status})"
+
+
+class ClientUpdate(models.Model):
+    task = models.OneToOneField(Task, on_delete=models.CASCADE, related_name="update")
+    round = models.ForeignKey(Round, on_delete=models.CASCADE, related_name="updates")
+    agent = models.ForeignKey("clients.Agent", on_delete=models.CASCADE, related_name="updates")
+    blob_name = models.CharField(max_length=255)
+    blob_sha256 = models.CharField(max_length=64)
+    size_bytes = models.PositiveBigIntegerField()
+    num_examples = models.PositiveIntegerField()
+    metrics = models.JSONField(default=dict, blank=True)
+    update_norm = models.FloatField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["created_at"]
+
+    def __str__(self) -> str:
+        return f"update from {self.agent_id} for {self.round_id}"

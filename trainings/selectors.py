@@ -1,0 +1,104 @@
+"""Read-side queries and the JSON views of trainings, rounds and tasks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db.models import QuerySet
+
+from monitoring.models import Metric
+from trainings.models import Round, Task, Training
+from trainings.services import update_max_bytes
+
+
+def training_get(training_id: Any) -> Training | None:
+    try:
+        return Training.objects.select_related("current_version").filter(pk=training_id).first()
+    except (ValueError, TypeError, DjangoValidationError):  # not a UUID
+        return None
+
+
+def task_payload(task: Task) -> dict[str, Any]:
+    """The task JSON of the agent protocol (docs/agent-protocol.md)."""
+    round_ = task.round
+    training = round_.training
+    version = round_.base_version
+    return {
+        "task_id": str(task.pk),
+        "kind": task.kind,
+        "training_id": str(training.pk),
+        "round": round_.number,
+        "deadline": task.deadline.isoformat(),
+        "model": {
+            "version_id": str(version.pk),
+            "number": version.number,
+            "sha256": version.blob_sha256,
+            "url": f"/api/v1/agent/models/{version.pk}",
+            "spec": training.model_spec,
+            "parameters": training.parameter_spec,
+        },
+        "config": task.config,
+        "upload_url": f"/api/v1/agent/tasks/{task.pk}/update",
+        "max_update_bytes": update_max_bytes(training),
+    }
+
+
+def training_metrics_series(training: Training) -> dict[str, list[dict[str, float]]]:
+    """Metrics per name as ``[{"round": r, "value": v}, ...]`` in round order."""
+    series: dict[str, list[dict[str, float]]] = {}
+    for name, round_number, value in (
+        Metric.objects.filter(training=training)
+        .order_by("name", "round_number")
+        .values_list("name", "round_number", "value")
+    ):
+        series.setdefault(name, []).append({"round": round_number, "value": value})
+    return series
+
+
+def training_status(training: Training) -> dict[str, Any]:
+    """The status document of ``GET /api/training/{id}/status`` and ``manage.py training_status``."""
+    current = training.rounds.order_by("-number").first()
+    latest_metrics = dict(
+        Metric.objects.filter(training=training, round_number=training.current_round).values_list(
+            "name", "value"
+        )
+    )
+    completed_rounds = training.rounds.filter(status=Round.Status.COMPLETED).count()
+    version = training.current_version
+    round_info = None
+    if current is not None:
+        counts = {s: 0 for s in Task.Status.values}
+        for status in current.tasks.values_list("status", flat=True):
+            counts[status] += 1
+        round_info = {
+            "number": current.number,
+            "status": current.status,
+            "attempt": current.attempt,
+            "deadline": current.deadline.isoformat() if current.deadline else None,
+            "tasks": counts,
+        }
+    return {
+        "training_id": str(training.pk),
+        "name": training.name,
+        "status": training.status,
+        "algorithm": training.algorithm,
+        "current_round": training.current_round,
+        "completed_rounds": completed_rounds,
+        "max_rounds": training.config.get("max_rounds"),
+        "target_accuracy": training.config.get("target_accuracy"),
+        "best_accuracy": training.best_accuracy,
+        "latest_metrics": latest_metrics,
+        "round": round_info,
+        "current_version": {"number": version.number, "sha256": version.blob_sha256, "id": str(version.pk)}
+        if version
+        else None,
+        "stop_reason": training.stop_reason,
+        "created_at": training.created_at.isoformat(),
+        "started_at": training.started_at.isoformat() if training.started_at else None,
+        "finished_at": training.finished_at.isoformat() if training.finished_at else None,
+    }
+
+
+def trainings_running() -> QuerySet[Training]:
+    return Training.objects.filter(status=Training.Status.RUNNING)

@@ -1,0 +1,739 @@
+"""The coordinator: training lifecycle, round lifecycle, tasks, updates and aggregation.
+
+See DESIGN.md section 3. Every status change goes through ``trainings.state``; every piece of Celery
+work is enqueued with ``transaction.on_commit`` so a worker never sees uncommitted rows; aggregation is
+idempotent under retry (versions are unique per number, blobs are content-addressed, and the round's
+status is re-checked under a lock before anything is written).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+from django.conf import settings
+from django.db import IntegrityError, connection, transaction
+from django.db.models import Count, Q
+from django.utils import timezone
+
+from clients.models import Agent
+from clients.selectors import agents_eligible
+from clients.services import agent_record_outcome
+from fedsite.errors import Conflict, Forbidden, NotFound, PayloadTooLarge, ValidationFailed
+from fedsite.logs import log_event
+from flcore.errors import FlcoreError, SerdeError
+from flcore.models import ModelSpec, build_model
+from flcore.parameters import ParameterSpec, add, from_bytes, l2_norm
+from flcore.strategies.fedavg import FedAvgAccumulator
+from monitoring.events import event_broadcast_on_commit
+from monitoring.models import Alert
+from monitoring.services import alert_raise, audit_record, metrics_record
+from trainings.configuration import TrainingConfiguration
+from trainings.models import ClientUpdate, Round, Task, Training
+from trainings.state import lock_round, lock_training, transition_round, transition_task, transition_training
+from versioning.blobs import blob_local_path, blob_read, blob_save
+from versioning.models import ModelVersion
+from versioning.services import version_create, version_read_parameters
+
+logger = logging.getLogger("trainings")
+
+TS, RS, KS = Training.Status, Round.Status, Task.Status
+MAX_METRICS = 64
+ADVISORY_LOCK_TRAINING_START = 7_401_001
+
+
+# ---------------------------------------------------------------------------------------------------
+# Trainings
+# ---------------------------------------------------------------------------------------------------
+def training_create(*, configuration: TrainingConfiguration, created_by: Any = None) -> Training:
+    """Create a training in ``pending`` with version 0 of its model, initialised from the seed."""
+    model_spec = ModelSpec.from_json(configuration.model_spec_json())
+    model = build_model(model_spec)
+    parameters = model.init(np.random.default_rng(configuration.seed))
+    parameter_spec = model.parameter_spec()
+    with transaction.atomic():
+        training = Training.objects.create(
+            name=configuration.name.strip(),
+            algorithm=configuration.algorithm.value,
+            config=configuration.to_dict(),
+            model_spec=model_spec.to_json(),
+            parameter_spec=parameter_spec.to_json(),
+            created_by=created_by if getattr(created_by, "pk", None) else None,
+        )
+        version = version_create(
+            training=training, number=0, parameters=parameters, origin=ModelVersion.Origin.INITIAL
+        )
+        training.current_version = version
+        training.save(update_fields=["current_version"])
+        audit_record(
+            actor=created_by or "system",
+            action="training.create",
+            obj=training,
+            details={"algorithm": training.algorithm},
+        )
+    log_event(logger, "training_created", training_id=training.pk, algorithm=training.algorithm)
+    return training
+
+
+def _acquire_start_lock() -> None:
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [ADVISORY_LOCK_TRAINING_START])
+
+
+def training_start(*, training_id: Any, actor: Any = None) -> Training:
+    """Start a pending training and open its first round; refused (409) beyond the concurrency limit."""
+    with transaction.atomic():
+        _acquire_start_lock()
+        training = _get_locked_training(training_id)
+        if training.status != TS.PENDING:
+            raise Conflict(
+                f"Training {training.pk} is {training.status}; only a pending training can be started.",
+                code="training_not_pending",
+            )
+        running = Training.objects.filter(status=TS.RUNNING).count()
+        limit = settings.FEDSITE_MAX_CONCURRENT_TRAININGS
+        if running >= limit:
+            raise Conflict(
+                f"{running} trainings are already running and max_concurrent_trainings is {limit}; "
+                "stop one or wait for one to finish, or raise max_concurrent_trainings.",
+                code="too_many_trainings",
+                details={"running": running, "max_concurrent_trainings": limit},
+            )
+        transition_training(training, TS.RUNNING)
+        audit_record(actor=actor or "system", action="training.start", obj=training)
+        event_broadcast_on_commit(
+            training_id=training.pk, event="training_started", payload={"status": TS.RUNNING}
+        )
+        _round_open_next(training)
+    log_event(logger, "training_started", training_id=training.pk)
+    return training
+
+
+def training_create_and_start(*, configuration: TrainingConfiguration, created_by: Any = None) -> Training:
+    training = training_create(configuration=configuration, created_by=created_by)
+    try:
+        return training_start(training_id=training.pk, actor=created_by)
+    except Conflict:
+        with transaction.atomic():
+            locked = lock_training(training.pk)
+            transition_training(locked, TS.FAILED, reason="refused: too many trainings running")
+        raise
+
+
+def training_stop(*, training_id: Any, actor: Any = None, reason: str = "stopped by operator") -> Training:
+    """Stop a training: cancel its open round and tasks; the latest version stays the result."""
+    with transaction.atomic():
+        training = _get_locked_training(training_id)
+        if training.is_terminal:
+            raise Conflict(f"Training {training.pk} is already {training.status}.", code="training_finished")
+        transition_training(training, TS.STOPPED, reason=reason)
+        for round_ in Round.objects.select_for_update().filter(
+            training=training, status__in=[RS.WAITING, RS.COLLECTING]
+        ):
+            transition_round(round_, RS.CANCELLED, error=reason)
+            _cancel_open_tasks(round_)
+        audit_record(
+            actor=actor or "system", action="training.stop", obj=training, details={"reason": reason}
+        )
+        _broadcast_training_finished(training)
+    log_event(logger, "training_stopped", training_id=training.pk, reason=repr(reason))
+    return training
+
+
+def _get_locked_training(training_id: Any) -> Training:
+    try:
+        return lock_training(training_id)
+    except (Training.DoesNotExist, ValueError, TypeError) as exc:
+        raise NotFound(f"No training with id {training_id!r}.", code="training_not_found") from exc
+
+
+def _broadcast_training_finished(training: Training) -> None:
+    version = training.current_version
+    event_broadcast_on_commit(
+        training_id=training.pk,
+        event="training_completed",
+        payload={
+            "status": training.status,
+            "reason": training.stop_reason,
+            "rounds": training.current_round,
+            "best_accuracy": training.best_accuracy,
+            "version": version.number if version else None,
+        },
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rounds: opening, selection, deadlines
+# ---------------------------------------------------------------------------------------------------
+def _configuration(training: Training) -> TrainingConfiguration:
+    return TrainingConfiguration.from_dict(training.config)
+
+
+def _round_open_next(training: Training) -> Round:
+    """Create round ``current_round + 1`` on the current version and try to issue its tasks."""
+    number = training.current_round + 1
+    round_ = Round.objects.create(training=training, number=number, base_version=training.current_version)
+    training.current_round = number
+    training.save(update_fields=["current_round"])
+    _round_try_select(round_, training)
+    return round_
+
+
+def _select_agents(
+    round_: Round, training: Training, config: TrainingConfiguration, wanted: int
+) -> list[Agent]:
+    """Pick up to ``wanted`` eligible agents, preferring those with no task in this round yet.
+
+    Deterministic for a given (seed, round, attempt) and candidate set; weighted by reliability when the
+    training asks for it.
+    """
+    tasked = dict(
+        Task.objects.filter(round=round_)
+        .values("agent_id")
+        .annotate(good=Count("id", filter=Q(status__in=[KS.PENDING, KS.DELIVERED, KS.COMPLETED])))
+        .values_list("agent_id", "good")
+    )
+    candidates = [a for a in agents_eligible().order_by("agent_id") if tasked.get(a.pk, 0) == 0]
+    fresh = [a for a in candidates if a.pk not in tasked]
+    retried = [a for a in candidates if a.pk in tasked]
+    rng = np.random.default_rng([config.seed, round_.number, round_.attempt])
+    chosen: list[Agent] = []
+    for pool in (fresh, retried):
+        take = min(wanted - len(chosen), len(pool))
+        if take <= 0:
+            continue
+        if config.selection == "reliability":
+            weights = np.array([a.reliability for a in pool], dtype=np.float64)
+            picks = rng.choice(len(pool), size=take, replace=False, p=weights / weights.sum())
+        else:
+            picks = rng.choice(len(pool), size=take, replace=False)
+        chosen.extend(pool[int(i)] for i in sorted(picks))
+    return chosen
+
+
+def _issue_tasks(
+    round_: Round, training: Training, config: TrainingConfiguration, agents: list[Agent]
+) -> None:
+    deadline = timezone.now() + timedelta(seconds=config.round_timeout)
+    round_.attempt += 1
+    round_.deadline = deadline
+    round_.save(update_fields=["attempt", "deadline"])
+    task_config = {
+        "local_epochs": config.local_epochs,
+        "batch_size": config.batch_size,
+        "learning_rate": config.learning_rate,
+        "proximal_mu": 0.0,
+        "max_steps": None,
+    }
+    tasks = [
+        Task(
+            round=round_,
+            agent=agent,
+            attempt=round_.attempt,
+            deadline=deadline,
+            config={
+                **task_config,
+                "seed": int(np.random.default_rng([config.seed, round_.number, i]).integers(2**31)),
+            },
+        )
+        for i, agent in enumerate(agents)
+    ]
+    Task.objects.bulk_create(tasks)
+    agent_pks = [agent.pk for agent in agents]
+    transaction.on_commit(lambda: _wake_agents(agent_pks))
+    log_event(
+        logger,
+        "round_tasks_issued",
+        training_id=training.pk,
+        round=round_.number,
+        attempt=round_.attempt,
+        agents=len(agents),
+    )
+
+
+def _wake_agents(agent_pks: list[Any]) -> None:
+    from trainings.wakeup import wake_agents
+
+    wake_agents(agent_pks)
+
+
+def _round_try_select(round_: Round, training: Training) -> bool:
+    """WAITING -> COLLECTING if at least the minimum of agents is eligible; else alert once and wait."""
+    config = _configuration(training)
+    agents = _select_agents(round_, training, config, config.max_clients)
+    if len(agents) < config.min_clients:
+        if not Alert.objects.filter(
+            training=training, round_number=round_.number, kind=Alert.Kind.TOO_FEW_AGENTS
+        ).exists():
+            alert_raise(
+                kind=Alert.Kind.TOO_FEW_AGENTS,
+                severity=Alert.Severity.WARNING,
+                training=training,
+                round_number=round_.number,
+                message=(
+                    f"Round {round_.number} needs {config.min_clients} agents but only {len(agents)} are "
+                    "eligible (active and recently seen); it will start as soon as enough agents poll."
+                ),
+                details={"eligible": len(agents), "required": config.min_clients},
+            )
+        return False
+    transition_round(round_, RS.COLLECTING)
+    _issue_tasks(round_, training, config, agents)
+    event_broadcast_on_commit(
+        training_id=training.pk, event="round_opened", payload={"round": round_.number, "agents": len(agents)}
+    )
+    return True
+
+
+def rounds_try_open_waiting() -> int:
+    """Give every waiting round another chance to find agents. Returns how many opened."""
+    opened = 0
+    for round_id in Round.objects.filter(status=RS.WAITING, training__status=TS.RUNNING).values_list(
+        "pk", flat=True
+    ):
+        with transaction.atomic():
+            round_ = lock_round(round_id)
+            if round_.status == RS.WAITING and round_.training.status == TS.RUNNING:
+                opened += int(_round_try_select(round_, round_.training))
+    return opened
+
+
+def rounds_try_open_waiting_if_any() -> int:
+    """Cheap check on every poll: only does work when some running training waits for agents."""
+    if not Round.objects.filter(status=RS.WAITING, training__status=TS.RUNNING).exists():
+        return 0
+    return rounds_try_open_waiting()
+
+
+def _cancel_open_tasks(round_: Round) -> None:
+    for task in Task.objects.select_for_update().filter(round=round_, status__in=list(Task.OPEN)):
+        transition_task(task, KS.CANCELLED)
+
+
+def _round_settle(round_: Round, *, now: Any = None) -> str:
+    """Decide a collecting round (locked by the caller): keep waiting, close, re-open or fail."""
+    if round_.status != RS.COLLECTING:
+        return "not_collecting"
+    now = now or timezone.now()
+    training = round_.training
+    config = _configuration(training)
+    tasks = list(Task.objects.select_for_update().filter(round=round_))
+    completed = sum(1 for t in tasks if t.status == KS.COMPLETED)
+    open_tasks = [t for t in tasks if t.status in Task.OPEN]
+    past_deadline = round_.deadline is not None and round_.deadline <= now
+    if open_tasks and not past_deadline:
+        return "waiting"
+    for task in open_tasks:
+        transition_task(task, KS.EXPIRED, reason="deadline passed")
+        agent_record_outcome(agent_id=task.agent_id, outcome="expired")
+    if completed >= config.min_clients:
+        transition_round(round_, RS.AGGREGATING)
+        round_id = round_.pk
+        transaction.on_commit(lambda: _enqueue_aggregation(round_id))
+        log_event(logger, "round_closed", training_id=training.pk, round=round_.number, updates=completed)
+        return "closed"
+    # Too few updates: re-open with other agents, or give up after the configured attempts.
+    if round_.attempt >= config.round_attempts:
+        message = (
+            f"Round {round_.number} got {completed} of the {config.min_clients} updates it needs after "
+            f"{round_.attempt} attempts; the training has failed. "
+            "Enrol or start more agents and start a new training."
+        )
+        transition_round(round_, RS.FAILED, error=message)
+        alert_raise(
+            kind=Alert.Kind.TRAINING_FAILED,
+            severity=Alert.Severity.CRITICAL,
+            training=training,
+            round_number=round_.number,
+            message=message,
+        )
+        locked = lock_training(training.pk)
+        transition_training(locked, TS.FAILED, reason=f"round {round_.number} failed")
+        _broadcast_training_finished(locked)
+        return "failed"
+    missing = config.min_clients - completed
+    agents = _select_agents(round_, training, config, config.max_clients - completed)
+    alert_raise(
+        kind=Alert.Kind.ROUND_FAILED,
+        severity=Alert.Severity.WARNING,
+        training=training,
+        round_number=round_.number,
+        message=(
+            f"Round {round_.number} has {completed} of the {config.min_clients} updates it needs "
+            f"({len(open_tasks)} agents missed the deadline); re-opened with {len(agents)} other agents."
+        ),
+        details={
+            "completed": completed,
+            "required": config.min_clients,
+            "missing": missing,
+            "expired": len(open_tasks),
+            "attempt": round_.attempt,
+        },
+    )
+    transition_round(round_, RS.COLLECTING)
+    _issue_tasks(round_, training, config, agents)
+    return "reopened"
+
+
+def rounds_check_deadlines() -> dict[str, int]:
+    """Run by Celery beat: settle rounds past their deadline and retry rounds waiting for agents."""
+    summary = {"opened": rounds_try_open_waiting()}
+    now = timezone.now()
+    due = Round.objects.filter(status=RS.COLLECTING, deadline__lte=now).values_list("pk", flat=True)
+    for round_id in due:
+        with transaction.atomic():
+            outcome = _round_settle(lock_round(round_id), now=now)
+        summary[outcome] = summary.get(outcome, 0) + 1
+    return summary
+
+
+def _enqueue_aggregation(round_id: int) -> None:
+    from trainings.tasks import aggregate_round
+
+    aggregate_round.delay(round_id)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tasks and updates (the agent side)
+# ---------------------------------------------------------------------------------------------------
+def task_next_for_agent(*, agent: Agent) -> Task | None:
+    """The agent's oldest open task in a collecting round of a running training, marked delivered."""
+    now = timezone.now()
+    task = (
+        Task.objects.filter(
+            agent=agent,
+            status__in=list(Task.OPEN),
+            deadline__gt=now,
+            round__status=RS.COLLECTING,
+            round__training__status=TS.RUNNING,
+        )
+        .order_by("created_at")
+        .first()
+    )
+    if task is None:
+        return None
+    if task.status == KS.PENDING:
+        with transaction.atomic():
+            locked = Task.objects.select_for_update().get(pk=task.pk)
+            if locked.status == KS.PENDING:
+                transition_task(locked, KS.DELIVERED)
+            task = locked
+    return Task.objects.select_related("round__training", "round__base_version").get(pk=task.pk)
+
+
+def _get_agent_task(agent: Agent, task_id: Any) -> Task:
+    try:
+        task = Task.objects.select_related("round__training", "agent").get(pk=task_id)
+    except (Task.DoesNotExist, ValueError, TypeError) as exc:
+        raise NotFound(f"No task with id {task_id!r}.", code="task_not_found") from exc
+    if task.agent_id != agent.pk:
+        raise Forbidden("This task belongs to another agent.", code="not_your_task")
+    return task
+
+
+def _parse_update_meta(meta: Any) -> tuple[int, dict[str, float]]:
+    if isinstance(meta, bytes | str):
+        try:
+            meta = json.loads(meta)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValidationFailed(
+                f"meta is not valid JSON: {exc}.", details={"meta": "Invalid JSON."}
+            ) from exc
+    if not isinstance(meta, dict):
+        raise ValidationFailed("meta must be a JSON object with num_examples and metrics.")
+    num_examples = meta.get("num_examples")
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or not 1 <= num_examples <= 10**9:
+        raise ValidationFailed(
+            f"num_examples must be an integer between 1 and 10^9. Found {num_examples!r}.",
+            details={"num_examples": "Out of range or not an integer."},
+        )
+    metrics = meta.get("metrics", {})
+    if not isinstance(metrics, dict) or len(metrics) > MAX_METRICS:
+        raise ValidationFailed(f"metrics must be an object with at most {MAX_METRICS} numeric entries.")
+    clean: dict[str, float] = {}
+    for key, value in metrics.items():
+        if not isinstance(key, str) or len(key) > 64:
+            raise ValidationFailed("metric names must be strings of at most 64 characters.")
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValidationFailed(
+                f"metric {key!r} must be a finite number. Found {value!r}.", details={"metrics": key}
+            )
+        clean[key] = float(value)
+    return num_examples, clean
+
+
+def update_max_bytes(training: Training) -> int:
+    """Largest acceptable update body: the model's float32 size plus header room, capped by settings."""
+    spec = ParameterSpec.from_json(training.parameter_spec)
+    header_room = 1024 + 128 * len(spec.tensors)
+    return min(spec.nbytes + header_room, settings.FEDSITE_MAX_UPDATE_BYTES)
+
+
+def update_submit(*, agent: Agent, task_id: Any, data: bytes, meta: Any) -> tuple[ClientUpdate, bool]:
+    """Accept an agent's update for its task. Returns ``(update, created)``.
+
+    Idempotent: the same body again returns the stored update; a different body is a 409.
+    """
+    task = _get_agent_task(agent, task_id)
+    training = task.round.training
+    num_examples, metrics = _parse_update_meta(meta)
+    limit = update_max_bytes(training)
+    if len(data) > limit:
+        raise PayloadTooLarge(
+            f"The update is {len(data)} bytes; this model's updates are at most {limit} bytes.",
+            code="update_too_large",
+            details={"max_update_bytes": limit},
+        )
+    sha256 = hashlib.sha256(data).hexdigest()
+    existing = ClientUpdate.objects.filter(task=task).first()
+    if existing is not None:
+        return _idempotent_update(existing, sha256, num_examples), False
+    if task.status not in Task.OPEN or task.round.status != RS.COLLECTING or task.deadline <= timezone.now():
+        raise Conflict(
+            f"Task {task.pk} is closed (task {task.status}, round {task.round.status}); "
+            "drop it and poll again.",
+            code="task_closed",
+        )
+    spec = ParameterSpec.from_json(training.parameter_spec)
+    try:
+        parameters = from_bytes(data, spec=spec, max_bytes=limit)
+    except SerdeError as exc:
+        raise ValidationFailed(str(exc), code=f"bad_update_{exc.code}") from exc
+    norm = l2_norm(parameters)
+    if not math.isfinite(norm):
+        raise ValidationFailed(
+            "The update's norm overflows float64; send a smaller update.", code="bad_update_non_finite"
+        )
+    blob_name, _ = blob_save(data)
+    try:
+        with transaction.atomic():
+            round_ = lock_round(task.round_id)
+            locked = Task.objects.select_for_update().get(pk=task.pk)
+            existing = ClientUpdate.objects.filter(task=locked).first()
+            if existing is not None:
+                return _idempotent_update(existing, sha256, num_examples), False
+            if locked.status not in Task.OPEN or round_.status != RS.COLLECTING:
+                raise Conflict(
+                    f"Task {task.pk} closed while the update was being checked; poll again.",
+                    code="task_closed",
+                )
+            update = ClientUpdate.objects.create(
+                task=locked,
+                round=round_,
+                agent=agent,
+                blob_name=blob_name,
+                blob_sha256=sha256,
+                size_bytes=len(data),
+                num_examples=num_examples,
+                metrics=metrics,
+                update_norm=norm,
+            )
+            transition_task(locked, KS.COMPLETED)
+            agent_record_outcome(agent_id=agent.pk, outcome="completed")
+            _round_settle(round_)
+    except IntegrityError:
+        existing = ClientUpdate.objects.get(task=task)
+        return _idempotent_update(existing, sha256, num_examples), False
+    log_event(
+        logger,
+        "update_accepted",
+        training_id=training.pk,
+        round=task.round.number,
+        agent_id=agent.agent_id,
+        num_examples=num_examples,
+        norm=f"{norm:.4g}",
+    )
+    return update, True
+
+
+def _idempotent_update(existing: ClientUpdate, sha256: str, num_examples: int) -> ClientUpdate:
+    if existing.blob_sha256 == sha256 and existing.num_examples == num_examples:
+        return existing
+    raise Conflict(
+        "An update with different content was already accepted for this task; updates cannot be replaced.",
+        code="update_conflict",
+        details={"accepted_sha256": existing.blob_sha256},
+    )
+
+
+def task_fail(*, agent: Agent, task_id: Any, reason: Any) -> Task:
+    """The agent gives its task back; the round may re-open sooner."""
+    if not isinstance(reason, str) or not reason.strip():
+        raise ValidationFailed("reason must be a non-empty string.", details={"reason": "Required."})
+    task = _get_agent_task(agent, task_id)
+    with transaction.atomic():
+        round_ = lock_round(task.round_id)
+        locked = Task.objects.select_for_update().get(pk=task.pk)
+        if locked.status not in Task.OPEN:
+            raise Conflict(f"Task {task.pk} is already {locked.status}.", code="task_closed")
+        transition_task(locked, KS.FAILED, reason=reason.strip())
+        agent_record_outcome(agent_id=agent.pk, outcome="failed")
+        _round_settle(round_)
+    log_event(
+        logger,
+        "task_failed",
+        training_id=round_.training_id,
+        round=round_.number,
+        agent_id=agent.agent_id,
+        reason=repr(reason[:200]),
+    )
+    return locked
+
+
+def agent_may_download(*, agent: Agent, version: ModelVersion) -> bool:
+    return Task.objects.filter(agent=agent, round__training_id=version.training_id).exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Aggregation (runs in a Celery worker, queue ``aggregation``)
+# ---------------------------------------------------------------------------------------------------
+def round_aggregate(*, round_id: int) -> str:
+    """Aggregate a closed round into a new version, record metrics, then finish or open the next round."""
+    started = time.perf_counter()
+    round_ = Round.objects.select_related("training", "base_version").filter(pk=round_id).first()
+    if round_ is None or round_.status != RS.AGGREGATING:
+        return "skipped"
+    training = round_.training
+    config = _configuration(training)
+    spec = ParameterSpec.from_json(training.parameter_spec)
+    updates = list(
+        ClientUpdate.objects.filter(round=round_).select_related("agent").order_by("agent__agent_id")
+    )
+    accumulator = FedAvgAccumulator(spec)
+    for update in updates:
+        path = blob_local_path(update.blob_name)
+        if path is not None:
+            accumulator.add_file(path, float(update.num_examples))
+        else:
+            accumulator.add(
+                from_bytes(blob_read(update.blob_name), spec=spec, max_bytes=update.size_bytes),
+                float(update.num_examples),
+            )
+    delta = accumulator.result()
+    base = version_read_parameters(round_.base_version)
+    new_parameters = add(base, delta)
+    if not all(np.isfinite(t).all() for t in new_parameters.values()):
+        raise FlcoreError("the aggregated model has non-finite values")
+    metrics = _round_metrics(updates, delta_norm=l2_norm(delta))
+    evaluation = _central_evaluation(config, training, new_parameters)
+    metrics.update(evaluation)
+    metrics["aggregation_seconds"] = time.perf_counter() - started
+
+    with transaction.atomic():
+        round_ = lock_round(round_id)
+        if round_.status != RS.AGGREGATING:
+            return "skipped"
+        training = lock_training(round_.training_id)
+        version = version_create(
+            training=training,
+            number=round_.number,
+            parameters=new_parameters,
+            origin=ModelVersion.Origin.AGGREGATION,
+            parent=round_.base_version,
+            metrics=metrics,
+        )
+        if round_.opened_at is not None:
+            metrics["round_seconds"] = (timezone.now() - round_.opened_at).total_seconds()
+        round_.metrics = metrics
+        round_.save(update_fields=["metrics"])
+        transition_round(round_, RS.COMPLETED)
+        metrics_record(training=training, round_number=round_.number, values=metrics)
+        training.current_version = version
+        accuracy = metrics.get("accuracy", metrics.get("federated_accuracy"))
+        if accuracy is not None and (training.best_accuracy is None or accuracy > training.best_accuracy):
+            training.best_accuracy = accuracy
+        training.save(update_fields=["current_version", "best_accuracy"])
+        event_broadcast_on_commit(
+            training_id=training.pk,
+            event="round_completed",
+            payload={"round": round_.number, "version": version.number, "metrics": metrics},
+        )
+        log_event(
+            logger,
+            "round_completed",
+            training_id=training.pk,
+            round=round_.number,
+            updates=len(updates),
+            accuracy=accuracy,
+        )
+        if training.status != TS.RUNNING:
+            return "completed_after_stop"
+        reason = ""
+        if config.target_accuracy is not None and accuracy is not None and accuracy >= config.target_accuracy:
+            reason = f"reached target accuracy {config.target_accuracy} (accuracy {accuracy:.4f})"
+        elif round_.number >= config.max_rounds:
+            reason = f"reached max_rounds {config.max_rounds}"
+        if reason:
+            transition_training(training, TS.COMPLETED, reason=reason)
+            _broadcast_training_finished(training)
+            log_event(logger, "training_completed", training_id=training.pk, reason=repr(reason))
+            return "training_completed"
+        _round_open_next(training)
+    return "next_round"
+
+
+def _round_metrics(updates: list[ClientUpdate], *, delta_norm: float) -> dict[str, float]:
+    """Weighted means of what agents reported (federated evaluation of the round's base version)."""
+    metrics: dict[str, float] = {
+        "num_agents_reporting": float(len(updates)),
+        "num_examples": float(sum(u.num_examples for u in updates)),
+        "update_norm_mean": float(np.mean([u.update_norm for u in updates])) if updates else 0.0,
+        "global_update_norm": delta_norm,
+    }
+    eval_weight = sum(u.metrics.get("eval_num_examples", 0.0) for u in updates)
+    if eval_weight > 0:
+        for key, target in (("eval_accuracy", "federated_accuracy"), ("eval_loss", "federated_loss")):
+            pairs = [
+                (u.metrics[key], u.metrics.get("eval_num_examples", 0.0)) for u in updates if key in u.metrics
+            ]
+            weight = sum(w for _, w in pairs)
+            if weight > 0:
+                metrics[target] = sum(v * w for v, w in pairs) / weight
+    train_weight = sum(u.num_examples for u in updates if "train_loss" in u.metrics)
+    if train_weight:
+        metrics["train_loss"] = (
+            sum(u.metrics["train_loss"] * u.num_examples for u in updates if "train_loss" in u.metrics)
+            / train_weight
+        )
+    return metrics
+
+
+def _central_evaluation(
+    config: TrainingConfiguration, training: Training, parameters: Any
+) -> dict[str, float]:
+    """Server-side evaluation on a public test split, when the training names one."""
+    if not config.evaluation_dataset:
+        return {}
+    from trainings.evaluation import evaluate_on_dataset
+
+    loss, accuracy = evaluate_on_dataset(training.model_spec, parameters, config.evaluation_dataset)
+    return {"loss": loss, "accuracy": accuracy}
+
+
+def round_mark_aggregation_failed(*, round_id: int, error: str) -> None:
+    """After the last retry: fail the round and the training, with a critical alert."""
+    with transaction.atomic():
+        round_ = lock_round(round_id)
+        if round_.status != RS.AGGREGATING:
+            return
+        transition_round(round_, RS.FAILED, error=error[:2000])
+        alert_raise(
+            kind=Alert.Kind.AGGREGATION_FAILED,
+            severity=Alert.Severity.CRITICAL,
+            training=round_.training,
+            round_number=round_.number,
+            message=f"Aggregation of round {round_.number} failed: {error[:500]}",
+        )
+        training = lock_training(round_.training_id)
+        if training.status == TS.RUNNING:
+            transition_training(training, TS.FAILED, reason=f"aggregation of round {round_.number} failed")
+            _broadcast_training_finished(training)

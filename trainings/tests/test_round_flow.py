@@ -1,0 +1,197 @@
+"""Service-level round lifecycle against the real database: selection, uploads, closing, aggregation."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+from django.test import override_settings
+
+from fedsite.celery import app as celery_app
+from flcore.parameters import ParameterSpec, from_bytes, to_bytes
+from trainings import services
+from trainings.models import Round, Task, Training
+from versioning.services import version_read_parameters
+
+
+@pytest.fixture
+def eager_celery():
+    previous = celery_app.conf.task_always_eager
+    celery_app.conf.task_always_eager = True
+    yield
+    celery_app.conf.task_always_eager = previous
+
+
+def _delta(training: Training, value: float) -> dict[str, np.ndarray]:
+    spec = ParameterSpec.from_json(training.parameter_spec)
+    return {t.name: np.full(t.shape, value, dtype=np.float32) for t in spec.tensors}
+
+
+def _upload(client: Any, token: str, task_id: Any, data: bytes, num_examples: int, **metrics: float) -> Any:
+    return client.post(
+        f"/api/v1/agent/tasks/{task_id}/update",
+        {"update": _file(data), "meta": json.dumps({"num_examples": num_examples, "metrics": metrics})},
+        HTTP_AUTHORIZATION=f"Bearer {token}",
+    )
+
+
+def _file(data: bytes) -> Any:
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    return SimpleUploadedFile("update.safetensors", data, content_type="application/octet-stream")
+
+
+def _next(client: Any, token: str) -> Any:
+    return client.get("/api/v1/agent/tasks/next?wait=0", HTTP_AUTHORIZATION=f"Bearer {token}")
+
+
+@pytest.mark.django_db
+def test_round_waits_for_agents_then_opens_with_tasks(make_agent: Any, make_training: Any) -> None:
+    make_agent()
+    training = make_training(min_clients_per_round=2)
+    round_ = training.rounds.get()
+    assert round_.status == Round.Status.WAITING
+    assert training.alerts.filter(kind="too_few_agents").count() == 1
+    make_agent()
+    assert services.rounds_try_open_waiting() == 1
+    round_.refresh_from_db()
+    assert round_.status == Round.Status.COLLECTING
+    assert round_.tasks.count() == 2
+
+
+@pytest.mark.django_db
+def test_full_round_aggregates_weighted_mean(
+    client: Any,
+    make_agent: Any,
+    make_training: Any,
+    eager_celery: Any,
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    (a1, t1), (a2, t2) = make_agent(), make_agent()
+    training = make_training(min_clients_per_round=2, max_clients_per_round=2, max_rounds=2)
+    base = version_read_parameters(training.current_version)
+    tokens = {a1.pk: t1, a2.pk: t2}
+    payloads = {}
+    for agent in (a1, a2):
+        response = _next(client, tokens[agent.pk])
+        assert response.status_code == 200, response.content
+        payloads[agent.pk] = response.json()
+    # each agent downloads the model and checks the ETag
+    first = payloads[a1.pk]
+    download = client.get(first["model"]["url"], HTTP_AUTHORIZATION=f"Bearer {t1}")
+    assert download.status_code == 200
+    body = b"".join(download.streaming_content)
+    assert download["ETag"] == f'"{first["model"]["sha256"]}"'
+    import hashlib
+
+    assert hashlib.sha256(body).hexdigest() == first["model"]["sha256"]
+    assert (
+        client.get(
+            first["model"]["url"], HTTP_AUTHORIZATION=f"Bearer {t1}", HTTP_IF_NONE_MATCH=download["ETag"]
+        ).status_code
+        == 304
+    )
+
+    with django_capture_on_commit_callbacks(execute=True):
+        r1 = _upload(
+            client,
+            t1,
+            payloads[a1.pk]["task_id"],
+            to_bytes(_delta(training, 1.0)),
+            30,
+            eval_accuracy=0.5,
+            eval_num_examples=10,
+        )
+        assert r1.status_code == 201, r1.content
+        r2 = _upload(
+            client,
+            t2,
+            payloads[a2.pk]["task_id"],
+            to_bytes(_delta(training, 4.0)),
+            10,
+            eval_accuracy=0.7,
+            eval_num_examples=30,
+        )
+        assert r2.status_code == 201, r2.content
+    training.refresh_from_db()
+    round1 = training.rounds.get(number=1)
+    assert round1.status == Round.Status.COMPLETED
+    assert training.current_version.number == 1
+    new = version_read_parameters(training.current_version)
+    for name in base:  # weighted by num_examples: (30*1 + 10*4) / 40 = 1.75
+        np.testing.assert_allclose(new[name], base[name] + 1.75, rtol=0, atol=1e-6)
+    assert round1.metrics["federated_accuracy"] == pytest.approx((0.5 * 10 + 0.7 * 30) / 40)
+    assert training.rounds.get(number=2).status == Round.Status.COLLECTING
+
+
+@pytest.mark.django_db
+def test_upload_is_idempotent_and_conflicts_on_different_body(
+    client: Any, make_agent: Any, make_training: Any
+) -> None:
+    (_a1, t1), (_a2, t2), (_a3, _t3) = make_agent(), make_agent(), make_agent()
+    training = make_training(min_clients_per_round=3, max_clients_per_round=3)
+    task = _next(client, t1).json()
+    data = to_bytes(_delta(training, 0.5))
+    assert _upload(client, t1, task["task_id"], data, 5).status_code == 201
+    again = _upload(client, t1, task["task_id"], data, 5)
+    assert again.status_code == 200
+    different = _upload(client, t1, task["task_id"], to_bytes(_delta(training, 0.25)), 5)
+    assert different.status_code == 409
+    assert different.json()["error"]["code"] == "update_conflict"
+    # another agent cannot upload to this task
+    other = _upload(client, t2, task["task_id"], data, 5)
+    assert other.status_code == 403
+    assert other.json()["error"]["code"] == "not_your_task"
+    stored = Task.objects.get(pk=task["task_id"]).update
+    assert from_bytes(stored_bytes(stored), max_bytes=10**6)["layer0.bias"][0] == pytest.approx(0.5)
+
+
+def stored_bytes(update: Any) -> bytes:
+    from versioning.blobs import blob_read
+
+    return blob_read(update.blob_name)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("mutate", "code"),
+    [
+        (lambda d: {**d, "layer0.bias": d["layer0.bias"].astype(np.float64)}, "bad_update_wrong_dtype"),
+        (lambda d: {**d, "layer0.bias": np.array([np.nan, 0, 0], dtype=np.float32)}, "bad_update_non_finite"),
+        (lambda d: {**d, "extra": np.zeros(2, dtype=np.float32)}, "bad_update_name_mismatch"),
+        (lambda d: {**d, "layer0.weight": np.zeros((3, 4), dtype=np.float32)}, "bad_update_shape_mismatch"),
+    ],
+)
+def test_hostile_updates_get_4xx_and_store_nothing(
+    client: Any, make_agent: Any, make_training: Any, mutate: Any, code: str
+) -> None:
+    (_a1, t1), _, _ = make_agent(), make_agent(), make_agent()
+    training = make_training(min_clients_per_round=3, max_clients_per_round=3)
+    task = _next(client, t1).json()
+    bad = mutate(_delta(training, 1.0))
+    from safetensors.numpy import save
+
+    response = _upload(client, t1, task["task_id"], save(bad), 5)
+    assert 400 <= response.status_code < 500
+    assert response.json()["error"]["code"] in (code, "update_too_large")
+    assert (
+        not Task.objects.get(pk=task["task_id"])
+        .__class__.objects.filter(pk=task["task_id"], status=Task.Status.COMPLETED)
+        .exists()
+    )
+
+
+@pytest.mark.django_db
+@override_settings(FEDSITE_MAX_CONCURRENT_TRAININGS=1)
+def test_max_concurrent_trainings_refused_with_409(staff_client: Any, make_training: Any) -> None:
+    make_training()
+    response = staff_client.post(
+        "/api/training/start",
+        {"name": "second", "model_type": "logreg", "input_dim": 4, "num_classes": 3},
+        content_type="application/json",
+    )
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "too_many_trainings"
+    assert Training.objects.filter(status=Training.Status.RUNNING).count() == 1

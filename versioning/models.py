@@ -1,0 +1,42 @@
+"""Global model versions: every aggregation writes one, addressed by the sha256 of its safetensors blob.
+
+Invariants: ``(training, number)`` is unique; ``blob_sha256`` is the sha256 of the stored bytes; a version
+is never modified after it is written (rollback makes a new version that points at an old blob).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from django.db import models
+
+
+class ModelVersion(models.Model):
+    class Origin(models.TextChoices):
+        INITIAL = "initial", "initial"
+        AGGREGATION = "aggregation", "aggregation"
+        ROLLBACK = "rollback", "rollback"
+        UPLOAD = "upload", "uploaded"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    training = models.ForeignKey("trainings.Training", on_delete=models.CASCADE, related_name="versions")
+    number = models.PositiveIntegerField()
+    origin = models.CharField(max_length=16, choices=Origin.choices, default=Origin.AGGREGATION)
+    parent = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="children"
+    )
+    blob_name = models.CharField(max_length=255)
+    blob_sha256 = models.CharField(max_length=64, db_index=True)
+    size_bytes = models.PositiveBigIntegerField()
+    num_parameters = models.PositiveBigIntegerField()
+    metrics = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["training", "number"]
+        constraints = [
+            models.UniqueConstraint(fields=["training", "number"], name="unique_version_number_per_training"),
+        ]
+
+    def __str__(self) -> str:
+        return f"v{self.number} of {self.training_id}"

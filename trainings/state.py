@@ -50,10 +50,11 @@ class IllegalTransition(Conflict):
 
 
 def _check(kind: str, table: dict[str, frozenset[str]], source: str, target: str, label: str) -> None:
+    source, target = str(source), str(target)
     if target not in table.get(source, frozenset()):
         raise IllegalTransition(
             f"{label} cannot go from {source!r} to {target!r}; allowed from {source!r}: "
-            f"{sorted(table.get(source, frozenset())) or 'nothing (final state)'}.",
+            f"{sorted(str(s) for s in table.get(source, frozenset())) or 'nothing (final state)'}.",
             details={"object": kind, "from": source, "to": target},
         )
 

@@ -1,0 +1,142 @@
+"""End to end on the real stack: a live ASGI server, a real Celery worker (with beat), Postgres, Redis and
+three agent processes that talk to the server over HTTP only. FedAvg on digits must reach 0.85 test
+accuracy within 10 rounds.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from django.conf import settings
+from django.db import close_old_connections, connection
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _child_env() -> dict[str, str]:
+    db = connection.settings_dict
+    env = dict(os.environ)
+    env["DATABASE_URL"] = f"postgres://{db['USER'] or 'postgres'}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+    env["FEDSITE_MEDIA_ROOT"] = str(settings.MEDIA_ROOT)
+    env["FEDSITE_DEADLINE_CHECK_SECONDS"] = "2"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _stop(processes: list[tuple[subprocess.Popen[bytes], Any]]) -> None:
+    for process, _ in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    for process, log in processes:
+        try:
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+@pytest.fixture
+def live_stack(transactional_db: Any, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """Start the ASGI server and a Celery worker (with embedded beat) on the test database."""
+    env = _child_env()
+    port = _free_port()
+    processes: list[tuple[subprocess.Popen[bytes], Any]] = []
+    server_log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed in _stop
+    processes.append((subprocess.Popen(
+        [str(BIN / "uvicorn"), "fedsite.asgi:application", "--host", "127.0.0.1", "--port", str(port),
+         "--lifespan", "off", "--log-level", "warning"],
+        cwd=ROOT, env=env, stdout=server_log, stderr=subprocess.STDOUT,
+    ), server_log))
+    worker_log = open(tmp_path / "worker.log", "wb")  # noqa: SIM115
+    processes.append((subprocess.Popen(
+        [str(BIN / "celery"), "-A", "fedsite", "worker", "-B", "-Q", "aggregation,privacy,default",
+         "--concurrency", "2", "-l", "warning", "--schedule", str(tmp_path / "beat-schedule"),
+         "--without-gossip", "--without-mingle"],
+        cwd=ROOT, env=env, stdout=worker_log, stderr=subprocess.STDOUT,
+    ), worker_log))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                if httpx.get(f"{base}/api/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        else:
+            pytest.fail("server did not start:\n" + (tmp_path / "server.log").read_text())
+        yield {"base": base, "env": env, "tmp": tmp_path, "processes": processes}
+    finally:
+        _stop(processes)
+
+
+@pytest.mark.e2e
+def test_three_agents_over_http_reach_085_on_digits(live_stack: dict[str, Any]) -> None:
+    from clients.services import agent_create
+    from trainings.configuration import TrainingConfiguration
+    from trainings.models import ClientUpdate, Round, Training
+    from trainings.services import training_create_and_start
+
+    tokens = {f"e2e-agent-{i}": agent_create(agent_id=f"e2e-agent-{i}")[1] for i in range(3)}
+    training = training_create_and_start(configuration=TrainingConfiguration.from_dict({
+        "name": "e2e digits", "model_type": "mlp", "input_dim": 64, "num_classes": 10, "hidden_sizes": [64],
+        "min_clients_per_round": 3, "max_clients_per_round": 3, "max_rounds": 10, "target_accuracy": 0.85,
+        "local_epochs": 5, "batch_size": 16, "learning_rate": 0.1, "round_timeout_seconds": 120,
+        "evaluation_dataset": "digits", "seed": 1,
+    }))
+    agents: list[tuple[subprocess.Popen[bytes], Any]] = []
+    for index, (agent_id, token) in enumerate(tokens.items()):
+        log = open(live_stack["tmp"] / f"{agent_id}.log", "wb")  # noqa: SIM115
+        agents.append((subprocess.Popen(
+            [PYTHON, "-m", "fedagent", "run", "--server", live_stack["base"], "--agent-id", agent_id,
+             "--token", token, "--dataset", "digits", "--num-clients", "3", "--client-index", str(index),
+             "--partition", "dirichlet", "--alpha", "0.5", "--seed", "3", "--poll-wait", "10",
+             "--exit-when-training-done", str(training.pk)],
+            cwd=ROOT, env=live_stack["env"], stdout=log, stderr=subprocess.STDOUT,
+        ), log))
+    live_stack["processes"].extend(agents)
+
+    deadline = time.monotonic() + 420
+    while time.monotonic() < deadline:
+        close_old_connections()
+        training.refresh_from_db()
+        if training.is_terminal:
+            break
+        time.sleep(1)
+    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(live_stack["tmp"].glob("*.log")))
+    assert training.status == Training.Status.COMPLETED, f"{training.status} {training.stop_reason}\n{logs}"
+    assert training.best_accuracy is not None and training.best_accuracy >= 0.85, logs
+    completed = Round.objects.filter(training=training, status=Round.Status.COMPLETED)
+    assert 1 <= completed.count() <= 10
+    # every completed round aggregated one update per agent, each from a different agent process
+    for round_ in completed:
+        assert ClientUpdate.objects.filter(round=round_).values("agent").distinct().count() == 3
+        assert round_.metrics["num_agents_reporting"] == 3
+        assert "federated_accuracy" in round_.metrics  # evaluation reported with the updates
+    assert training.versions.count() == completed.count() + 1
+    # the agents exit by themselves once the training is over
+    for process, _ in agents:
+        try:
+            assert process.wait(timeout=60) == 0
+        except subprocess.TimeoutExpired:
+            pytest.fail("an agent did not exit after the training completed:\n" + logs)

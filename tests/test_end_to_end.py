@@ -34,7 +34,9 @@ def _free_port() -> int:
 def _child_env() -> dict[str, str]:
     db = connection.settings_dict
     env = dict(os.environ)
-    env["DATABASE_URL"] = f"postgres://{db['USER'] or 'postgres'}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+    env["DATABASE_URL"] = (
+        f"postgres://{db['USER'] or 'postgres'}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+    )
     env["FEDSITE_MEDIA_ROOT"] = str(settings.MEDIA_ROOT)
     env["FEDSITE_DEADLINE_CHECK_SECONDS"] = "2"
     env["PYTHONUNBUFFERED"] = "1"
@@ -62,18 +64,58 @@ def live_stack(transactional_db: Any, tmp_path: Path) -> Iterator[dict[str, Any]
     port = _free_port()
     processes: list[tuple[subprocess.Popen[bytes], Any]] = []
     server_log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed in _stop
-    processes.append((subprocess.Popen(
-        [str(BIN / "uvicorn"), "fedsite.asgi:application", "--host", "127.0.0.1", "--port", str(port),
-         "--lifespan", "off", "--log-level", "warning"],
-        cwd=ROOT, env=env, stdout=server_log, stderr=subprocess.STDOUT,
-    ), server_log))
+    processes.append(
+        (
+            subprocess.Popen(
+                [
+                    str(BIN / "uvicorn"),
+                    "fedsite.asgi:application",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--lifespan",
+                    "off",
+                    "--log-level",
+                    "warning",
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=server_log,
+                stderr=subprocess.STDOUT,
+            ),
+            server_log,
+        )
+    )
     worker_log = open(tmp_path / "worker.log", "wb")  # noqa: SIM115
-    processes.append((subprocess.Popen(
-        [str(BIN / "celery"), "-A", "fedsite", "worker", "-B", "-Q", "aggregation,privacy,default",
-         "--concurrency", "2", "-l", "warning", "--schedule", str(tmp_path / "beat-schedule"),
-         "--without-gossip", "--without-mingle"],
-        cwd=ROOT, env=env, stdout=worker_log, stderr=subprocess.STDOUT,
-    ), worker_log))
+    processes.append(
+        (
+            subprocess.Popen(
+                [
+                    str(BIN / "celery"),
+                    "-A",
+                    "fedsite",
+                    "worker",
+                    "-B",
+                    "-Q",
+                    "aggregation,privacy,default",
+                    "--concurrency",
+                    "2",
+                    "-l",
+                    "warning",
+                    "--schedule",
+                    str(tmp_path / "beat-schedule"),
+                    "--without-gossip",
+                    "--without-mingle",
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=worker_log,
+                stderr=subprocess.STDOUT,
+            ),
+            worker_log,
+        )
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(120):
@@ -98,22 +140,69 @@ def test_three_agents_over_http_reach_085_on_digits(live_stack: dict[str, Any]) 
     from trainings.services import training_create_and_start
 
     tokens = {f"e2e-agent-{i}": agent_create(agent_id=f"e2e-agent-{i}")[1] for i in range(3)}
-    training = training_create_and_start(configuration=TrainingConfiguration.from_dict({
-        "name": "e2e digits", "model_type": "mlp", "input_dim": 64, "num_classes": 10, "hidden_sizes": [64],
-        "min_clients_per_round": 3, "max_clients_per_round": 3, "max_rounds": 10, "target_accuracy": 0.85,
-        "local_epochs": 5, "batch_size": 16, "learning_rate": 0.1, "round_timeout_seconds": 120,
-        "evaluation_dataset": "digits", "seed": 1,
-    }))
+    training = training_create_and_start(
+        configuration=TrainingConfiguration.from_dict(
+            {
+                "name": "e2e digits",
+                "model_type": "mlp",
+                "input_dim": 64,
+                "num_classes": 10,
+                "hidden_sizes": [64],
+                "min_clients_per_round": 3,
+                "max_clients_per_round": 3,
+                "max_rounds": 10,
+                "target_accuracy": 0.85,
+                "local_epochs": 5,
+                "batch_size": 16,
+                "learning_rate": 0.1,
+                "round_timeout_seconds": 120,
+                "evaluation_dataset": "digits",
+                "seed": 1,
+            }
+        )
+    )
     agents: list[tuple[subprocess.Popen[bytes], Any]] = []
     for index, (agent_id, token) in enumerate(tokens.items()):
         log = open(live_stack["tmp"] / f"{agent_id}.log", "wb")  # noqa: SIM115
-        agents.append((subprocess.Popen(
-            [PYTHON, "-m", "fedagent", "run", "--server", live_stack["base"], "--agent-id", agent_id,
-             "--token", token, "--dataset", "digits", "--num-clients", "3", "--client-index", str(index),
-             "--partition", "dirichlet", "--alpha", "0.5", "--seed", "3", "--poll-wait", "10",
-             "--exit-when-training-done", str(training.pk)],
-            cwd=ROOT, env=live_stack["env"], stdout=log, stderr=subprocess.STDOUT,
-        ), log))
+        agents.append(
+            (
+                subprocess.Popen(
+                    [
+                        PYTHON,
+                        "-m",
+                        "fedagent",
+                        "run",
+                        "--server",
+                        live_stack["base"],
+                        "--agent-id",
+                        agent_id,
+                        "--token",
+                        token,
+                        "--dataset",
+                        "digits",
+                        "--num-clients",
+                        "3",
+                        "--client-index",
+                        str(index),
+                        "--partition",
+                        "dirichlet",
+                        "--alpha",
+                        "0.5",
+                        "--seed",
+                        "3",
+                        "--poll-wait",
+                        "10",
+                        "--exit-when-training-done",
+                        str(training.pk),
+                    ],
+                    cwd=ROOT,
+                    env=live_stack["env"],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                ),
+                log,
+            )
+        )
     live_stack["processes"].extend(agents)
 
     deadline = time.monotonic() + 420
@@ -123,7 +212,9 @@ def test_three_agents_over_http_reach_085_on_digits(live_stack: dict[str, Any]) 
         if training.is_terminal:
             break
         time.sleep(1)
-    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(live_stack["tmp"].glob("*.log")))
+    logs = "\n".join(
+        f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(live_stack["tmp"].glob("*.log"))
+    )
     assert training.status == Training.Status.COMPLETED, f"{training.status} {training.stop_reason}\n{logs}"
     assert training.best_accuracy is not None and training.best_accuracy >= 0.85, logs
     completed = Round.objects.filter(training=training, status=Round.Status.COMPLETED)

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 from django.conf import settings
+from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import IntegrityError, connection, transaction
 from django.db.models import Count, Q
 from django.utils import timezone
@@ -150,7 +151,7 @@ def training_stop(*, training_id: Any, actor: Any = None, reason: str = "stopped
 def _get_locked_training(training_id: Any) -> Training:
     try:
         return lock_training(training_id)
-    except (Training.DoesNotExist, ValueError, TypeError) as exc:
+    except (Training.DoesNotExist, ValueError, TypeError, DjangoValidationError) as exc:
         raise NotFound(f"No training with id {training_id!r}.", code="training_not_found") from exc
 
 
@@ -431,7 +432,7 @@ def task_next_for_agent(*, agent: Agent) -> Task | None:
 def _get_agent_task(agent: Agent, task_id: Any) -> Task:
     try:
         task = Task.objects.select_related("round__training", "agent").get(pk=task_id)
-    except (Task.DoesNotExist, ValueError, TypeError) as exc:
+    except (Task.DoesNotExist, ValueError, TypeError, DjangoValidationError) as exc:
         raise NotFound(f"No task with id {task_id!r}.", code="task_not_found") from exc
     if task.agent_id != agent.pk:
         raise Forbidden("This task belongs to another agent.", code="not_your_task")

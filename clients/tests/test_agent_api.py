@@ -24,8 +24,12 @@ def test_missing_or_bad_token_is_401_in_the_error_shape(client: Any) -> None:
     response = client.post("/api/v1/agent/heartbeat", {}, content_type="application/json")
     assert response.status_code == 401
     _error(response)
-    response = client.post("/api/v1/agent/heartbeat", {}, content_type="application/json",
-                           HTTP_AUTHORIZATION="Bearer fsa_not-a-real-token")
+    response = client.post(
+        "/api/v1/agent/heartbeat",
+        {},
+        content_type="application/json",
+        HTTP_AUTHORIZATION="Bearer fsa_not-a-real-token",
+    )
     assert response.status_code == 401
     assert _error(response)["code"] == "invalid_token"
     poll = client.get("/api/v1/agent/tasks/next?wait=0", HTTP_AUTHORIZATION="Bearer nope")
@@ -38,13 +42,21 @@ def test_token_is_stored_hashed_and_heartbeat_updates_last_seen(client: Any, mak
     agent, token = make_agent(online=False)
     assert agent.token_hash == hashlib.sha256(token.encode()).hexdigest()
     assert token not in str(Agent.objects.filter(pk=agent.pk).values().get())
-    response = client.post("/api/v1/agent/heartbeat", {"state": "training"}, content_type="application/json",
-                           HTTP_AUTHORIZATION=f"Bearer {token}")
+    response = client.post(
+        "/api/v1/agent/heartbeat",
+        {"state": "training"},
+        content_type="application/json",
+        HTTP_AUTHORIZATION=f"Bearer {token}",
+    )
     assert response.status_code == 200, response.content
     agent.refresh_from_db()
     assert agent.last_seen_at is not None and agent.state == "training"
-    bad = client.post("/api/v1/agent/heartbeat", {"state": "dancing"}, content_type="application/json",
-                      HTTP_AUTHORIZATION=f"Bearer {token}")
+    bad = client.post(
+        "/api/v1/agent/heartbeat",
+        {"state": "dancing"},
+        content_type="application/json",
+        HTTP_AUTHORIZATION=f"Bearer {token}",
+    )
     assert bad.status_code == 400
     assert "state" in _error(bad)["message"]
 
@@ -61,14 +73,27 @@ def test_disabled_agent_is_403(client: Any, make_agent: Any) -> None:
 @pytest.mark.django_db
 def test_enrolment_with_a_key_gives_a_working_token_and_respects_max_uses(client: Any) -> None:
     _, secret = enrollment_key_create(label="lab", max_uses=1)
-    response = client.post("/api/v1/agent/enroll", {"enrollment_key": secret, "agent_id": "site-1"},
-                           content_type="application/json")
+    response = client.post(
+        "/api/v1/agent/enroll",
+        {"enrollment_key": secret, "agent_id": "site-1"},
+        content_type="application/json",
+    )
     assert response.status_code == 201, response.content
     token = response.json()["token"]
-    assert client.post("/api/v1/agent/heartbeat", {}, content_type="application/json",
-                       HTTP_AUTHORIZATION=f"Bearer {token}").status_code == 200
-    again = client.post("/api/v1/agent/enroll", {"enrollment_key": secret, "agent_id": "site-2"},
-                        content_type="application/json")
+    assert (
+        client.post(
+            "/api/v1/agent/heartbeat",
+            {},
+            content_type="application/json",
+            HTTP_AUTHORIZATION=f"Bearer {token}",
+        ).status_code
+        == 200
+    )
+    again = client.post(
+        "/api/v1/agent/enroll",
+        {"enrollment_key": secret, "agent_id": "site-2"},
+        content_type="application/json",
+    )
     assert again.status_code == 403
     assert _error(again)["code"] == "bad_enrollment_key"
     assert not Agent.objects.filter(agent_id="site-2").exists()
@@ -89,7 +114,9 @@ def test_enrolment_rejects_bad_ids_duplicates_and_bad_keys(client: Any) -> None:
     assert enroll(enrollment_key="wrong", agent_id="ok-2").status_code == 403
     assert enroll(agent_id="ok-3").status_code == 400
     assert client.post("/api/v1/agent/enroll", "[1,2]", content_type="application/json").status_code == 400
-    assert client.post("/api/v1/agent/enroll", "{not json", content_type="application/json").status_code == 400
+    assert (
+        client.post("/api/v1/agent/enroll", "{not json", content_type="application/json").status_code == 400
+    )
 
 
 @pytest.mark.django_db
@@ -108,12 +135,15 @@ def test_wait_out_of_range_is_400(client: Any, make_agent: Any) -> None:
         response = client.get(f"/api/v1/agent/tasks/next?wait={wait}", HTTP_AUTHORIZATION=f"Bearer {token}")
         assert response.status_code == 400, wait
         _error(response)
-    assert client.get("/api/v1/agent/tasks/next?wait=0",
-                      HTTP_AUTHORIZATION=f"Bearer {token}").status_code == 204
+    assert (
+        client.get("/api/v1/agent/tasks/next?wait=0", HTTP_AUTHORIZATION=f"Bearer {token}").status_code == 204
+    )
 
 
 @pytest.mark.django_db
-def test_model_download_needs_a_task_in_that_training(client: Any, make_agent: Any, make_training: Any) -> None:
+def test_model_download_needs_a_task_in_that_training(
+    client: Any, make_agent: Any, make_training: Any
+) -> None:
     make_agent(), make_agent()
     outsider, outsider_token = make_agent("outsider", online=False)
     training = make_training(min_clients_per_round=2, max_clients_per_round=2)

@@ -23,9 +23,16 @@ def test_openapi_schema_documents_the_agent_protocol(admin_client) -> None:  # t
 
     schema = json.loads(response.content)
     paths = schema["paths"]
-    for path in ("/api/v1/agent/enroll", "/api/v1/agent/heartbeat", "/api/v1/agent/tasks/next",
-                 "/api/v1/agent/tasks/{task_id}/update", "/api/v1/agent/models/{version_id}",
-                 "/api/training/start", "/api/training/{training_id}/status", "/api/alerts"):
+    for path in (
+        "/api/v1/agent/enroll",
+        "/api/v1/agent/heartbeat",
+        "/api/v1/agent/tasks/next",
+        "/api/v1/agent/tasks/{task_id}/update",
+        "/api/v1/agent/models/{version_id}",
+        "/api/training/start",
+        "/api/training/{training_id}/status",
+        "/api/alerts",
+    ):
         assert path in paths, path
     assert "agentToken" in schema["components"]["securitySchemes"]
     assert admin_client.get("/api/docs/").status_code == 200

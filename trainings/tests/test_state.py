@@ -55,7 +55,9 @@ def test_every_round_state_outside_the_table_is_refused(make_agent: Any, make_tr
 
 
 @pytest.mark.django_db
-def test_stop_cancels_round_and_open_tasks_and_second_stop_conflicts(make_agent: Any, make_training: Any) -> None:
+def test_stop_cancels_round_and_open_tasks_and_second_stop_conflicts(
+    make_agent: Any, make_training: Any
+) -> None:
     make_agent(), make_agent()
     training = make_training()
     services.training_stop(training_id=training.pk, actor="tester")

@@ -145,7 +145,7 @@ def test_model_download_needs_a_task_in_that_training(
     client: Any, make_agent: Any, make_training: Any
 ) -> None:
     make_agent(), make_agent()
-    outsider, outsider_token = make_agent("outsider", online=False)
+    _outsider, outsider_token = make_agent("outsider", online=False)
     training = make_training(min_clients_per_round=2, max_clients_per_round=2)
     url = f"/api/v1/agent/models/{training.current_version.pk}"
     response = client.get(url, HTTP_AUTHORIZATION=f"Bearer {outsider_token}")

@@ -76,5 +76,5 @@ def test_bad_config_files_stop_with_a_message(
 
 def test_missing_config_file_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FEDSITE_CONFIG", "/nonexistent/config.json")
-    with pytest.raises(ConfigFileError, match="/nonexistent/config.json"):
+    with pytest.raises(ConfigFileError, match=r"/nonexistent/config\.json"):
         load_seed_config()

@@ -122,7 +122,7 @@ def test_v1_resources_list_and_filter(staff_client: Any, running: dict[str, Any]
 @pytest.mark.django_db
 def test_hostile_upload_bodies_get_4xx(client: Any, running: dict[str, Any]) -> None:
     training = running["training"]
-    agent, token = running["agents"][0]
+    _agent, token = running["agents"][0]
     task = client.get("/api/v1/agent/tasks/next?wait=0", **_bearer(token)).json()
     url = f"/api/v1/agent/tasks/{task['task_id']}/update"
     good = _delta(training)

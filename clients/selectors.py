@@ -17,6 +17,12 @@ def agents_eligible() -> QuerySet[Agent]:
     return Agent.objects.filter(status=Agent.Status.ACTIVE, last_seen_at__gte=cutoff)
 
 
+def agents_online() -> QuerySet[Agent]:
+    """Agents seen within the heartbeat timeout, whatever their status."""
+    cutoff = timezone.now() - timedelta(seconds=settings.FEDSITE_AGENT_TIMEOUT)
+    return Agent.objects.filter(last_seen_at__gte=cutoff)
+
+
 def agent_is_online(agent: Agent) -> bool:
     if agent.last_seen_at is None:
         return False

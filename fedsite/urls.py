@@ -27,13 +27,15 @@ agent_protocol = [
 ]
 
 seed_api = [
-    path("health", training_views.health, name="health"),
-    path("training/start", training_views.training_start, name="training-start"),
-    path("training/<str:training_id>/status", training_views.training_status_view, name="training-status"),
-    path("training/<str:training_id>/stop", training_views.training_stop, name="training-stop"),
-    path("training/<str:training_id>/metrics", training_views.training_metrics, name="training-metrics"),
-    path("system/health", monitoring_views.system_health_view, name="system-health"),
-    path("alerts", monitoring_views.alerts_view, name="alerts"),
+    path("health", training_views.health, name="seed-health"),
+    path("training/start", training_views.training_start, name="seed-training-start"),
+    path(
+        "training/<str:training_id>/status", training_views.training_status_view, name="seed-training-status"
+    ),
+    path("training/<str:training_id>/stop", training_views.training_stop, name="seed-training-stop"),
+    path("training/<str:training_id>/metrics", training_views.training_metrics, name="seed-training-metrics"),
+    path("system/health", monitoring_views.system_health_view, name="seed-system-health"),
+    path("alerts", monitoring_views.alerts_view, name="seed-alerts"),
 ]
 
 urlpatterns = [

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from django.db import models, transaction
+from django.utils import timezone
 
 from fedsite.logs import log_event
 from monitoring.events import event_broadcast_on_commit
@@ -124,3 +125,14 @@ def metrics_record(*, training: Any, round_number: int, values: Mapping[str, flo
             },
         )
     return stored
+
+
+def alert_acknowledge(*, alert: Alert, actor: Any) -> bool:
+    """Mark an open alert acknowledged (audited). Returns False if it already was."""
+    name = actor.get_username() if hasattr(actor, "get_username") else str(actor)
+    updated = Alert.objects.filter(pk=alert.pk, acknowledged_at__isnull=True).update(
+        acknowledged_at=timezone.now(), acknowledged_by=name[:150]
+    )
+    if updated:
+        audit_record(actor=actor, action="alert.acknowledge", obj=alert)
+    return bool(updated)

@@ -59,12 +59,14 @@ def training_metrics_series(training: Training) -> dict[str, list[dict[str, floa
 def training_status(training: Training) -> dict[str, Any]:
     """The status document of ``GET /api/training/{id}/status`` and ``manage.py training_status``."""
     current = training.rounds.order_by("-number").first()
-    latest_metrics = dict(
-        Metric.objects.filter(training=training, round_number=training.current_round).values_list(
-            "name", "value"
+    completed = training.rounds.filter(status=Round.Status.COMPLETED)
+    completed_rounds = completed.count()
+    last_completed = completed.order_by("-number").values_list("number", flat=True).first()
+    latest_metrics: dict[str, float] = {}
+    if last_completed is not None:
+        latest_metrics = dict(
+            Metric.objects.filter(training=training, round_number=last_completed).values_list("name", "value")
         )
-    )
-    completed_rounds = training.rounds.filter(status=Round.Status.COMPLETED).count()
     version = training.current_version
     round_info = None
     if current is not None:
@@ -89,6 +91,7 @@ def training_status(training: Training) -> dict[str, Any]:
         "target_accuracy": training.config.get("target_accuracy"),
         "best_accuracy": training.best_accuracy,
         "latest_metrics": latest_metrics,
+        "latest_metrics_round": last_completed,
         "round": round_info,
         "current_version": {"number": version.number, "sha256": version.blob_sha256, "id": str(version.pk)}
         if version

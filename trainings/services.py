@@ -118,14 +118,10 @@ def training_start(*, training_id: Any, actor: Any = None) -> Training:
 
 
 def training_create_and_start(*, configuration: TrainingConfiguration, created_by: Any = None) -> Training:
-    training = training_create(configuration=configuration, created_by=created_by)
-    try:
+    """Create and start in one transaction: a refused start leaves no training behind."""
+    with transaction.atomic():
+        training = training_create(configuration=configuration, created_by=created_by)
         return training_start(training_id=training.pk, actor=created_by)
-    except Conflict:
-        with transaction.atomic():
-            locked = lock_training(training.pk)
-            transition_training(locked, TS.FAILED, reason="refused: too many trainings running")
-        raise
 
 
 def training_stop(*, training_id: Any, actor: Any = None, reason: str = "stopped by operator") -> Training:

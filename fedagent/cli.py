@@ -1,0 +1,283 @@
+"""Command line of the agent: ``python -m fedagent run ...`` and ``python -m fedagent enroll ...``.
+
+``run`` loads this agent's private shard of a reference data set (:func:`flcore.data.client_split`, the
+same partition in every process given the same seed) and works on tasks until stopped; ``enroll`` trades
+an enrollment key for a token and prints it as JSON.
+
+Exit codes (also in ``docs/agent-protocol.md``):
+
+====  =================================================================================================
+0     normal end: ``--max-tasks`` reached, idle, training done, or SIGTERM/SIGINT
+1     unexpected error (a bug: please report it with the log)
+2     invalid command line
+3     the server refused the credentials: 401 (bad token) or 403 (agent disabled, bad enrollment key)
+4     conflict: the agent id is already enrolled (409)
+5     the server could not be reached, or kept answering 5xx, after all retries
+6     the local data could not be loaded or partitioned (bad --dataset, --mnist-path, --partition...)
+====  =================================================================================================
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from rich.console import Console
+from rich.table import Table
+
+from fedagent._version import __version__
+from fedagent.client import ENV_ENROLLMENT_KEY, ENV_SERVER, ENV_TOKEN, FederatedClient, RunStats
+from fedagent.errors import AgentApiError, AgentConnectionError, AgentError
+from fedagent.http import AgentHttpClient
+from fedagent.logs import ContextLogger, configure_logging
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_AUTH = 3
+EXIT_CONFLICT = 4
+EXIT_UNREACHABLE = 5
+EXIT_DATA = 6
+
+logger = logging.getLogger("fedagent.cli")
+
+
+def _env(name: str) -> str | None:
+    return os.environ.get(name) or None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of ``python -m fedagent``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m fedagent",
+        description="A fedsite federated-learning agent (protocol v1).",
+        epilog="Exit codes: 0 ok, 1 unexpected error, 2 usage, 3 credentials refused, 4 agent id taken, "
+        "5 server unreachable, 6 local data error.",
+    )
+    parser.add_argument("--version", action="version", version=f"fedagent {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--server",
+        default=_env(ENV_SERVER),
+        required=_env(ENV_SERVER) is None,
+        help=f"server root URL, e.g. http://localhost:8000 (default ${ENV_SERVER})",
+    )
+    common.add_argument("--agent-id", required=True, help="this agent's id: 1-64 of [A-Za-z0-9_.-]")
+    common.add_argument(
+        "--enrollment-key",
+        default=_env(ENV_ENROLLMENT_KEY),
+        help=f"enroll with this key when there is no token (default ${ENV_ENROLLMENT_KEY})",
+    )
+    common.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    common.add_argument("--log-format", default="text", choices=["text", "json"])
+    common.add_argument("--timeout", type=float, default=30.0, help="HTTP timeout in seconds (default 30)")
+    common.add_argument(
+        "--max-attempts", type=int, default=6, help="attempts per HTTP request, retries included (default 6)"
+    )
+
+    run = commands.add_parser("run", parents=[common], help="work on tasks until stopped")
+    run.add_argument("--token", default=_env(ENV_TOKEN), help=f"bearer token (default ${ENV_TOKEN})")
+    run.add_argument(
+        "--token-file",
+        type=Path,
+        help="read the token from this file; after enrolling, write it there (mode 0600)",
+    )
+    run.add_argument("--dataset", required=True, choices=["digits", "mnist"])
+    run.add_argument("--mnist-path", help="MNIST .npz file for --dataset mnist")
+    run.add_argument("--num-clients", type=int, required=True, help="number of agents sharing the data set")
+    run.add_argument("--client-index", type=int, required=True, help="this agent's shard, 0..num-clients-1")
+    run.add_argument("--partition", default="iid", choices=["iid", "dirichlet", "shards"])
+    run.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (default 0.5)")
+    run.add_argument("--shards-per-client", type=int, default=2, help="for --partition shards (default 2)")
+    run.add_argument("--seed", type=int, required=True, help="partition seed, the same for every agent")
+    run.add_argument("--eval-fraction", type=float, default=0.2, help="held-out fraction (default 0.2)")
+    run.add_argument("--max-tasks", type=int, help="exit 0 after this many tasks")
+    run.add_argument("--stop-when-idle-for", type=float, help="exit 0 after this many seconds without a task")
+    run.add_argument(
+        "--exit-when-training-done",
+        metavar="TRAINING_ID",
+        help="when idle, check this training's status and exit 0 once it is over",
+    )
+    run.add_argument("--poll-wait", type=float, default=30.0, help="long-poll seconds, 0-60 (default 30)")
+    run.add_argument("--heartbeat-interval", type=float, help="seconds; default: the server's")
+
+    enroll = commands.add_parser("enroll", parents=[common], help="enroll and print the token as JSON")
+    enroll.add_argument("--capabilities", default="{}", help="JSON object describing this agent")
+    return parser
+
+
+def _exit_code_for(exc: AgentError) -> int:
+    if isinstance(exc, AgentApiError):
+        if exc.status in {401, 403}:
+            return EXIT_AUTH
+        if exc.status == 409:
+            return EXIT_CONFLICT
+        if exc.status >= 500 or exc.status == 429:
+            return EXIT_UNREACHABLE
+        return EXIT_ERROR
+    if isinstance(exc, AgentConnectionError):
+        return EXIT_UNREACHABLE
+    return EXIT_ERROR
+
+
+def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _print_summary(stats: RunStats, agent_id: str) -> None:
+    table = Table(title=f"fedagent {agent_id}: {stats.stop_reason or 'stopped'}")
+    table.add_column("tasks", justify="right")
+    table.add_column("uploaded", justify="right")
+    table.add_column("closed", justify="right")
+    table.add_column("failed", justify="right")
+    table.add_column("rejected", justify="right")
+    table.add_column("abandoned", justify="right")
+    table.add_column("empty polls", justify="right")
+    table.add_column("seconds", justify="right")
+    table.add_row(
+        str(stats.tasks_received),
+        str(stats.tasks_uploaded),
+        str(stats.tasks_closed),
+        str(stats.tasks_failed),
+        str(stats.tasks_rejected),
+        str(stats.tasks_abandoned),
+        str(stats.empty_polls),
+        f"{stats.elapsed_seconds:.1f}",
+    )
+    Console(stderr=True).print(table)
+
+
+def _read_token(args: argparse.Namespace) -> str | None:
+    if args.token:
+        return str(args.token)
+    path: Path | None = args.token_file
+    if path is not None and path.exists():
+        return path.read_text(encoding="utf-8").strip() or None
+    return None
+
+
+def _write_token(path: Path, token: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        handle.write(token + "\n")
+
+
+def _command_run(args: argparse.Namespace) -> int:
+    from flcore.data import client_split
+    from flcore.errors import FlcoreError
+
+    log = ContextLogger(logger, {"agent_id": args.agent_id})
+    try:
+        x_train, y_train, x_eval, y_eval = client_split(
+            args.dataset,
+            num_clients=args.num_clients,
+            client_index=args.client_index,
+            scheme=args.partition,
+            alpha=args.alpha,
+            shards_per_client=args.shards_per_client,
+            seed=args.seed,
+            eval_fraction=args.eval_fraction,
+            mnist_path=args.mnist_path,
+        )
+    except (FlcoreError, OSError) as exc:
+        log.error("could not load the local data: %s", exc)
+        return EXIT_DATA
+    log.info(
+        "loaded %s shard %d/%d (%s): %d train, %d eval examples",
+        args.dataset,
+        args.client_index,
+        args.num_clients,
+        args.partition,
+        len(y_train),
+        len(y_eval),
+    )
+    token = _read_token(args)
+    client = FederatedClient(
+        agent_id=args.agent_id,
+        server=args.server,
+        token=token,
+        enrollment_key=args.enrollment_key,
+        eval_fraction=args.eval_fraction,
+        poll_wait=args.poll_wait,
+        heartbeat_interval=args.heartbeat_interval,
+        timeout=args.timeout,
+        max_attempts=args.max_attempts,
+        capabilities={
+            "dataset": args.dataset,
+            "partition": args.partition,
+            "num_clients": args.num_clients,
+            "client_index": args.client_index,
+        },
+    )
+    with client:
+        client.add_dataset(args.dataset, x_train, y_train, split="train")
+        if len(y_eval):
+            client.add_dataset(args.dataset, x_eval, y_eval, split="eval")
+        client.connect()
+        if token is None and args.token_file is not None and client.token:
+            _write_token(args.token_file, client.token)
+            log.info("token written to %s", args.token_file)
+        stats = client.run(
+            max_tasks=args.max_tasks,
+            stop_when_idle_for=args.stop_when_idle_for,
+            exit_when_training_done=args.exit_when_training_done,
+        )
+    _print_summary(stats, args.agent_id)
+    return EXIT_OK
+
+
+def _command_enroll(args: argparse.Namespace) -> int:
+    if not args.enrollment_key:
+        logger.error("enroll needs --enrollment-key (or $%s)", ENV_ENROLLMENT_KEY)
+        return EXIT_USAGE
+    try:
+        capabilities = json.loads(args.capabilities)
+    except ValueError as exc:
+        logger.error("--capabilities is not JSON: %s", exc)
+        return EXIT_USAGE
+    with AgentHttpClient(args.server, timeout=args.timeout, max_attempts=args.max_attempts) as http:
+        reply = http.enroll(args.enrollment_key, args.agent_id, capabilities)
+    print(json.dumps(reply, indent=2))
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line and return the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        configure_logging(args.log_level, args.log_format)
+    except ValueError as exc:
+        parser.error(str(exc))
+    # Until FederatedClient.run installs its own handlers (and after it restores these), a SIGTERM is a
+    # clean exit like Ctrl-C.
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        if args.command == "run":
+            return _command_run(args)
+        return _command_enroll(args)
+    except KeyboardInterrupt:
+        logger.info("interrupted; exiting", extra={"agent_id": args.agent_id})
+        return EXIT_OK
+    except ValueError as exc:  # invalid option values caught by the SDK (agent id, poll wait...)
+        logger.error("%s", exc, extra={"agent_id": args.agent_id})
+        return EXIT_USAGE
+    except AgentError as exc:
+        logger.error("%s", exc, extra={"agent_id": args.agent_id})
+        return _exit_code_for(exc)
+    except Exception:
+        logger.exception("unexpected error", extra={"agent_id": args.agent_id})
+        return EXIT_ERROR
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        sys.stdout.flush()

@@ -1,0 +1,132 @@
+"""Prometheus gauges computed from the database at scrape time (served by django-prometheus at ``/metrics``).
+
+Invariants: nothing is counted in process memory, so every ASGI process and worker reports the same
+values; a scrape runs a handful of aggregate queries; a database error yields ``fedsite_collector_up 0``
+instead of failing the whole scrape. ``register_collector`` is idempotent: ``MonitoringConfig.ready``
+may run (and this module may be imported) more than once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator
+
+from django.db.models import Count
+from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+logger = logging.getLogger("monitoring.prometheus")
+
+ACCURACY_METRICS = ("accuracy", "federated_accuracy")
+
+
+def _families() -> dict[str, GaugeMetricFamily]:
+    return {
+        "up": GaugeMetricFamily(
+            "fedsite_collector_up", "1 if the fedsite collector could read the database at this scrape."
+        ),
+        "trainings": GaugeMetricFamily("fedsite_trainings", "Trainings by status.", labels=["status"]),
+        "rounds": GaugeMetricFamily("fedsite_rounds", "Rounds by status.", labels=["status"]),
+        "agents_online": GaugeMetricFamily(
+            "fedsite_agents_online", "Agents seen within FEDSITE_AGENT_TIMEOUT seconds."
+        ),
+        "agents_total": GaugeMetricFamily("fedsite_agents_total", "Registered agents."),
+        "agents": GaugeMetricFamily("fedsite_agents", "Registered agents by status.", labels=["status"]),
+        "alerts_open": GaugeMetricFamily(
+            "fedsite_alerts_open", "Unacknowledged alerts by severity.", labels=["severity"]
+        ),
+        "accuracy": GaugeMetricFamily(
+            "fedsite_training_last_round_accuracy",
+            "Accuracy of the latest round that reported it, per running training "
+            "(metric: 'accuracy' is central evaluation, 'federated_accuracy' the agents' held-out splits).",
+            labels=["training_id", "training_name", "metric"],
+        ),
+        "current_round": GaugeMetricFamily(
+            "fedsite_training_current_round",
+            "Current round number per running training.",
+            labels=["training_id", "training_name"],
+        ),
+    }
+
+
+class FedsiteCollector(Collector):
+    """Gauges about trainings, rounds, agents and alerts, read from the database on every scrape."""
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        # Without describe() the registry would call collect() at registration, i.e. query the database
+        # inside AppConfig.ready().
+        yield from _families().values()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        families = _families()
+        try:
+            self._fill(families)
+        except Exception:  # a broken database must not make /metrics fail for the other collectors
+            logger.exception("prometheus_collect_failed")
+            families["up"].add_metric([], 0)
+            yield families["up"]
+            return
+        families["up"].add_metric([], 1)
+        yield from families.values()
+
+    @staticmethod
+    def _fill(families: dict[str, GaugeMetricFamily]) -> None:
+        from clients.models import Agent
+        from clients.selectors import agents_online
+        from monitoring.models import Alert, Metric
+        from trainings.models import Round, Training
+
+        def by_status(model: type, field: str, choices: list[str], family: GaugeMetricFamily) -> int:
+            counts = dict(model.objects.values_list(field).annotate(n=Count("pk")).order_by())
+            for value in choices:
+                family.add_metric([value], counts.get(value, 0))
+            return sum(counts.values())
+
+        by_status(Training, "status", Training.Status.values, families["trainings"])
+        by_status(Round, "status", Round.Status.values, families["rounds"])
+        total_agents = by_status(Agent, "status", Agent.Status.values, families["agents"])
+        families["agents_total"].add_metric([], total_agents)
+        families["agents_online"].add_metric([], agents_online().count())
+        open_alerts = dict(
+            Alert.objects.filter(acknowledged_at__isnull=True)
+            .values_list("severity")
+            .annotate(n=Count("pk"))
+            .order_by()
+        )
+        for severity in Alert.Severity.values:
+            families["alerts_open"].add_metric([severity], open_alerts.get(severity, 0))
+
+        running: dict[object, str] = {}
+        for training_id, name, current_round in Training.objects.filter(
+            status=Training.Status.RUNNING
+        ).values_list("pk", "name", "current_round"):
+            running[training_id] = name
+            families["current_round"].add_metric([str(training_id), name], current_round)
+        latest: dict[tuple[object, str], float] = {}
+        for training_id, metric_name, value in (
+            Metric.objects.filter(training_id__in=running, name__in=ACCURACY_METRICS)
+            .order_by("round_number")
+            .values_list("training_id", "name", "value")
+        ):
+            latest[(training_id, metric_name)] = value  # ascending rounds: the last one wins
+        for (training_id, metric_name), value in sorted(latest.items(), key=lambda item: str(item[0])):
+            families["accuracy"].add_metric([str(training_id), running[training_id], metric_name], value)
+
+
+_lock = threading.Lock()
+_collector: FedsiteCollector | None = None
+
+
+def register_collector(registry: CollectorRegistry = REGISTRY) -> FedsiteCollector:
+    """Register the collector once per registry; calling again (or after a re-import) is a no-op."""
+    global _collector
+    with _lock:
+        if _collector is None:
+            _collector = FedsiteCollector()
+        # ValueError: already registered (a second ready(), or this module re-imported): names are taken.
+        with contextlib.suppress(ValueError):
+            registry.register(_collector)
+        return _collector

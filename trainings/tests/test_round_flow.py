@@ -195,3 +195,69 @@ def test_max_concurrent_trainings_refused_with_409(staff_client: Any, make_train
     assert response.status_code == 409
     assert response.json()["error"]["code"] == "too_many_trainings"
     assert Training.objects.filter(status=Training.Status.RUNNING).count() == 1
+
+
+@pytest.mark.django_db
+def test_round_completion_is_broadcast_after_commit(
+    client: Any,
+    make_agent: Any,
+    make_training: Any,
+    eager_celery: Any,
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    import asyncio
+    import threading
+
+    from channels.layers import get_channel_layer
+
+    from monitoring.events import training_group
+
+    (_a1, t1), (_a2, t2) = make_agent(), make_agent()
+    training = make_training(min_clients_per_round=2, max_clients_per_round=2, max_rounds=1)
+    committed = threading.Event()
+    ready = threading.Event()
+    received: list[tuple[str, bool]] = []
+
+    async def listen() -> None:
+        layer = get_channel_layer()
+        channel = await layer.new_channel()
+        await layer.group_add(training_group(training.pk), channel)
+        ready.set()
+        try:
+            while True:
+                message = await asyncio.wait_for(layer.receive(channel), timeout=30)
+                received.append((message["event"], committed.is_set()))
+                if message["event"] == "training_completed":
+                    return
+        finally:
+            await layer.group_discard(training_group(training.pk), channel)
+
+    listener = threading.Thread(target=lambda: asyncio.run(listen()))
+    listener.start()
+    assert ready.wait(10)
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        for token in (t1, t2):
+            task = _next(client, token).json()
+            assert (
+                _upload(client, token, task["task_id"], to_bytes(_delta(training, 0.1)), 5).status_code == 201
+            )
+    assert callbacks, "events and the aggregation must wait for commit"
+    committed.set()
+    with django_capture_on_commit_callbacks(execute=True):
+        for callback in callbacks:
+            callback()
+    listener.join(40)
+    events = [event for event, _ in received]
+    assert all(after_commit for _, after_commit in received), received
+    assert "round_completed" in events and "metric_update" in events
+    assert events[-1] == "training_completed"
+    training.refresh_from_db()
+    assert training.status == Training.Status.COMPLETED
+
+
+def test_celery_concurrency_is_capped_at_twelve() -> None:
+    from django.conf import settings
+
+    assert min(settings.FEDSITE_CPU_CORES, 12) == settings.CELERY_WORKER_CONCURRENCY
+    assert celery_app.conf.worker_concurrency == settings.CELERY_WORKER_CONCURRENCY
+    assert celery_app.conf.task_routes["trainings.aggregate_round"] == {"queue": "aggregation"}

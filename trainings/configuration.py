@@ -19,6 +19,8 @@ from flcore.strategies import AggregationAlgorithm
 MODEL_TYPES = {"logreg": "logreg", "mlp": "mlp", "neural_network": "mlp"}
 SELECTION_POLICIES = ("random", "reliability")
 EVALUATION_DATASETS = ("digits", "mnist")
+# The algorithms the coordinator can run end to end (flcore may know more than the server wires up).
+SERVER_ALGORITHMS = ("fedavg",)
 
 
 @dataclass(frozen=True)
@@ -102,10 +104,12 @@ class TrainingConfiguration:
         if "algorithm" in data:
             try:
                 values["algorithm"] = AggregationAlgorithm(data["algorithm"])
+                if values["algorithm"].value not in SERVER_ALGORITHMS:
+                    raise ValueError(values["algorithm"])
             except ValueError:
                 errors["algorithm"] = (
                     f"Unknown algorithm {data['algorithm']!r}. "
-                    f"Available: {[a.value for a in AggregationAlgorithm]}."
+                    f"Available: {list(SERVER_ALGORITHMS)}."
                 )
         take("model_type", str)
         if "model_type" in values and values["model_type"] not in MODEL_TYPES:

@@ -12,7 +12,7 @@ AGENTS ?= 10
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/fedsite
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
 
-.PHONY: demo test venv lint format bench clean serve worker
+.PHONY: demo test venv lint format bench clean serve worker beat
 
 venv: $(STAMP)
 
@@ -42,8 +42,11 @@ bench: venv
 serve: venv
 	DJANGO_DEBUG=$${DJANGO_DEBUG:-1} $(PY) manage.py serve
 
-worker: venv
-	$(VENV)/bin/celery -A fedsite worker -Q aggregation,privacy,default -l info
+worker: venv  # one worker with embedded beat (deadlines); in production run `beat` once and workers without -B
+	$(VENV)/bin/celery -A fedsite worker -B -Q aggregation,privacy,default -l info --schedule var/celerybeat-schedule
+
+beat: venv
+	$(VENV)/bin/celery -A fedsite beat -l info --schedule var/celerybeat-schedule
 
 clean:
 	rm -rf var/demo var/test

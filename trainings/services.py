@@ -54,6 +54,8 @@ ADVISORY_LOCK_TRAINING_START = 7_401_001
 # ---------------------------------------------------------------------------------------------------
 def training_create(*, configuration: TrainingConfiguration, created_by: Any = None) -> Training:
     """Create a training in ``pending`` with version 0 of its model, initialised from the seed."""
+    # A dataclass built directly in Python skips from_dict; validate every path the same way.
+    configuration = TrainingConfiguration.from_dict(configuration.to_dict())
     model_spec = ModelSpec.from_json(configuration.model_spec_json())
     model = build_model(model_spec)
     parameters = model.init(np.random.default_rng(configuration.seed))

@@ -101,8 +101,21 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
     }
 else:
-    DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("DATABASE_CONN_MAX_AGE", default=0))
     DATABASES["default"]["ENGINE"] = "django_prometheus.db.backends.postgresql"
+    # Under ASGI each request runs in its own thread, so CONN_MAX_AGE > 0 piles up idle connections
+    # until Postgres refuses new ones; a process-wide psycopg pool reuses them instead.
+    if env.int("DATABASE_CONN_MAX_AGE", default=0):
+        raise ImproperlyConfigured(
+            "DATABASE_CONN_MAX_AGE must be 0 under ASGI; use DATABASE_POOL_MAX_SIZE to size the connection pool."
+        )
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    pool_size = env.int("DATABASE_POOL_MAX_SIZE", default=16)
+    if pool_size > 0:
+        DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+            "min_size": 0,
+            "max_size": pool_size,
+            "timeout": env.float("DATABASE_POOL_TIMEOUT", default=30.0),
+        }
 DATABASES["default"].setdefault("TEST", {})
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

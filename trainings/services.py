@@ -321,12 +321,14 @@ def _round_settle(round_: Round, *, now: Any = None) -> str:
     if round_.status != RS.COLLECTING:
         return "not_collecting"
     now = now or timezone.now()
+    past_deadline = round_.deadline is not None and round_.deadline <= now
+    if not past_deadline and Task.objects.filter(round=round_, status__in=list(Task.OPEN)).exists():
+        return "waiting"  # the common case on every upload: one cheap query, no rows loaded
     training = round_.training
     config = _configuration(training)
     tasks = list(Task.objects.select_for_update().filter(round=round_))
     completed = sum(1 for t in tasks if t.status == KS.COMPLETED)
     open_tasks = [t for t in tasks if t.status in Task.OPEN]
-    past_deadline = round_.deadline is not None and round_.deadline <= now
     if open_tasks and not past_deadline:
         return "waiting"
     for task in open_tasks:

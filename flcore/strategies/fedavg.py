@@ -1,5 +1,9 @@
 """Federated Averaging: the example-weighted mean of client models (McMahan et al. 2017, Algorithm 1).
 
+:class:`FedAvg` is the strategy: the pseudo-gradient is the example-weighted mean of the client deltas and the
+server step is ``x + eta * Delta`` (``eta = server_learning_rate``, default 1.0, which is exactly
+Algorithm 1; other values are the "FedAvg with server learning rate" of Reddi et al. 2021, Section 2).
+
 Invariants: :class:`FedAvgAccumulator` holds exactly one float32 buffer of model size plus a scratch buffer
 of ``chunk_size`` elements, whatever the number of updates; an update is validated (names, shapes, finite
 values, positive finite weight) before any of it is added, so a rejected update leaves the state unchanged;
@@ -12,15 +16,24 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
 
 from flcore.errors import FlcoreError
 from flcore.parameters import Parameters, ParameterSpec, iter_file_tensors, read_header
+from flcore.strategies.base import (
+    SERVER_LEARNING_RATE,
+    AggregationAlgorithm,
+    Hyperparameter,
+    ServerState,
+    Strategy,
+    sgd_step,
+)
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "FedAvgAccumulator", "fedavg"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "FedAvg", "FedAvgAccumulator", "fedavg"]
 
 DEFAULT_CHUNK_SIZE = 65536
 """Elements per chunk of the streaming weighted add (256 KiB of float32, cache-sized)."""
@@ -33,6 +46,16 @@ def _check_weight(weight: float) -> float:
         raise FlcoreError(f"An update's weight must be a number. Found {weight!r}.") from None
     if not (math.isfinite(value) and value > 0):
         raise FlcoreError(f"An update's weight must be positive and finite. Found {weight!r}.")
+    return value
+
+
+def _check_scale(scale: float) -> float:
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        raise FlcoreError(f"An update's scale must be a number. Found {scale!r}.") from None
+    if not (math.isfinite(value) and value > 0):
+        raise FlcoreError(f"An update's scale must be positive and finite. Found {scale!r}.")
     return value
 
 
@@ -99,8 +122,8 @@ class FedAvgAccumulator:
             np.multiply(flat[start:stop], weight, out=scratch, casting="same_kind")
             self._accumulator[base + start : base + stop] += scratch
 
-    def add(self, update: Mapping[str, npt.NDArray[Any]], weight: float) -> None:
-        """Add ``weight * update`` to the running sum.
+    def add(self, update: Mapping[str, npt.NDArray[Any]], weight: float, *, scale: float = 1.0) -> None:
+        """Add ``weight * scale * update`` to the running sum (and ``weight`` to the total weight).
 
         Parameters
         ----------
@@ -108,26 +131,30 @@ class FedAvgAccumulator:
             Client model with exactly the spec's names and shapes; finite values.
         weight : float
             Positive finite weight, usually the client's number of examples ``n_k``.
+        scale : float
+            Positive finite factor applied to the update only, not to the total weight; norm bounding
+            passes ``min(1, clip_norm / ||update||)`` here.
 
         Raises
         ------
         FlcoreError
-            If the weight is not positive and finite, or the update has non-finite values.
+            If the weight or scale is not positive and finite, or the update has non-finite values.
         SerdeError
             If names or shapes differ from the spec (a subclass of FlcoreError).
         """
         value = _check_weight(weight)
+        factor = _check_scale(scale)
         self._spec.validate(update)
         flats = {name: np.asarray(update[name]).reshape(-1) for name in self._spec.names}
         for name, flat in flats.items():
             self._check_finite_inplace(name, flat)
         for name, flat in flats.items():
-            self._accumulate_inplace(name, flat, value)
+            self._accumulate_inplace(name, flat, value * factor)
         self._count += 1
         self._total_weight += value
 
-    def add_file(self, path: str | os.PathLike[str], weight: float) -> None:
-        """Add ``weight * update`` read from a safetensors file, streaming it through a memory map.
+    def add_file(self, path: str | os.PathLike[str], weight: float, *, scale: float = 1.0) -> None:
+        """Add ``weight * scale * update`` read from a safetensors file, streaming it through a memory map.
 
         The file's tensors are memory-mapped (:func:`~flcore.parameters.iter_file_tensors`) and added in
         chunks of ``chunk_size`` elements through one scratch buffer, so no second model-sized array is
@@ -136,17 +163,18 @@ class FedAvgAccumulator:
         Raises
         ------
         FlcoreError
-            If the weight is invalid or the file holds NaN or Inf.
+            If the weight or scale is invalid or the file holds NaN or Inf.
         SerdeError
             If the header is malformed or names or shapes differ from the spec.
         """
         value = _check_weight(weight)
+        factor = _check_scale(scale)
         header = read_header(path)
         self._spec.validate_shapes({k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"})
         for name, view in iter_file_tensors(path):
             self._check_finite_inplace(name, view.reshape(-1))
         for name, view in iter_file_tensors(path):
-            self._accumulate_inplace(name, view.reshape(-1), value)
+            self._accumulate_inplace(name, view.reshape(-1), value * factor)
         self._count += 1
         self._total_weight += value
 
@@ -195,3 +223,29 @@ def fedavg(updates: Sequence[Mapping[str, npt.NDArray[Any]]], weights: Sequence[
             acc += w * np.asarray(update[name], dtype=np.float64)
         result[name] = (acc / total).astype(np.float32)
     return result
+
+
+@dataclass(frozen=True)
+class FedAvg(Strategy):
+    """FederatedAveraging (McMahan et al. 2017, Algorithm 1) on deltas, with a server learning rate.
+
+    ``Delta = sum_k n_k Delta_k / sum_k n_k`` (streamed through :class:`FedAvgAccumulator`), then
+    ``x_{t+1} = x_t + eta * Delta``; ``eta = 1`` reproduces Algorithm 1's ``w_{t+1} = sum_k n_k/n w^k_{t+1}``.
+
+    Parameters
+    ----------
+    server_learning_rate : float
+        ``eta > 0``; default 1.0 (McMahan et al. 2017).
+    """
+
+    algorithm: ClassVar[AggregationAlgorithm] = AggregationAlgorithm.FEDAVG
+    HYPERPARAMETERS: ClassVar[tuple[Hyperparameter, ...]] = (SERVER_LEARNING_RATE,)
+
+    server_learning_rate: float = 1.0
+
+    def apply(
+        self, base: Parameters, delta: Parameters, state: ServerState
+    ) -> tuple[Parameters, ServerState]:
+        """Return ``base + eta * delta`` and the state with ``step`` incremented."""
+        self._begin_apply(base, delta, state)
+        return sgd_step(base, delta, self.server_learning_rate), ServerState({}, self._next_scalars(state))

@@ -1,0 +1,143 @@
+"""Tests for the coordinate-wise median and trimmed mean against brute-force sorting references."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import pytest
+
+from flcore.errors import ConfigError
+from flcore.parameters import Parameters, flatten
+from flcore.strategies import NotEnoughUpdates, build_strategy
+from flcore.strategies.median import CoordinateMedian
+from flcore.strategies.trimmed_mean import TrimmedMean
+from flcore.tests.strategy_cases import SPEC, StrategyContract, random_params, vec
+
+
+class TestMedianOddContract(StrategyContract):
+    algorithm = "median"
+    hyperparameters: ClassVar[dict[str, Any]] = {}
+    weighted = False
+    num_updates = 7
+    invalid_hyperparameters: ClassVar[list[tuple[dict[str, Any], str]]] = [
+        ({"server_learning_rate": -1}, "server_learning_rate")
+    ]
+
+
+class TestMedianEvenContract(TestMedianOddContract):
+    num_updates = 6
+
+
+class TestTrimmedMeanContract(StrategyContract):
+    algorithm = "trimmed_mean"
+    hyperparameters: ClassVar[dict[str, Any]] = {"trim_fraction": 0.2}
+    weighted = False
+    invalid_hyperparameters: ClassVar[list[tuple[dict[str, Any], str]]] = [
+        ({"trim_fraction": 0.5}, "trim_fraction"),
+        ({"trim_fraction": -0.1}, "trim_fraction"),
+        ({"trim_fraction": "0.1"}, "trim_fraction"),
+    ]
+
+
+class TestTrimmedMeanNoTrimContract(TestTrimmedMeanContract):
+    hyperparameters: ClassVar[dict[str, Any]] = {"trim_fraction": 0.0}
+
+
+# ---- references ----------------------------------------------------------------------------------------
+
+
+def brute_force_trimmed_mean(rows: np.ndarray, k: int) -> np.ndarray:
+    """Full sort of every coordinate, drop k at each end, float64 mean."""
+    result = np.empty(rows.shape[1])
+    for j in range(rows.shape[1]):
+        column = sorted(float(v) for v in rows[:, j])
+        result[j] = sum(column[k : len(column) - k]) / (len(column) - 2 * k)
+    return result
+
+
+def brute_force_median(rows: np.ndarray) -> np.ndarray:
+    result = np.empty(rows.shape[1])
+    n = rows.shape[0]
+    for j in range(rows.shape[1]):
+        column = sorted(float(v) for v in rows[:, j])
+        result[j] = column[n // 2] if n % 2 else (column[n // 2 - 1] + column[n // 2]) / 2
+    return result
+
+
+def stacked(updates: list[Parameters]) -> np.ndarray:
+    return np.stack([flatten(u) for u in updates])
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 8, 21])
+@pytest.mark.parametrize("chunk_size", [1, 10, 1000])
+def test_median_matches_np_median_and_sorting(n: int, chunk_size: int) -> None:
+    rng = np.random.default_rng(n)
+    updates = [random_params(rng) for _ in range(n)]
+    if n > 2:  # ties: a repeated update
+        updates[1] = {k: v.copy() for k, v in updates[0].items()}
+
+    combined, _ = CoordinateMedian().combine(updates, [1] * n, chunk_size=chunk_size)
+
+    np.testing.assert_allclose(flatten(combined), np.median(stacked(updates), axis=0), atol=1e-7, rtol=0)
+    np.testing.assert_allclose(flatten(combined), brute_force_median(stacked(updates)), atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("n", "beta", "k"), [(5, 0.2, 1), (10, 0.25, 2), (11, 0.45, 4), (100, 0.29, 29), (4, 0.0, 0)]
+)
+def test_trimmed_mean_matches_sorting(n: int, beta: float, k: int) -> None:
+    rng = np.random.default_rng(n)
+    updates = [random_params(rng) for _ in range(n)]
+    strategy = TrimmedMean(trim_fraction=beta)
+
+    combined, metrics = strategy.combine(updates, [1] * n, chunk_size=17)
+
+    assert strategy.num_trimmed(n) == k and metrics["num_trimmed"] == k
+    np.testing.assert_allclose(flatten(combined), brute_force_trimmed_mean(stacked(updates), k), atol=1e-6)
+
+
+def test_hand_computed_values() -> None:
+    # Median of (1, 5, 2, 100) = (2 + 5) / 2 = 3.5; of (1, 5, 2, 100, 3) = 3.
+    # Trimmed mean beta = 0.2 of (1, 2, 3, 4, 100): k = 1, mean(2, 3, 4) = 3.
+    median = CoordinateMedian()
+    trimmed = TrimmedMean(trim_fraction=0.2)
+
+    assert float(median.combine([vec(x) for x in (1, 5, 2, 100)], [1] * 4)[0]["w"][0]) == 3.5
+    assert float(median.combine([vec(x) for x in (1, 5, 2, 100, 3)], [1] * 5)[0]["w"][0]) == 3.0
+    assert float(trimmed.combine([vec(x) for x in (100, 2, 4, 1, 3)], [9, 1, 1, 1, 1])[0]["w"][0]) == 3.0
+
+
+@pytest.mark.parametrize("algorithm", ["median", "trimmed_mean"])
+def test_planted_outliers_stay_within_the_honest_range(algorithm: str) -> None:
+    rng = np.random.default_rng(3)
+    honest = [random_params(rng) for _ in range(8)]
+    attackers = [{k: np.full_like(v, sign * 1e6) for k, v in honest[0].items()} for sign in (1, 1, -1)]
+    strategy = build_strategy(algorithm, {"trim_fraction": 0.3} if algorithm == "trimmed_mean" else {})
+
+    combined, _ = strategy.combine(attackers + honest, [10**6] * 3 + [1] * 8)
+
+    low, high = stacked(honest).min(axis=0), stacked(honest).max(axis=0)
+    result = flatten(combined)
+    assert np.all(result >= low) and np.all(result <= high)
+
+
+def test_trim_fraction_that_trims_nothing_is_an_error() -> None:
+    with pytest.raises(NotEnoughUpdates, match=r"beta=0\.1.*n=5.*n >= 10"):
+        TrimmedMean(trim_fraction=0.1).combine([vec(float(i)) for i in range(5)], [1] * 5)
+
+
+def test_trim_fraction_is_required() -> None:
+    with pytest.raises(ConfigError, match="'trim_fraction' is required"):
+        build_strategy("trimmed_mean", {})
+
+
+def test_chunk_matrix_is_not_modified() -> None:
+    matrix = np.random.default_rng(0).standard_normal((6, 9)).astype(np.float32)
+    saved = matrix.copy()
+
+    CoordinateMedian().combine_chunk(matrix, np.ones(6))
+    TrimmedMean(trim_fraction=0.2).combine_chunk(matrix, np.ones(6))
+
+    np.testing.assert_array_equal(matrix, saved)
+    assert SPEC.num_parameters == 94

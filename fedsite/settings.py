@@ -106,7 +106,8 @@ else:
     # until Postgres refuses new ones; a process-wide psycopg pool reuses them instead.
     if env.int("DATABASE_CONN_MAX_AGE", default=0):
         raise ImproperlyConfigured(
-            "DATABASE_CONN_MAX_AGE must be 0 under ASGI; use DATABASE_POOL_MAX_SIZE to size the connection pool."
+            "DATABASE_CONN_MAX_AGE must be 0 under ASGI; "
+            "use DATABASE_POOL_MAX_SIZE to size the connection pool."
         )
     DATABASES["default"]["CONN_MAX_AGE"] = 0
     pool_size = env.int("DATABASE_POOL_MAX_SIZE", default=16)

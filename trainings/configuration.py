@@ -14,13 +14,26 @@ from typing import Any
 from django.conf import settings
 
 from fedsite.errors import ValidationFailed
-from flcore.strategies import AggregationAlgorithm
+from flcore.errors import ConfigError
+from flcore.strategies import AggregationAlgorithm, NotEnoughUpdates, Strategy, build_strategy
 
 MODEL_TYPES = {"logreg": "logreg", "mlp": "mlp", "neural_network": "mlp"}
 SELECTION_POLICIES = ("random", "reliability")
 EVALUATION_DATASETS = ("digits", "mnist")
 # The algorithms the coordinator can run end to end (flcore may know more than the server wires up).
-SERVER_ALGORITHMS = ("fedavg",)
+SERVER_ALGORITHMS = (
+    "fedavg",
+    "fedavgm",
+    "fedprox",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+    "krum",
+    "multikrum",
+    "median",
+    "trimmed_mean",
+    "norm_bounded",
+)
 
 
 @dataclass(frozen=True)
@@ -29,6 +42,7 @@ class TrainingConfiguration:
 
     name: str
     algorithm: AggregationAlgorithm = AggregationAlgorithm.FEDAVG
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
     model_type: str = "mlp"
     input_dim: int = 64
     num_classes: int = 10
@@ -108,9 +122,10 @@ class TrainingConfiguration:
                     raise ValueError(values["algorithm"])
             except ValueError:
                 errors["algorithm"] = (
-                    f"Unknown algorithm {data['algorithm']!r}. "
-                    f"Available: {list(SERVER_ALGORITHMS)}."
+                    f"Unknown algorithm {data['algorithm']!r}. Available: {list(SERVER_ALGORITHMS)}."
                 )
+        if "hyperparameters" in data and not isinstance(data["hyperparameters"], dict):
+            errors["hyperparameters"] = "Must be a JSON object of the algorithm's hyperparameters."
         take("model_type", str)
         if "model_type" in values and values["model_type"] not in MODEL_TYPES:
             errors["model_type"] = f"Unknown model type. Available: {sorted(MODEL_TYPES)}."
@@ -159,6 +174,20 @@ class TrainingConfiguration:
             errors["min_clients_per_round"] = (
                 f"min_clients_per_round ({low}) is larger than max_clients_per_round ({high})."
             )
+        algorithm = values.get("algorithm", AggregationAlgorithm.FEDAVG)
+        if "algorithm" not in errors and "hyperparameters" not in errors:
+            try:
+                strategy = build_strategy(algorithm.value, data.get("hyperparameters") or {})
+                values["hyperparameters"] = strategy.hyperparameters()
+                if "min_clients_per_round" not in errors:
+                    strategy.check_num_updates(low)
+            except NotEnoughUpdates as exc:
+                errors["min_clients_per_round"] = (
+                    f"{exc} Every round must be able to deliver at least that many updates; "
+                    "raise min_clients_per_round or change the hyperparameters."
+                )
+            except ConfigError as exc:
+                errors["hyperparameters"] = str(exc)
         if errors:
             raise ValidationFailed(
                 "The training configuration is invalid: "
@@ -191,6 +220,10 @@ class TrainingConfiguration:
     @property
     def round_attempts(self) -> int:
         return self.max_round_attempts or settings.FEDSITE_MAX_ROUND_ATTEMPTS
+
+    def strategy(self) -> Strategy:
+        """The validated aggregation strategy of this training."""
+        return build_strategy(self.algorithm.value, self.hyperparameters)
 
     def model_spec_json(self) -> dict[str, Any]:
         return {

@@ -30,8 +30,8 @@ from fedsite.errors import Conflict, Forbidden, NotFound, PayloadTooLarge, Valid
 from fedsite.logs import log_event
 from flcore.errors import FlcoreError, SerdeError
 from flcore.models import ModelSpec, build_model
-from flcore.parameters import ParameterSpec, add, from_bytes, l2_norm
-from flcore.strategies.fedavg import FedAvgAccumulator
+from flcore.parameters import ParameterSpec, from_bytes, iter_file_tensors, l2_norm
+from flcore.strategies import Strategy
 from monitoring.events import event_broadcast_on_commit
 from monitoring.models import Alert
 from monitoring.services import alert_raise, audit_record, metrics_record
@@ -40,7 +40,7 @@ from trainings.models import ClientUpdate, Round, Task, Training
 from trainings.state import lock_round, lock_training, transition_round, transition_task, transition_training
 from versioning.blobs import blob_local_path, blob_read, blob_save
 from versioning.models import ModelVersion
-from versioning.services import version_create, version_read_parameters
+from versioning.services import version_create, version_read_parameters, version_read_state
 
 logger = logging.getLogger("trainings")
 
@@ -230,6 +230,7 @@ def _issue_tasks(
         "learning_rate": config.learning_rate,
         "proximal_mu": 0.0,
         "max_steps": None,
+        **config.strategy().client_config(),
     }
     tasks = [
         Task(
@@ -605,26 +606,19 @@ def round_aggregate(*, round_id: int) -> str:
         return "skipped"
     training = round_.training
     config = _configuration(training)
+    strategy = config.strategy()
     spec = ParameterSpec.from_json(training.parameter_spec)
     updates = list(
         ClientUpdate.objects.filter(round=round_).select_related("agent").order_by("agent__agent_id")
     )
-    accumulator = FedAvgAccumulator(spec)
-    for update in updates:
-        path = blob_local_path(update.blob_name)
-        if path is not None:
-            accumulator.add_file(path, float(update.num_examples))
-        else:
-            accumulator.add(
-                from_bytes(blob_read(update.blob_name), spec=spec, max_bytes=update.size_bytes),
-                float(update.num_examples),
-            )
-    delta = accumulator.result()
+    delta, combination_metrics = _combine_updates(strategy, spec, updates)
     base = version_read_parameters(round_.base_version)
-    new_parameters = add(base, delta)
+    state = version_read_state(round_.base_version, strategy)
+    new_parameters, new_state = strategy.apply(base, delta, state)
     if not all(np.isfinite(t).all() for t in new_parameters.values()):
         raise FlcoreError("the aggregated model has non-finite values")
     metrics = _round_metrics(updates, delta_norm=l2_norm(delta))
+    metrics.update({f"strategy_{key}": value for key, value in combination_metrics.items()})
     evaluation = _central_evaluation(config, training, new_parameters)
     metrics.update(evaluation)
     metrics["aggregation_seconds"] = time.perf_counter() - started
@@ -641,6 +635,7 @@ def round_aggregate(*, round_id: int) -> str:
             origin=ModelVersion.Origin.AGGREGATION,
             parent=round_.base_version,
             metrics=metrics,
+            state=new_state.to_bytes(),
         )
         if round_.opened_at is not None:
             metrics["round_seconds"] = (timezone.now() - round_.opened_at).total_seconds()
@@ -680,6 +675,43 @@ def round_aggregate(*, round_id: int) -> str:
             return "training_completed"
         _round_open_next(training)
     return "next_round"
+
+
+def _update_views(update: ClientUpdate, spec: ParameterSpec) -> Any:
+    """The stored delta of an update: zero-copy memory-mapped views when the blob store is local."""
+    path = blob_local_path(update.blob_name)
+    if path is not None:
+        return dict(iter_file_tensors(path))
+    return from_bytes(blob_read(update.blob_name), spec=spec, max_bytes=update.size_bytes)
+
+
+def _combine_updates(
+    strategy: Strategy, spec: ParameterSpec, updates: list[ClientUpdate]
+) -> tuple[Any, dict[str, float]]:
+    """Combine a round's stored deltas into one pseudo-gradient with the training's strategy.
+
+    Streaming rules read one update at a time into one accumulator (memory O(model)); rules that need
+    all updates at once combine coordinate chunks of memory-mapped updates (memory O(n x chunk)).
+    """
+    strategy.check_num_updates(len(updates))
+    if strategy.streaming:
+        accumulator = strategy.accumulator(spec)
+        clipped = 0
+        for update in updates:
+            weight = strategy.update_weight(update.num_examples, update.update_norm)
+            scale = strategy.update_scale(update.update_norm)
+            clipped += int(scale < 1.0)
+            path = blob_local_path(update.blob_name)
+            if path is not None:
+                accumulator.add_file(path, weight, scale=scale)
+            else:
+                accumulator.add(_update_views(update, spec), weight, scale=scale)
+        metrics = {"num_updates": float(len(updates))}
+        if strategy.needs_norms:
+            metrics["num_clipped"] = float(clipped)
+        return accumulator.result(), metrics
+    deltas = [_update_views(update, spec) for update in updates]
+    return strategy.combine(deltas, [update.num_examples for update in updates])
 
 
 def _round_metrics(updates: list[ClientUpdate], *, delta_norm: float) -> dict[str, float]:

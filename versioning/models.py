@@ -30,6 +30,10 @@ class ModelVersion(models.Model):
     size_bytes = models.PositiveBigIntegerField()
     num_parameters = models.PositiveBigIntegerField()
     metrics = models.JSONField(default=dict, blank=True)
+    state_blob_name = models.CharField(
+        max_length=255, blank=True, help_text="Server optimizer state after this version (empty: none)."
+    )
+    state_blob_sha256 = models.CharField(max_length=64, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

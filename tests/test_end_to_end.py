@@ -231,3 +231,100 @@ def test_three_agents_over_http_reach_085_on_digits(live_stack: dict[str, Any]) 
             assert process.wait(timeout=60) == 0
         except subprocess.TimeoutExpired:
             pytest.fail("an agent did not exit after the training completed:\n" + logs)
+
+
+@pytest.mark.e2e
+def test_fedbuff_with_agent_processes_on_the_real_stack(live_stack: dict[str, Any]) -> None:
+    """Asynchronous FedBuff: four agent processes with different data sizes (so different speeds) upload
+    whenever they finish; every server step takes exactly K updates, each with its staleness recorded."""
+    from clients.services import agent_create
+    from trainings.configuration import TrainingConfiguration
+    from trainings.models import ClientUpdate, Round, Training
+    from trainings.services import training_create_and_start
+
+    tokens = {f"async-agent-{i}": agent_create(agent_id=f"async-agent-{i}")[1] for i in range(4)}
+    training = training_create_and_start(
+        configuration=TrainingConfiguration.from_dict(
+            {
+                "name": "e2e fedbuff",
+                "algorithm": "fedbuff",
+                "hyperparameters": {"buffer_size": 3},
+                "model_type": "mlp",
+                "input_dim": 64,
+                "num_classes": 10,
+                "hidden_sizes": [32],
+                "min_clients_per_round": 1,
+                "max_clients_per_round": 4,
+                "max_rounds": 6,
+                "local_epochs": 2,
+                "batch_size": 16,
+                "learning_rate": 0.1,
+                "round_timeout_seconds": 120,
+                "evaluation_dataset": "digits",
+                "seed": 5,
+            }
+        )
+    )
+    agents: list[tuple[subprocess.Popen[bytes], Any]] = []
+    for index, (agent_id, token) in enumerate(tokens.items()):
+        log = open(live_stack["tmp"] / f"{agent_id}.log", "wb")  # noqa: SIM115
+        agents.append(
+            (
+                subprocess.Popen(
+                    [
+                        PYTHON,
+                        "-m",
+                        "fedagent",
+                        "run",
+                        "--server",
+                        live_stack["base"],
+                        "--agent-id",
+                        agent_id,
+                        "--token",
+                        token,
+                        "--dataset",
+                        "digits",
+                        "--num-clients",
+                        "4",
+                        "--client-index",
+                        str(index),
+                        "--partition",
+                        "dirichlet",
+                        "--alpha",
+                        "0.3",
+                        "--seed",
+                        "11",
+                        "--poll-wait",
+                        "5",
+                        "--exit-when-training-done",
+                        str(training.pk),
+                    ],
+                    cwd=ROOT,
+                    env=live_stack["env"],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                ),
+                log,
+            )
+        )
+    live_stack["processes"].extend(agents)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        close_old_connections()
+        training.refresh_from_db()
+        if training.is_terminal:
+            break
+        time.sleep(1)
+    logs = "\n".join(
+        f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(live_stack["tmp"].glob("*.log"))
+    )
+    assert training.status == Training.Status.COMPLETED, f"{training.status} {training.stop_reason}\n{logs}"
+    completed = Round.objects.filter(training=training, status=Round.Status.COMPLETED).order_by("number")
+    assert [r.number for r in completed] == [1, 2, 3, 4, 5, 6], logs
+    for round_ in completed:
+        updates = ClientUpdate.objects.filter(round=round_)
+        assert updates.count() == 3
+        assert all(u.staleness is not None for u in updates)
+        assert round_.metrics["strategy_staleness_max"] == max(u.staleness for u in updates)
+    assert training.versions.count() == 7
+    assert training.best_accuracy is not None and training.best_accuracy > 0.5

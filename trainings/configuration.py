@@ -33,6 +33,8 @@ SERVER_ALGORITHMS = (
     "median",
     "trimmed_mean",
     "norm_bounded",
+    "fedbuff",
+    "fedasync",
 )
 
 

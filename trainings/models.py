@@ -107,6 +107,14 @@ class Task(models.Model):
     kind = models.CharField(max_length=24, choices=Kind.choices, default=Kind.FIT)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)
     attempt = models.PositiveIntegerField(default=1)
+    base_version = models.ForeignKey(
+        "versioning.ModelVersion",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+        help_text="The global version the agent trains from (asynchronous: the newest at issue time).",
+    )
     config = models.JSONField(default=dict, blank=True)
     deadline = models.DateTimeField()
     delivered_at = models.DateTimeField(null=True, blank=True)
@@ -137,6 +145,9 @@ class ClientUpdate(models.Model):
     num_examples = models.PositiveIntegerField()
     metrics = models.JSONField(default=dict, blank=True)
     update_norm = models.FloatField()
+    staleness = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Versions published between the update's base and its aggregation."
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

@@ -23,7 +23,7 @@ def task_payload(task: Task) -> dict[str, Any]:
     """The task JSON of the agent protocol (docs/agent-protocol.md)."""
     round_ = task.round
     training = round_.training
-    version = round_.base_version
+    version = task.base_version or round_.base_version
     return {
         "task_id": str(task.pk),
         "kind": task.kind,

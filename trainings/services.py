@@ -46,6 +46,7 @@ logger = logging.getLogger("trainings")
 
 TS, RS, KS = Training.Status, Round.Status, Task.Status
 MAX_METRICS = 64
+ASYNCHRONOUS_ALGORITHMS = frozenset({"fedbuff", "fedasync"})
 ADVISORY_LOCK_TRAINING_START = 7_401_001
 
 
@@ -137,7 +138,7 @@ def training_stop(*, training_id: Any, actor: Any = None, reason: str = "stopped
             training=training, status__in=[RS.WAITING, RS.COLLECTING]
         ):
             transition_round(round_, RS.CANCELLED, error=reason)
-            _cancel_open_tasks(round_)
+        _cancel_open_training_tasks(training)
         audit_record(
             actor=actor or "system", action="training.stop", obj=training, details={"reason": reason}
         )
@@ -175,14 +176,38 @@ def _configuration(training: Training) -> TrainingConfiguration:
     return TrainingConfiguration.from_dict(training.config)
 
 
+def is_asynchronous(training: Training) -> bool:
+    """Asynchronous trainings (FedBuff, FedAsync) hand out tasks on demand; a round is one server step."""
+    return training.algorithm in ASYNCHRONOUS_ALGORITHMS
+
+
 def _round_open_next(training: Training) -> Round:
-    """Create round ``current_round + 1`` on the current version and try to issue its tasks."""
+    """Create round ``current_round + 1`` on the current version and start it.
+
+    Synchronous: select agents and issue their tasks (or wait for agents). Asynchronous: the round just
+    starts collecting; agents get tasks whenever they poll (``_issue_asynchronous_task``).
+    """
     number = training.current_round + 1
     round_ = Round.objects.create(training=training, number=number, base_version=training.current_version)
     training.current_round = number
     training.save(update_fields=["current_round"])
-    _round_try_select(round_, training)
+    if is_asynchronous(training):
+        transition_round(round_, RS.COLLECTING)
+    else:
+        _round_try_select(round_, training)
     return round_
+
+
+def _task_config(config: TrainingConfiguration, round_number: int, index: int) -> dict[str, Any]:
+    return {
+        "local_epochs": config.local_epochs,
+        "batch_size": config.batch_size,
+        "learning_rate": config.learning_rate,
+        "proximal_mu": 0.0,
+        "max_steps": None,
+        **config.strategy().client_config(),
+        "seed": int(np.random.default_rng([config.seed, round_number, index]).integers(2**31)),
+    }
 
 
 def _select_agents(
@@ -224,24 +249,14 @@ def _issue_tasks(
     round_.attempt += 1
     round_.deadline = deadline
     round_.save(update_fields=["attempt", "deadline"])
-    task_config = {
-        "local_epochs": config.local_epochs,
-        "batch_size": config.batch_size,
-        "learning_rate": config.learning_rate,
-        "proximal_mu": 0.0,
-        "max_steps": None,
-        **config.strategy().client_config(),
-    }
     tasks = [
         Task(
             round=round_,
             agent=agent,
             attempt=round_.attempt,
+            base_version=round_.base_version,
             deadline=deadline,
-            config={
-                **task_config,
-                "seed": int(np.random.default_rng([config.seed, round_.number, i]).integers(2**31)),
-            },
+            config=_task_config(config, round_.number, 1000 * round_.attempt + i),
         )
         for i, agent in enumerate(agents)
     ]
@@ -312,8 +327,9 @@ def rounds_try_open_waiting_if_any() -> int:
     return rounds_try_open_waiting()
 
 
-def _cancel_open_tasks(round_: Round) -> None:
-    for task in Task.objects.select_for_update().filter(round=round_, status__in=list(Task.OPEN)):
+def _cancel_open_training_tasks(training: Training) -> None:
+    open_tasks = Task.objects.select_for_update().filter(round__training=training, status__in=list(Task.OPEN))
+    for task in open_tasks:
         transition_task(task, KS.CANCELLED)
 
 
@@ -321,6 +337,8 @@ def _round_settle(round_: Round, *, now: Any = None) -> str:
     """Decide a collecting round (locked by the caller): keep waiting, close, re-open or fail."""
     if round_.status != RS.COLLECTING:
         return "not_collecting"
+    if is_asynchronous(round_.training):
+        return _asynchronous_round_settle(round_)
     now = now or timezone.now()
     past_deadline = round_.deadline is not None and round_.deadline <= now
     if not past_deadline and Task.objects.filter(round=round_, status__in=list(Task.OPEN)).exists():
@@ -385,15 +403,102 @@ def _round_settle(round_: Round, *, now: Any = None) -> str:
 
 
 def rounds_check_deadlines() -> dict[str, int]:
-    """Run by Celery beat: settle rounds past their deadline and retry rounds waiting for agents."""
+    """Run by Celery beat: settle rounds past their deadline, retry rounds waiting for agents, and
+    expire overdue tasks of asynchronous trainings."""
     summary = {"opened": rounds_try_open_waiting()}
     now = timezone.now()
+    summary["expired_async_tasks"] = _expire_asynchronous_tasks(now)
     due = Round.objects.filter(status=RS.COLLECTING, deadline__lte=now).values_list("pk", flat=True)
     for round_id in due:
         with transaction.atomic():
             outcome = _round_settle(lock_round(round_id), now=now)
         summary[outcome] = summary.get(outcome, 0) + 1
     return summary
+
+
+def _expire_asynchronous_tasks(now: Any) -> int:
+    overdue = Task.objects.filter(
+        round__training__algorithm__in=list(ASYNCHRONOUS_ALGORITHMS),
+        status__in=list(Task.OPEN),
+        deadline__lte=now,
+    ).values_list("pk", flat=True)
+    expired = 0
+    for task_id in overdue:
+        with transaction.atomic():
+            task = Task.objects.select_for_update().get(pk=task_id)
+            if task.status in Task.OPEN:
+                transition_task(task, KS.EXPIRED, reason="deadline passed")
+                agent_record_outcome(agent_id=task.agent_id, outcome="expired")
+                expired += 1
+    return expired
+
+
+def _asynchronous_round_settle(round_: Round) -> str:
+    """Close an asynchronous round once its buffer is full (FedBuff: K updates; FedAsync: 1) and open
+    the next one at once, so agents keep uploading while this one aggregates."""
+    training = round_.training
+    config = _configuration(training)
+    strategy = config.strategy()
+    buffer_size = int(getattr(strategy, "buffer_size", 1))
+    if ClientUpdate.objects.filter(round=round_).count() < buffer_size:
+        return "waiting"
+    transition_round(round_, RS.AGGREGATING)
+    round_id = round_.pk
+    transaction.on_commit(lambda: _enqueue_aggregation(round_id))
+    if round_.number < config.max_rounds:
+        locked = lock_training(training.pk)
+        if locked.status == TS.RUNNING:
+            _round_open_next(locked)
+    log_event(logger, "round_closed", training_id=training.pk, round=round_.number, updates=buffer_size)
+    return "closed"
+
+
+def _issue_asynchronous_task(agent: Agent) -> Task | None:
+    """Give an idle agent a task in a running asynchronous training, from the newest version."""
+    if agent.status != Agent.Status.ACTIVE:
+        return None
+    now = timezone.now()
+    candidates = (
+        Training.objects.filter(status=TS.RUNNING, algorithm__in=list(ASYNCHRONOUS_ALGORITHMS))
+        .order_by("created_at")
+        .values_list("pk", flat=True)
+    )
+    for training_id in candidates:
+        with transaction.atomic():
+            training = lock_training(training_id)
+            if training.status != TS.RUNNING:
+                continue
+            config = _configuration(training)
+            open_tasks = Task.objects.filter(
+                round__training=training, status__in=list(Task.OPEN), deadline__gt=now
+            )
+            if open_tasks.filter(agent=agent).exists() or open_tasks.count() >= config.max_clients:
+                continue
+            round_ = Round.objects.filter(training=training).order_by("-number").first()
+            if round_ is None or round_.status not in (RS.COLLECTING, RS.AGGREGATING):
+                continue
+            attempt = Task.objects.filter(round=round_, agent=agent).count() + 1
+            issued = Task.objects.filter(round__training=training).count()
+            task = Task.objects.create(
+                round=round_,
+                agent=agent,
+                attempt=attempt,
+                base_version=training.current_version,
+                deadline=now + timedelta(seconds=config.round_timeout),
+                config=_task_config(config, round_.number, issued),
+                status=KS.DELIVERED,
+                delivered_at=now,
+            )
+            log_event(
+                logger,
+                "async_task_issued",
+                training_id=training.pk,
+                round=round_.number,
+                agent_id=agent.agent_id,
+                base_version=training.current_version.number,
+            )
+            return task
+    return None
 
 
 def _enqueue_aggregation(round_id: int) -> None:
@@ -409,16 +514,16 @@ def task_next_for_agent(*, agent: Agent) -> Task | None:
     """The agent's oldest open task in a collecting round of a running training, marked delivered."""
     now = timezone.now()
     task = (
-        Task.objects.filter(
-            agent=agent,
-            status__in=list(Task.OPEN),
-            deadline__gt=now,
-            round__status=RS.COLLECTING,
-            round__training__status=TS.RUNNING,
+        Task.objects.filter(agent=agent, status__in=list(Task.OPEN), deadline__gt=now)
+        .filter(round__training__status=TS.RUNNING)
+        .filter(
+            Q(round__status=RS.COLLECTING) | Q(round__training__algorithm__in=list(ASYNCHRONOUS_ALGORITHMS))
         )
         .order_by("created_at")
         .first()
     )
+    if task is None:
+        task = _issue_asynchronous_task(agent)
     if task is None:
         return None
     if task.status == KS.PENDING:
@@ -427,7 +532,9 @@ def task_next_for_agent(*, agent: Agent) -> Task | None:
             if locked.status == KS.PENDING:
                 transition_task(locked, KS.DELIVERED)
             task = locked
-    return Task.objects.select_related("round__training", "round__base_version").get(pk=task.pk)
+    return Task.objects.select_related("round__training", "round__base_version", "base_version").get(
+        pk=task.pk
+    )
 
 
 def _get_agent_task(agent: Agent, task_id: Any) -> Task:
@@ -499,7 +606,9 @@ def update_submit(*, agent: Agent, task_id: Any, data: bytes, meta: Any) -> tupl
     existing = ClientUpdate.objects.filter(task=task).first()
     if existing is not None:
         return _idempotent_update(existing, sha256, num_examples), False
-    if task.status not in Task.OPEN or task.round.status != RS.COLLECTING or task.deadline <= timezone.now():
+    asynchronous = is_asynchronous(training)
+    round_closed = task.round.status != RS.COLLECTING and not asynchronous
+    if task.status not in Task.OPEN or round_closed or task.deadline <= timezone.now():
         raise Conflict(
             f"Task {task.pk} is closed (task {task.status}, round {task.round.status}); "
             "drop it and poll again.",
@@ -518,7 +627,7 @@ def update_submit(*, agent: Agent, task_id: Any, data: bytes, meta: Any) -> tupl
     blob_name, _ = blob_save(data)
     try:
         with transaction.atomic():
-            round_ = lock_round(task.round_id)
+            round_ = _collecting_round_for(task, asynchronous)
             locked = Task.objects.select_for_update().get(pk=task.pk)
             existing = ClientUpdate.objects.filter(task=locked).first()
             if existing is not None:
@@ -557,6 +666,23 @@ def update_submit(*, agent: Agent, task_id: Any, data: bytes, meta: Any) -> tupl
     return update, True
 
 
+def _collecting_round_for(task: Task, asynchronous: bool) -> Round:
+    """The round an update joins, locked: the task's own round, or for asynchronous trainings the one
+    collecting now (a task may outlive the round it was issued in)."""
+    if not asynchronous:
+        return lock_round(task.round_id)
+    round_ = (
+        Round.objects.select_for_update()
+        .select_related("training")
+        .filter(training_id=task.round.training_id, status=RS.COLLECTING)
+        .order_by("-number")
+        .first()
+    )
+    if round_ is None:
+        raise Conflict("The training is not collecting updates any more; poll again.", code="task_closed")
+    return round_
+
+
 def _idempotent_update(existing: ClientUpdate, sha256: str, num_examples: int) -> ClientUpdate:
     if existing.blob_sha256 == sha256 and existing.num_examples == num_examples:
         return existing
@@ -592,6 +718,7 @@ def task_fail(*, agent: Agent, task_id: Any, reason: Any) -> Task:
 
 
 def agent_may_download(*, agent: Agent, version: ModelVersion) -> bool:
+    """An agent may download versions of trainings it has (or had) a task in."""
     return Task.objects.filter(agent=agent, round__training_id=version.training_id).exists()
 
 
@@ -608,13 +735,32 @@ def round_aggregate(*, round_id: int) -> str:
     config = _configuration(training)
     strategy = config.strategy()
     spec = ParameterSpec.from_json(training.parameter_spec)
-    updates = list(
-        ClientUpdate.objects.filter(round=round_).select_related("agent").order_by("agent__agent_id")
-    )
-    delta, combination_metrics = _combine_updates(strategy, spec, updates)
-    base = version_read_parameters(round_.base_version)
-    state = version_read_state(round_.base_version, strategy)
-    new_parameters, new_state = strategy.apply(base, delta, state)
+    asynchronous = strategy.asynchronous
+    if asynchronous:
+        previous = Round.objects.filter(training=training, number=round_.number - 1).first()
+        if previous is not None and previous.status == RS.AGGREGATING:
+            return "deferred"  # the previous step finishes first; it enqueues this one when done
+        # an asynchronous step applies to whatever version is newest now, not the one the round opened on
+        parent = ModelVersion.objects.get(
+            pk=Training.objects.values_list("current_version", flat=True).get(pk=training.pk)
+        )
+        updates = list(
+            ClientUpdate.objects.filter(round=round_)
+            .select_related("agent", "task__base_version")
+            .order_by("created_at", "pk")
+        )
+        new_parameters, new_state, delta, combination_metrics = _asynchronous_step(
+            strategy, spec, parent, updates
+        )
+    else:
+        parent = round_.base_version
+        updates = list(
+            ClientUpdate.objects.filter(round=round_).select_related("agent").order_by("agent__agent_id")
+        )
+        delta, combination_metrics = _combine_updates(strategy, spec, updates)
+        base = version_read_parameters(parent)
+        state = version_read_state(parent, strategy)
+        new_parameters, new_state = strategy.apply(base, delta, state)
     if not all(np.isfinite(t).all() for t in new_parameters.values()):
         raise FlcoreError("the aggregated model has non-finite values")
     metrics = _round_metrics(updates, delta_norm=l2_norm(delta))
@@ -633,7 +779,7 @@ def round_aggregate(*, round_id: int) -> str:
             number=round_.number,
             parameters=new_parameters,
             origin=ModelVersion.Origin.AGGREGATION,
-            parent=round_.base_version,
+            parent=parent,
             metrics=metrics,
             state=new_state.to_bytes(),
         )
@@ -661,6 +807,11 @@ def round_aggregate(*, round_id: int) -> str:
             updates=len(updates),
             accuracy=accuracy,
         )
+        if asynchronous:
+            for update in updates:
+                ClientUpdate.objects.filter(pk=update.pk).update(staleness=update.staleness)
+            next_number = round_.number + 1
+            transaction.on_commit(lambda: _enqueue_if_aggregating(training.pk, next_number))
         if training.status != TS.RUNNING:
             return "completed_after_stop"
         reason = ""
@@ -670,11 +821,68 @@ def round_aggregate(*, round_id: int) -> str:
             reason = f"reached max_rounds {config.max_rounds}"
         if reason:
             transition_training(training, TS.COMPLETED, reason=reason)
+            for open_round in Round.objects.select_for_update().filter(
+                training=training, status__in=[RS.WAITING, RS.COLLECTING]
+            ):
+                transition_round(open_round, RS.CANCELLED, error=reason)
+            _cancel_open_training_tasks(training)
             _broadcast_training_finished(training)
             log_event(logger, "training_completed", training_id=training.pk, reason=repr(reason))
             return "training_completed"
-        _round_open_next(training)
+        if not asynchronous:  # an asynchronous training opened its next round when this one closed
+            _round_open_next(training)
     return "next_round"
+
+
+def _enqueue_if_aggregating(training_id: Any, number: int) -> None:
+    round_id = (
+        Round.objects.filter(training_id=training_id, number=number, status=RS.AGGREGATING)
+        .values_list("pk", flat=True)
+        .first()
+    )
+    if round_id is not None:
+        _enqueue_aggregation(round_id)
+
+
+def _asynchronous_step(
+    strategy: Strategy, spec: ParameterSpec, parent: ModelVersion, updates: list[ClientUpdate]
+) -> tuple[Any, Any, Any, dict[str, float]]:
+    """One server step of FedBuff (buffered, staleness-weighted deltas) or FedAsync (mixing each client
+    model into the global one). Sets ``update.staleness`` (versions published since its base)."""
+    from flcore.strategies.fedasync import FedAsync
+    from flcore.strategies.fedbuff import FedBuff
+
+    base = version_read_parameters(parent)
+    state = version_read_state(parent, strategy)
+    for update in updates:
+        start = update.task.base_version or update.round.base_version
+        update.staleness = max(0, parent.number - start.number)
+    stalenesses = [float(u.staleness or 0) for u in updates]
+    metrics = {
+        "num_updates": float(len(updates)),
+        "staleness_mean": float(np.mean(stalenesses)) if updates else 0.0,
+        "staleness_max": float(max(stalenesses, default=0.0)),
+    }
+    if isinstance(strategy, FedBuff):
+        buffer = strategy.buffer(spec)
+        for update in updates:
+            buffer.add(_update_views(update, spec), int(update.staleness or 0))
+        delta = buffer.pseudo_gradient()
+        new_parameters, new_state = strategy.apply(base, delta, state)
+        return new_parameters, new_state, delta, metrics
+    if isinstance(strategy, FedAsync):
+        current = base
+        for update in updates:
+            start = update.task.base_version or update.round.base_version
+            client_base = current if start.pk == parent.pk else version_read_parameters(start)
+            current = strategy.mix(
+                current, client_base, _update_views(update, spec), int(update.staleness or 0)
+            )
+        delta = {name: current[name] - base[name] for name in base}
+        scalars = dict(state.scalars)
+        scalars["step"] = int(scalars.get("step", 0)) + len(updates)
+        return current, type(state)({}, scalars), delta, metrics
+    raise FlcoreError(f"{strategy.algorithm.value} is not an asynchronous rule the coordinator knows.")
 
 
 def _update_views(update: ClientUpdate, spec: ParameterSpec) -> Any:

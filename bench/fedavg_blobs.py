@@ -4,17 +4,20 @@ Measures, in one run with interleaved repetitions, for N updates of P float32 pa
 safetensors blobs by :func:`flcore.parameters.to_bytes` into a temporary directory (page cache warm: the
 blobs are written, then read once, before any measurement):
 
-(a) ``stream``  -- :meth:`FedAvgAccumulator.add_file` per blob then :meth:`FedAvgAccumulator.result`,
-    exactly as ``trainings.services.round_aggregate`` does it;
+(a) ``stream``  -- ``FedAvgAccumulator.add_file(path, weight, verified=True)`` per blob then
+    :meth:`FedAvgAccumulator.result`, exactly what ``trainings.services.round_aggregate`` calls (its blobs
+    were validated at upload): one header parse, one ``mmap`` and one BLAS ``saxpy`` per blob, one
+    finiteness check of the sum in ``result()``, the mean divided straight into the output arrays;
 (b) ``floor``   -- ``np.add(acc, x, out=acc)`` over the same N flat arrays already in memory (same bytes
     touched, no weighting, no checks): the memory-bandwidth floor;
 (c) ``naive``   -- ``safetensors.numpy.load_file`` every blob, make a weighted copy of each, then sum and
     divide: what a materialising implementation does;
 (b') ``mapped_floor`` -- ``np.add(acc, x, out=acc)`` with ``x`` a view of the memory-mapped blob (no
     weighting, no checks, no header parsing): what reading the same bytes from the page cache costs;
-(a*) ``proposed`` -- a prototype of the fix proposed in docs/benchmarks.md (not in flcore): one
-    ``mmap`` per blob, one BLAS ``saxpy`` per blob (``acc += w * x`` in a single pass, no scratch), one
-    finiteness check of the accumulator at the end, and the mean divided straight into the output arrays.
+(b'') ``populated_floor`` -- as (b') but mapped with ``MAP_POPULATE`` (page tables filled by ``mmap``
+    itself instead of by page faults): whether pre-faulting pays on this machine;
+(a0) ``checked`` -- ``FedAvgAccumulator.add_file(path, weight)`` (default ``verified=False``): the same
+    path plus a finiteness pass over every blob before it is added (refused before anything is added).
 
 Every (variant, N, repetition) runs in a fresh Python process (``subprocess``), so peak memory is not
 polluted by earlier runs. Inside it, after the setup (imports, spec, and for (b) the N input arrays) the
@@ -52,6 +55,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+# One BLAS thread everywhere (the children get it from run_child too; this covers the in-process profile):
+# the floor (numpy ufuncs) is single-threaded, so the BLAS path must be as well.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -59,18 +67,18 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import safetensors.numpy  # noqa: E402
-from scipy.linalg.blas import saxpy  # noqa: E402
 
-from flcore.parameters import ParameterSpec, TensorSpec, read_header, to_bytes  # noqa: E402
-from flcore.strategies.fedavg import FedAvgAccumulator  # noqa: E402
+from flcore.parameters import ParameterSpec, TensorSpec, from_bytes, to_bytes  # noqa: E402
+from flcore.strategies.fedavg import FedAvgAccumulator, fedavg  # noqa: E402
 
-VARIANTS = ("stream", "floor", "naive", "proposed", "mapped_floor")
+VARIANTS = ("stream", "floor", "naive", "checked", "mapped_floor", "populated_floor")
 VARIANT_LABELS = {
-    "stream": "(a) FedAvgAccumulator.add_file",
+    "stream": "(a) add_file(path, w, verified=True)",
     "floor": "(b) np.add floor (in memory)",
     "mapped_floor": "(b') np.add floor over mmapped blobs",
+    "populated_floor": "(b'') as (b'), MAP_POPULATE",
     "naive": "(c) load_file + weighted copies",
-    "proposed": "(a*) proposed: mmap + saxpy, final check",
+    "checked": "(a0) add_file(path, w) (checks each blob)",
 }
 TARGET_TIME_RATIO = 1.5
 TARGET_MEMORY_MODELS = 2.0
@@ -132,6 +140,15 @@ def warm_page_cache(paths: list[str]) -> None:
 # The three variants; each returns the weighted mean (or, for the floor, the plain sum) as a dict
 # ----------------------------------------------------------------------------------------------------------
 def run_stream(spec: ParameterSpec, paths: list[str], weights: list[float]) -> dict[str, np.ndarray]:
+    """Exactly what ``trainings.services.round_aggregate`` calls for blobs validated at upload."""
+    accumulator = FedAvgAccumulator(spec)
+    for path, weight in zip(paths, weights, strict=True):
+        accumulator.add_file(path, weight, verified=True)
+    return accumulator.result()
+
+
+def run_checked(spec: ParameterSpec, paths: list[str], weights: list[float]) -> dict[str, np.ndarray]:
+    """The default ``add_file``: every blob is checked for NaN/Inf before it is added."""
     accumulator = FedAvgAccumulator(spec)
     for path, weight in zip(paths, weights, strict=True):
         accumulator.add_file(path, weight)
@@ -154,11 +171,12 @@ def run_floor(flats: list[np.ndarray]) -> np.ndarray:
     return acc
 
 
-def run_mapped_floor(spec: ParameterSpec, paths: list[str]) -> np.ndarray:
+def run_mapped_floor(spec: ParameterSpec, paths: list[str], *, populate: bool = False) -> np.ndarray:
     acc = np.zeros(spec.num_parameters, dtype=np.float32)
+    flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
     for path in paths:
         with open(path, "rb") as handle:
-            mapping = mmap.mmap(handle.fileno(), 0, prot=mmap.PROT_READ)
+            mapping = mmap.mmap(handle.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
         x = np.frombuffer(mapping, dtype="<f4", count=spec.num_parameters, offset=len(mapping) - spec.nbytes)
         np.add(acc, x, out=acc)
         del x
@@ -179,40 +197,6 @@ def run_naive(spec: ParameterSpec, paths: list[str], weights: list[float]) -> di
         for update in weighted[1:]:
             acc += update[name]
         result[name] = acc / total
-    return result
-
-
-def run_proposed(spec: ParameterSpec, paths: list[str], weights: list[float]) -> dict[str, np.ndarray]:
-    """Prototype of the proposed ``add_file``/``result``; see the module docstring and docs/benchmarks.md."""
-    offsets: dict[str, int] = {}
-    position = 0
-    for tensor in spec.tensors:
-        offsets[tensor.name] = position
-        position += tensor.num_parameters
-    acc = np.zeros(spec.num_parameters, dtype=np.float32)
-    for path, weight in zip(paths, weights, strict=True):
-        header = read_header(path)  # one header parse per blob (add_file does three)
-        spec.validate_shapes({k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"})
-        with open(path, "rb") as handle:
-            mapping = mmap.mmap(handle.fileno(), 0, prot=mmap.PROT_READ)
-        data_start = len(mapping) - spec.nbytes
-        for name in spec.names:
-            begin, end = header[name]["data_offsets"]
-            view = np.frombuffer(mapping, dtype="<f4", count=(end - begin) // 4, offset=data_start + begin)
-            target = acc[offsets[name] : offsets[name] + view.shape[0]]
-            saxpy(view, target, a=weight)  # in place (target is contiguous float32): one pass, no scratch
-            del view, target
-        mapping.close()
-    if not np.isfinite(acc).all():  # any NaN/Inf in any update makes the sum non-finite
-        raise RuntimeError("an update holds NaN or Inf (re-scan the updates to name it)")
-    total = np.float32(math.fsum(weights))
-    result: dict[str, np.ndarray] = {}
-    base = 0
-    for tensor in spec.tensors:
-        out = np.empty(tensor.shape, dtype=np.float32)
-        np.divide(acc[base : base + tensor.num_parameters].reshape(tensor.shape), total, out=out)
-        result[tensor.name] = out
-        base += tensor.num_parameters
     return result
 
 
@@ -241,6 +225,12 @@ def child_main(args: argparse.Namespace) -> None:
     spec = ParameterSpec.from_json(manifest["spec"])
     paths, weights = manifest["paths"], manifest["weights"]
     call: Callable[[], Any]
+    if args.child in ("stream", "checked"):
+        # scipy.linalg is imported by add_file on first use (a few hundred ms, once per worker process);
+        # import it during the setup so that the cold call measures the aggregation, not the import.
+        from flcore.strategies.fedavg import _saxpy
+
+        _saxpy()
     if args.child == "stream":
         call = lambda: run_stream(spec, paths, weights)  # noqa: E731
     elif args.child == "floor":
@@ -248,10 +238,12 @@ def child_main(args: argparse.Namespace) -> None:
         call = lambda: run_floor(flats)  # noqa: E731
     elif args.child == "mapped_floor":
         call = lambda: run_mapped_floor(spec, paths)  # noqa: E731
+    elif args.child == "populated_floor":
+        call = lambda: run_mapped_floor(spec, paths, populate=True)  # noqa: E731
     elif args.child == "naive":
         call = lambda: run_naive(spec, paths, weights)  # noqa: E731
     else:
-        call = lambda: run_proposed(spec, paths, weights)  # noqa: E731
+        call = lambda: run_checked(spec, paths, weights)  # noqa: E731
     gc.collect()
     # 1. Cold call (first in this process): peak resident set.
     peak_reset = _reset_peak_rss()
@@ -310,43 +302,37 @@ def run_child(variant: str, manifest: Path) -> dict[str, Any]:
 def profile_stream(
     spec: ParameterSpec, paths: list[str], weights: list[float], reps: int
 ) -> list[tuple[str, float]]:
-    """Time the stages of ``add_file`` separately, with the same flcore calls it makes (median of reps)."""
-    from flcore.parameters import iter_file_tensors, read_header
+    """Time the stages of ``add_file(..., verified=True)`` and ``result()`` separately (median of reps).
 
-    chunk = 65536
-    stages: dict[str, list[float]] = {k: [] for k in ("header", "map", "finite", "accumulate", "result")}
+    Repeats the accumulator's own steps (including its private helpers) one stage at a time.
+    """
+    from flcore.parameters import _header_length
+
+    stages: dict[str, list[float]] = {k: [] for k in ("open+header", "mmap", "saxpy", "result")}
     for _ in range(reps):
         accumulator = FedAvgAccumulator(spec)
-        acc = np.zeros(spec.num_parameters, dtype=np.float32)
-        scratch = np.empty(chunk, dtype=np.float32)
         t = {k: 0.0 for k in stages}
         for path, weight in zip(paths, weights, strict=True):
             t0 = time.perf_counter()
-            header = read_header(path)
-            spec.validate_shapes({k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"})
-            t1 = time.perf_counter()
-            views = [(n, v.reshape(-1)) for n, v in iter_file_tensors(path)]
+            with open(path, "rb", buffering=0) as handle:
+                size = os.fstat(handle.fileno()).st_size
+                length = _header_length(handle.read(8), size)
+                header_bytes = handle.read(length)
+                if not accumulator._is_packed(header_bytes, size - 8 - length):
+                    raise RuntimeError("blob not in the packed layout")
+                t1 = time.perf_counter()
+                mapping = mmap.mmap(handle.fileno(), 0, prot=mmap.PROT_READ)
             t2 = time.perf_counter()
-            for _, flat in views:
-                for s in range(0, flat.shape[0], chunk):
-                    if not np.isfinite(flat[s : s + chunk]).all():
-                        raise RuntimeError
+            view = np.frombuffer(mapping, dtype="<f4", count=spec.num_parameters, offset=8 + length)
+            accumulator._axpy(0, view, weight)
+            del view
+            mapping.close()
             t3 = time.perf_counter()
-            base = 0
-            for _, flat in views:
-                for s in range(0, flat.shape[0], chunk):
-                    e = min(s + chunk, flat.shape[0])
-                    np.multiply(flat[s:e], weight, out=scratch[: e - s], casting="same_kind")
-                    acc[base + s : base + e] += scratch[: e - s]
-                base += flat.shape[0]
-            t4 = time.perf_counter()
-            del views
-            t["header"] += t1 - t0
-            t["map"] += t2 - t1
-            t["finite"] += t3 - t2
-            t["accumulate"] += t4 - t3
-        accumulator._accumulator = acc
+            t["open+header"] += t1 - t0
+            t["mmap"] += t2 - t1
+            t["saxpy"] += t3 - t2
         accumulator._count, accumulator._total_weight = len(paths), math.fsum(weights)
+        accumulator._unchecked = True
         t0 = time.perf_counter()
         accumulator.result()
         t["result"] += time.perf_counter() - t0
@@ -416,22 +402,25 @@ def main() -> None:
             warm_page_cache(paths)
         print(f"blobs: {tmp} (written with flcore.parameters.to_bytes, then read once: page cache warm)")
 
-        # Correctness: (a) equals (c), and both equal the float64 reference within 1e-5.
+        # Correctness: (a), (a0) and (c) against the float64 reference fedavg() within 1e-5.
         for n in sizes:
             paths, weights = inputs[n]
-            a = run_stream(spec, paths, weights)
-            c = run_naive(spec, paths, weights)
-            p = run_proposed(spec, paths, weights)
-            diff = max(float(np.max(np.abs(a[k] - c[k]))) for k in spec.names)
-            diff_p = max(float(np.max(np.abs(p[k] - c[k]))) for k in spec.names)
-            status = "OK" if diff <= 1e-5 and diff_p <= 1e-5 else "MISMATCH"
+            updates = [from_bytes(Path(path).read_bytes(), spec=spec, max_bytes=1 << 40) for path in paths]
+            reference = fedavg(updates, weights)
+            del updates
+            diffs = {}
+            for label, run in (("a", run_stream), ("a0", run_checked), ("c", run_naive)):
+                got = run(spec, paths, weights)
+                diffs[label] = max(float(np.max(np.abs(got[k] - reference[k]))) for k in spec.names)
+                del got
+            status = "OK" if max(diffs.values()) <= 1e-5 else "MISMATCH"
             print(
-                f"check N={n}: max |(a) - (c)| = {diff:.3e}, max |(a*) - (c)| = {diff_p:.3e} "
-                f"(tolerance 1e-5) {status}"
+                f"check N={n}: max |x - fedavg float64| for (a) {diffs['a']:.3e}, (a0) {diffs['a0']:.3e}, "
+                f"(c) {diffs['c']:.3e} (tolerance 1e-5) {status}"
             )
             if status != "OK":
                 sys.exit(1)
-            del a, c, p
+            del reference
 
         samples: dict[tuple[int, str], list[dict[str, Any]]] = {(n, v): [] for n in sizes for v in VARIANTS}
         for rep in range(args.reps):
@@ -468,25 +457,31 @@ def main() -> None:
         print()
         print(
             "| N | time(a)/time(b) median (min) | time(a)/time(c) median (min) | heap peak extra (a), models "
-            "| time(a*)/time(b) median (min) | heap peak extra (a*), models |"
+            "| time(a0)/time(b) median (min) | heap peak extra (a0), models | time(b')/time(b) median (min) "
+            "| time(b'')/time(b) median (min) |"
         )
-        print("|---:|---:|---:|---:|---:|---:|")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
         for n in sizes:
-            a, b, c, p = (summary[(n, v)] for v in ("stream", "floor", "naive", "proposed"))
+            a, b, c, a0, bm, bp = (
+                summary[(n, v)]
+                for v in ("stream", "floor", "naive", "checked", "mapped_floor", "populated_floor")
+            )
             print(
                 f"| {n} | {a['median'] / b['median']:.2f} ({a['min'] / b['min']:.2f}) "
                 f"| {a['median'] / c['median']:.2f} ({a['min'] / c['min']:.2f}) | {a['heap']:.2f} "
-                f"| {p['median'] / b['median']:.2f} ({p['min'] / b['min']:.2f}) | {p['heap']:.2f} |"
+                f"| {a0['median'] / b['median']:.2f} ({a0['min'] / b['min']:.2f}) | {a0['heap']:.2f} "
+                f"| {bm['median'] / b['median']:.2f} ({bm['min'] / b['min']:.2f}) "
+                f"| {bp['median'] / b['median']:.2f} ({bp['min'] / b['min']:.2f}) |"
             )
         target_n = 100 if 100 in sizes else max(sizes)
-        a, b = summary[(target_n, "stream")], summary[(target_n, "floor")]
+        b = summary[(target_n, "floor")]
         print()
         # The verdict uses the ratio of the minima: on a shared machine the fastest of N runs is the one
         # least disturbed by other tenants; the ratio of the medians is shown beside it.
         print(f"| target (N={target_n}, P={spec.num_parameters:,}) | variant | measured | verdict |")
         print("|---|---|---:|---|")
-        for variant in ("stream", "proposed"):
-            label = "(a) add_file, as shipped" if variant == "stream" else "(a*) proposed prototype"
+        for variant in ("stream", "checked"):
+            label = VARIANT_LABELS[variant]
             measured = summary[(target_n, variant)]
             time_ratio = measured["min"] / b["min"]
             memory = measured["heap"]
@@ -500,19 +495,12 @@ def main() -> None:
                 f"| heap peak extra <= {TARGET_MEMORY_MODELS:.0f} models (+{MEMORY_SLACK_MODELS} for Python "
                 f"objects) | {label} | {memory:.2f} models | {'PASS' if passed else 'FAIL'} |"
             )
-        mapped = summary[(target_n, "mapped_floor")]
-        print()
-        print(
-            f"reading the blobs from the page cache instead of memory costs time(b')/time(b) = "
-            f"{mapped['median'] / b['median']:.2f}x (min {mapped['min'] / b['min']:.2f}x) at N={target_n}, "
-            "before any weighting, checking or header parsing"
-        )
 
         paths, weights = inputs[target_n]
         stages = profile_stream(spec, paths, weights, reps=args.reps)
         total = sum(s for _, s in stages)
         print()
-        print(f"profile of (a) at N={target_n} (same flcore calls, stage by stage, median of {args.reps}):")
+        print(f"profile of (a) at N={target_n} (stage by stage, in process, median of {args.reps}):")
         print("| stage | seconds | share |")
         print("|---|---:|---:|")
         for name, seconds in stages:

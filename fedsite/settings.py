@@ -138,7 +138,10 @@ else:
 
 # --- Celery -----------------------------------------------------------------------------------------
 CELERY_BROKER_URL = REDIS_URL or "memory://"
-CELERY_RESULT_BACKEND = None
+# Results are only needed to join the chunks of a split aggregation (Celery chords); they expire.
+CELERY_RESULT_BACKEND = REDIS_URL
+CELERY_RESULT_EXPIRES = 3600
+CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ALWAYS_EAGER = EMBEDDED
 CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_TASK_ACKS_LATE = True
@@ -150,6 +153,7 @@ CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_TASK_ROUTES = {
     "trainings.aggregate_round": {"queue": "aggregation"},
+    "trainings.aggregate_chunk_*": {"queue": "aggregation"},
     "privacy.*": {"queue": "privacy"},
 }
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
@@ -194,6 +198,11 @@ FEDSITE_LONG_POLL_MAX = env.int("FEDSITE_LONG_POLL_MAX", default=60)
 FEDSITE_ROUND_TIMEOUT = env.float("FEDSITE_ROUND_TIMEOUT", default=300.0)
 FEDSITE_MAX_ROUND_ATTEMPTS = env.int("FEDSITE_MAX_ROUND_ATTEMPTS", default=5)
 FEDSITE_ENROLLMENT_KEY = env.str("FEDSITE_ENROLLMENT_KEY", default="")
+# Robust rules (Krum, median, trimmed mean) on rounds whose updates exceed this many bytes are split into
+# coordinate chunks aggregated by parallel Celery tasks; below it one worker combines them in process.
+FEDSITE_CHUNKED_AGGREGATION_BYTES = env.int("FEDSITE_CHUNKED_AGGREGATION_BYTES", default=256 * 1024 * 1024)
+# An aggregation still running this long after its round closed is enqueued again (idempotent).
+FEDSITE_AGGREGATION_STALL_SECONDS = env.int("FEDSITE_AGGREGATION_STALL_SECONDS", default=900)
 FEDSITE_PUBLIC_BASE_URL = env.str("FEDSITE_PUBLIC_BASE_URL", default="")
 
 # --- REST API --------------------------------------------------------------------------------------

@@ -39,6 +39,8 @@ def _child_env() -> dict[str, str]:
     )
     env["FEDSITE_MEDIA_ROOT"] = str(settings.MEDIA_ROOT)
     env["FEDSITE_DEADLINE_CHECK_SECONDS"] = "2"
+    # split every all-updates aggregation into coordinate chunks so the chord path runs on real workers
+    env["FEDSITE_CHUNKED_AGGREGATION_BYTES"] = "0"
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -327,4 +329,95 @@ def test_fedbuff_with_agent_processes_on_the_real_stack(live_stack: dict[str, An
         assert all(u.staleness is not None for u in updates)
         assert round_.metrics["strategy_staleness_max"] == max(u.staleness for u in updates)
     assert training.versions.count() == 7
+    assert training.best_accuracy is not None and training.best_accuracy > 0.5
+
+
+@pytest.mark.e2e
+def test_multikrum_split_across_real_workers(live_stack: dict[str, Any]) -> None:
+    """Multi-Krum on the real worker, split into coordinate chunks (Gram chord, then combine chord)."""
+    from clients.services import agent_create
+    from trainings.configuration import TrainingConfiguration
+    from trainings.models import Round, Training
+    from trainings.services import training_create_and_start
+
+    tokens = {f"krum-agent-{i}": agent_create(agent_id=f"krum-agent-{i}")[1] for i in range(4)}
+    training = training_create_and_start(
+        configuration=TrainingConfiguration.from_dict(
+            {
+                "name": "e2e multikrum",
+                "algorithm": "multikrum",
+                "hyperparameters": {"num_malicious": 0},
+                "model_type": "mlp",
+                "input_dim": 64,
+                "num_classes": 10,
+                "hidden_sizes": [32],
+                "min_clients_per_round": 4,
+                "max_clients_per_round": 4,
+                "max_rounds": 3,
+                "local_epochs": 2,
+                "batch_size": 16,
+                "learning_rate": 0.1,
+                "round_timeout_seconds": 120,
+                "evaluation_dataset": "digits",
+                "seed": 2,
+            }
+        )
+    )
+    processes = []
+    for index, (agent_id, token) in enumerate(tokens.items()):
+        log = open(live_stack["tmp"] / f"{agent_id}.log", "wb")  # noqa: SIM115
+        processes.append(
+            (
+                subprocess.Popen(
+                    [
+                        PYTHON,
+                        "-m",
+                        "fedagent",
+                        "run",
+                        "--server",
+                        live_stack["base"],
+                        "--agent-id",
+                        agent_id,
+                        "--token",
+                        token,
+                        "--dataset",
+                        "digits",
+                        "--num-clients",
+                        "4",
+                        "--client-index",
+                        str(index),
+                        "--partition",
+                        "iid",
+                        "--seed",
+                        "2",
+                        "--poll-wait",
+                        "5",
+                        "--exit-when-training-done",
+                        str(training.pk),
+                    ],
+                    cwd=ROOT,
+                    env=live_stack["env"],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                ),
+                log,
+            )
+        )
+    live_stack["processes"].extend(processes)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        close_old_connections()
+        training.refresh_from_db()
+        if training.is_terminal:
+            break
+        time.sleep(1)
+    logs = "\n".join(
+        f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(live_stack["tmp"].glob("*.log"))
+    )
+    assert training.status == Training.Status.COMPLETED, f"{training.status} {training.stop_reason}\n{logs}"
+    rounds = Round.objects.filter(training=training, status=Round.Status.COMPLETED)
+    assert rounds.count() == 3
+    for round_ in rounds:
+        assert round_.metrics["strategy_num_chunks"] >= 1  # the split path ran
+        assert round_.metrics["strategy_num_selected"] == 4
     assert training.best_accuracy is not None and training.best_accuracy > 0.5

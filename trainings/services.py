@@ -408,12 +408,29 @@ def rounds_check_deadlines() -> dict[str, int]:
     summary = {"opened": rounds_try_open_waiting()}
     now = timezone.now()
     summary["expired_async_tasks"] = _expire_asynchronous_tasks(now)
+    summary["requeued_aggregations"] = _requeue_stalled_aggregations(now)
     due = Round.objects.filter(status=RS.COLLECTING, deadline__lte=now).values_list("pk", flat=True)
     for round_id in due:
         with transaction.atomic():
             outcome = _round_settle(lock_round(round_id), now=now)
         summary[outcome] = summary.get(outcome, 0) + 1
     return summary
+
+
+def _requeue_stalled_aggregations(now: Any) -> int:
+    """Re-enqueue aggregations that have not finished long after their round closed (a lost worker or
+    message); aggregation is idempotent, so a duplicate is harmless."""
+    stalled = Round.objects.filter(
+        status=RS.AGGREGATING,
+        closed_at__lte=now - timedelta(seconds=settings.FEDSITE_AGGREGATION_STALL_SECONDS),
+        training__status=TS.RUNNING,
+    ).values_list("pk", flat=True)
+    count = 0
+    for round_id in stalled:
+        Round.objects.filter(pk=round_id).update(closed_at=now)  # wait a full period before the next retry
+        transaction.on_commit(lambda round_id=round_id: _enqueue_aggregation(round_id))
+        count += 1
+    return count
 
 
 def _expire_asynchronous_tasks(now: Any) -> int:
@@ -726,8 +743,13 @@ def agent_may_download(*, agent: Agent, version: ModelVersion) -> bool:
 # Aggregation (runs in a Celery worker, queue ``aggregation``)
 # ---------------------------------------------------------------------------------------------------
 def round_aggregate(*, round_id: int) -> str:
-    """Aggregate a closed round into a new version, record metrics, then finish or open the next round."""
-    started = time.perf_counter()
+    """Aggregate a closed round into a new version, record metrics, then finish or open the next round.
+
+    Streaming rules and small models are combined here; rules that need all updates at once on large
+    models are split into coordinate chunks combined by parallel Celery tasks (``trainings.chunked``),
+    whose join calls :func:`round_finish`.
+    """
+    started = time.time()
     round_ = Round.objects.select_related("training", "base_version").filter(pk=round_id).first()
     if round_ is None or round_.status != RS.AGGREGATING:
         return "skipped"
@@ -735,39 +757,98 @@ def round_aggregate(*, round_id: int) -> str:
     config = _configuration(training)
     strategy = config.strategy()
     spec = ParameterSpec.from_json(training.parameter_spec)
-    asynchronous = strategy.asynchronous
-    if asynchronous:
+    if strategy.asynchronous:
         previous = Round.objects.filter(training=training, number=round_.number - 1).first()
         if previous is not None and previous.status == RS.AGGREGATING:
             return "deferred"  # the previous step finishes first; it enqueues this one when done
         # an asynchronous step applies to whatever version is newest now, not the one the round opened on
-        parent = ModelVersion.objects.get(
-            pk=Training.objects.values_list("current_version", flat=True).get(pk=training.pk)
-        )
+        current_id = Training.objects.values_list("current_version", flat=True).get(pk=training.pk)
+        parent = ModelVersion.objects.get(pk=current_id)
         updates = list(
             ClientUpdate.objects.filter(round=round_)
-            .select_related("agent", "task__base_version")
+            .select_related("agent", "task__base_version", "round__base_version")
             .order_by("created_at", "pk")
         )
         new_parameters, new_state, delta, combination_metrics = _asynchronous_step(
             strategy, spec, parent, updates
         )
-    else:
-        parent = round_.base_version
-        updates = list(
-            ClientUpdate.objects.filter(round=round_).select_related("agent").order_by("agent__agent_id")
+        return _round_commit(
+            round_id,
+            parent=parent,
+            updates=updates,
+            new_parameters=new_parameters,
+            new_state=new_state,
+            delta=delta,
+            combination_metrics=combination_metrics,
+            started=started,
         )
-        delta, combination_metrics = _combine_updates(strategy, spec, updates)
-        base = version_read_parameters(parent)
-        state = version_read_state(parent, strategy)
-        new_parameters, new_state = strategy.apply(base, delta, state)
+    updates = list(
+        ClientUpdate.objects.filter(round=round_).select_related("agent").order_by("agent__agent_id")
+    )
+    if not strategy.streaming and _use_chunked_aggregation(spec, len(updates)):
+        from trainings.chunked import dispatch_chunked_aggregation
+
+        dispatch_chunked_aggregation(round_id=round_id, started=started)
+        return "dispatched"
+    delta, combination_metrics = _combine_updates(strategy, spec, updates)
+    return round_finish(
+        round_id=round_id, delta=delta, combination_metrics=combination_metrics, started=started
+    )
+
+
+def _use_chunked_aggregation(spec: ParameterSpec, num_updates: int) -> bool:
+    """Split across workers when the updates of a round exceed the configured size (and a worker pool
+    exists: eager Celery runs everything in one process anyway)."""
+    return num_updates * spec.nbytes > settings.FEDSITE_CHUNKED_AGGREGATION_BYTES
+
+
+def round_finish(*, round_id: int, delta: Any, combination_metrics: dict[str, float], started: float) -> str:
+    """Apply the server optimizer step to a synchronous round's combined delta and commit the version."""
+    round_ = Round.objects.select_related("training", "base_version").get(pk=round_id)
+    if round_.status != RS.AGGREGATING:
+        return "skipped"
+    strategy = _configuration(round_.training).strategy()
+    parent = round_.base_version
+    updates = list(
+        ClientUpdate.objects.filter(round=round_).select_related("agent").order_by("agent__agent_id")
+    )
+    base = version_read_parameters(parent)
+    state = version_read_state(parent, strategy)
+    new_parameters, new_state = strategy.apply(base, delta, state)
+    return _round_commit(
+        round_id,
+        parent=parent,
+        updates=updates,
+        new_parameters=new_parameters,
+        new_state=new_state,
+        delta=delta,
+        combination_metrics=combination_metrics,
+        started=started,
+    )
+
+
+def _round_commit(
+    round_id: int,
+    *,
+    parent: ModelVersion,
+    updates: list[ClientUpdate],
+    new_parameters: Any,
+    new_state: Any,
+    delta: Any,
+    combination_metrics: dict[str, float],
+    started: float,
+) -> str:
+    """Write the new version, metrics and events; then finish the training or open the next round."""
+    round_ = Round.objects.select_related("training").get(pk=round_id)
+    training = round_.training
+    config = _configuration(training)
+    asynchronous = is_asynchronous(training)
     if not all(np.isfinite(t).all() for t in new_parameters.values()):
         raise FlcoreError("the aggregated model has non-finite values")
     metrics = _round_metrics(updates, delta_norm=l2_norm(delta))
     metrics.update({f"strategy_{key}": value for key, value in combination_metrics.items()})
-    evaluation = _central_evaluation(config, training, new_parameters)
-    metrics.update(evaluation)
-    metrics["aggregation_seconds"] = time.perf_counter() - started
+    metrics.update(_central_evaluation(config, training, new_parameters))
+    metrics["aggregation_seconds"] = time.time() - started
 
     with transaction.atomic():
         round_ = lock_round(round_id)
@@ -811,7 +892,8 @@ def round_aggregate(*, round_id: int) -> str:
             for update in updates:
                 ClientUpdate.objects.filter(pk=update.pk).update(staleness=update.staleness)
             next_number = round_.number + 1
-            transaction.on_commit(lambda: _enqueue_if_aggregating(training.pk, next_number))
+            training_pk = training.pk
+            transaction.on_commit(lambda: _enqueue_if_aggregating(training_pk, next_number))
         if training.status != TS.RUNNING:
             return "completed_after_stop"
         reason = ""
@@ -911,7 +993,7 @@ def _combine_updates(
             clipped += int(scale < 1.0)
             path = blob_local_path(update.blob_name)
             if path is not None:
-                accumulator.add_file(path, weight, scale=scale)
+                accumulator.add_file(path, weight, scale=scale, verified=True)  # validated at upload
             else:
                 accumulator.add(_update_views(update, spec), weight, scale=scale)
         metrics = {"num_updates": float(len(updates))}

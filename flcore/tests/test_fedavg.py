@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import abc
+import importlib
+import json
+import struct
 import tracemalloc
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -13,6 +16,9 @@ import pytest
 from flcore.errors import FlcoreError, SerdeError
 from flcore.parameters import Parameters, ParameterSpec, TensorSpec, to_bytes
 from flcore.strategies import AggregationAlgorithm, FedAvgAccumulator, fedavg
+
+# The module, not the function of the same name that flcore.strategies re-exports.
+fedavg_module = importlib.import_module("flcore.strategies.fedavg")
 
 # Tensor sizes 65, 5 and 24: none is a multiple of the chunk sizes used below.
 SPEC = ParameterSpec(
@@ -124,6 +130,60 @@ class TestAccumulatorAddFile(AggregatorContract):
         return accumulator.result()
 
 
+class TestAccumulatorAddFileVerified(AggregatorContract):
+    """The server's call: blobs validated at upload, finiteness checked once in result()."""
+
+    def aggregate(
+        self, updates: Sequence[Parameters], weights: Sequence[float], tmp_path: Path
+    ) -> Parameters:
+        tmp_path.mkdir(parents=True, exist_ok=True)
+        accumulator = FedAvgAccumulator(SPEC, chunk_size=11)
+        for i, (update, weight) in enumerate(zip(updates, weights, strict=True)):
+            path = tmp_path / f"update{i}.safetensors"
+            path.write_bytes(to_bytes(update, metadata={"num_examples": str(i)}))
+            accumulator.add_file(path, weight, verified=True)
+        return accumulator.result()
+
+
+class TestAccumulatorWithoutBlas(AggregatorContract):
+    """Without scipy's saxpy the accumulator falls back to numpy chunks through the scratch buffer."""
+
+    @pytest.fixture(autouse=True)
+    def _no_saxpy(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(fedavg_module, "_saxpy", lambda: None)
+
+    def aggregate(
+        self, updates: Sequence[Parameters], weights: Sequence[float], tmp_path: Path
+    ) -> Parameters:
+        tmp_path.mkdir(parents=True, exist_ok=True)
+        accumulator = FedAvgAccumulator(SPEC, chunk_size=7)
+        for i, (update, weight) in enumerate(zip(updates, weights, strict=True)):
+            if i % 2:
+                accumulator.add(update, weight)
+            else:
+                path = tmp_path / f"update{i}.safetensors"
+                path.write_bytes(to_bytes(update))
+                accumulator.add_file(path, weight, verified=bool(i % 4))
+        return accumulator.result()
+
+
+def write_unsorted_blob(path: Path, update: Mapping[str, np.ndarray]) -> None:
+    """A valid safetensors file whose tensors are stored in the update's order, not sorted by name."""
+    header: dict[str, object] = {}
+    offset = 0
+    for name, array in update.items():
+        header[name] = {
+            "dtype": "F32",
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + array.nbytes],
+        }
+        offset += array.nbytes
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    data = b"".join(np.ascontiguousarray(a, dtype="<f4").tobytes() for a in update.values())
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
 # ---- accumulator specifics -----------------------------------------------------------------------------
 
 
@@ -205,3 +265,114 @@ def test_aggregation_algorithm_values() -> None:
     assert AggregationAlgorithm("fedavg") is AggregationAlgorithm.FEDAVG
     assert AggregationAlgorithm.FEDAVG == "fedavg"
     assert str(AggregationAlgorithm.FEDAVG) == "fedavg" and isinstance(AggregationAlgorithm.FEDAVG, str)
+
+
+def test_verified_add_file_reports_a_non_finite_stored_update_in_result(
+    rng: np.random.Generator, tmp_path: Path
+) -> None:
+    good, poisoned = random_update(rng), random_update(rng)
+    poisoned["layer1.weight"][1, 2, 0] = np.inf
+    (tmp_path / "good.safetensors").write_bytes(to_bytes(good))
+    (tmp_path / "poisoned.safetensors").write_bytes(to_bytes(poisoned))  # to_bytes does not check values
+    accumulator = FedAvgAccumulator(SPEC)
+
+    accumulator.add_file(tmp_path / "good.safetensors", 2.0, verified=True)
+    accumulator.add_file(tmp_path / "poisoned.safetensors", 1.0, verified=True)  # deferred: no error here
+
+    with pytest.raises(FlcoreError, match=r"verified=True.*not finite"):
+        accumulator.result()
+    with pytest.raises(FlcoreError, match="not finite"):
+        accumulator.result()  # still refused on a second call
+
+
+@pytest.mark.parametrize("bad", [np.nan, -np.inf])
+def test_default_add_file_refuses_a_non_finite_file_before_adding(
+    rng: np.random.Generator, tmp_path: Path, bad: float
+) -> None:
+    good, poisoned = random_update(rng), random_update(rng)
+    poisoned["layer0.bias"][3] = bad
+    path = tmp_path / "poisoned.safetensors"
+    path.write_bytes(to_bytes(poisoned))
+    accumulator = FedAvgAccumulator(SPEC, chunk_size=7)
+    accumulator.add(good, 1.0)
+
+    with pytest.raises(FlcoreError, match=r"'layer0\.bias'.*NaN or Inf"):
+        accumulator.add_file(path, 1.0)
+
+    assert accumulator.count == 1
+    assert_params_close(accumulator.result(), good, atol=0)
+    path.unlink()  # the refused file's mapping was closed (or is released with the traceback)
+
+
+def test_verified_add_file_still_checks_names_and_shapes(rng: np.random.Generator, tmp_path: Path) -> None:
+    wrong_shape = dict(random_update(rng), **{"layer0.bias": np.zeros(6, np.float32)})
+    missing = {k: v for k, v in random_update(rng).items() if k != "layer0.bias"}
+    (tmp_path / "shape.safetensors").write_bytes(to_bytes(wrong_shape))
+    (tmp_path / "names.safetensors").write_bytes(to_bytes(missing))
+    (tmp_path / "junk.safetensors").write_bytes(b"\x04\x00\x00\x00\x00\x00\x00\x00nope")
+    accumulator = FedAvgAccumulator(SPEC)
+
+    with pytest.raises(SerdeError) as info:
+        accumulator.add_file(tmp_path / "shape.safetensors", 1.0, verified=True)
+    assert info.value.code == "shape_mismatch"
+    with pytest.raises(SerdeError) as info:
+        accumulator.add_file(tmp_path / "names.safetensors", 1.0, verified=True)
+    assert info.value.code == "name_mismatch"
+    with pytest.raises(SerdeError):
+        accumulator.add_file(tmp_path / "junk.safetensors", 1.0, verified=True)
+    assert accumulator.count == 0
+
+
+@pytest.mark.parametrize("verified", [False, True])
+def test_add_file_reads_blobs_in_any_valid_layout(
+    rng: np.random.Generator, tmp_path: Path, verified: bool
+) -> None:
+    updates = [random_update(rng) for _ in range(3)]
+    weights = [3.0, 1.0, 2.5]
+    accumulator = FedAvgAccumulator(SPEC, chunk_size=7)
+    for i, (update, weight) in enumerate(zip(updates, weights, strict=True)):
+        path = tmp_path / f"u{i}.safetensors"
+        if i == 1:
+            write_unsorted_blob(path, update)  # spec order, not to_bytes' sorted layout: the general path
+        else:
+            path.write_bytes(to_bytes(update))
+        accumulator.add_file(path, weight, scale=0.5 if i == 2 else 1.0, verified=verified)
+
+    expected = brute_force_mean(
+        [updates[0], updates[1], {k: 0.5 * v for k, v in updates[2].items()}], weights
+    )
+    assert_params_close(accumulator.result(), expected)
+
+
+def test_add_accepts_float64_and_strided_arrays(rng: np.random.Generator) -> None:
+    updates = [random_update(rng) for _ in range(3)]
+    accumulator = FedAvgAccumulator(SPEC, chunk_size=7)
+    accumulator.add({k: v.astype(np.float64) for k, v in updates[0].items()}, 1.0)
+    accumulator.add({k: np.asfortranarray(v) for k, v in updates[1].items()}, 2.0)
+    accumulator.add(updates[2], 3.0)
+
+    assert_params_close(accumulator.result(), brute_force_mean(updates, [1.0, 2.0, 3.0]))
+
+
+def test_verified_add_file_and_result_hold_at_most_two_models(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    spec = ParameterSpec((TensorSpec("w", (1000, 1000)), TensorSpec("b", (1000,))))  # 4 MB
+    paths = []
+    for i in range(3):
+        update = {t.name: rng.standard_normal(t.shape).astype(np.float32) for t in spec.tensors}
+        paths.append(tmp_path / f"u{i}.safetensors")
+        paths[-1].write_bytes(to_bytes(update))
+    del update
+
+    tracemalloc.start()
+    try:
+        accumulator = FedAvgAccumulator(spec)
+        for path in paths:
+            accumulator.add_file(path, 2.0, verified=True)
+        result = accumulator.result()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert peak < 2 * spec.nbytes + spec.nbytes // 20  # the accumulator and the result, nothing else
+    assert result["w"].shape == (1000, 1000)

@@ -45,6 +45,13 @@ def eager_celery():
     celery_app.conf.task_always_eager = previous
 
 
+@pytest.fixture(params=["in_process", "split"])
+def aggregation_mode(request: Any, settings: Any) -> str:
+    """Run each rule both in one process and split into coordinate chunks (Celery chords)."""
+    settings.FEDSITE_CHUNKED_AGGREGATION_BYTES = 0 if request.param == "split" else 10**12
+    return str(request.param)
+
+
 @pytest.mark.django_db
 @pytest.mark.parametrize(
     ("algorithm", "hyperparameters"), CASES, ids=[f"{a}-{i}" for i, (a, _) in enumerate(CASES)]
@@ -57,6 +64,7 @@ def test_rule_over_rest_matches_in_process_aggregation(
     django_capture_on_commit_callbacks: Any,
     algorithm: str,
     hyperparameters: dict[str, Any],
+    aggregation_mode: str,
 ) -> None:
     agents = [make_agent() for _ in range(NUM_AGENTS)]
     training = make_training(
@@ -102,6 +110,9 @@ def test_rule_over_rest_matches_in_process_aggregation(
             np.testing.assert_allclose(served[name], expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
     training.refresh_from_db()
     assert training.status == Training.Status.COMPLETED
+    last = training.rounds.get(number=2).metrics
+    split = aggregation_mode == "split" and not build_strategy(algorithm, hyperparameters).streaming
+    assert ("strategy_num_chunks" in last) == split
 
 
 @pytest.mark.django_db

@@ -4,6 +4,17 @@
 same partition in every process given the same seed) and works on tasks until stopped; ``enroll`` trades
 an enrollment key for a token and prints it as JSON.
 
+Simulation options of ``run``, for robustness and systems-heterogeneity experiments, all off by default:
+``--attack`` makes the agent upload poisoned updates (:mod:`fedagent.attacks`; it logs a WARNING at start
+and for every poisoned update), ``--straggle-probability`` makes it a straggler on some tasks
+(:mod:`fedagent.stragglers`), doing partial work or, with ``--drop-stragglers``, giving the task back.
+
+Local differential privacy (:mod:`fedagent.local_dp`), off unless asked or required by the server:
+``--local-dp gaussian|laplace --local-dp-clip C`` with ``--local-dp-noise-multiplier z`` or
+``--local-dp-epsilon E [--local-dp-delta D]`` clips every delta and adds noise before upload. The hooks are
+always installed, so a task whose config carries ``"local_dp"`` is noised as the server says (overriding
+these flags) or given back; ``--attack`` and ``--local-dp`` together are refused (exit 2).
+
 Exit codes (also in ``docs/agent-protocol.md``):
 
 ====  =================================================================================================
@@ -33,10 +44,21 @@ from rich.console import Console
 from rich.table import Table
 
 from fedagent._version import __version__
+from fedagent.attacks import (
+    DEFAULT_NUM_ESTIMATES,
+    DEFAULT_SCALING_FACTOR,
+    AttackConfig,
+    AttackHooks,
+    AttackKind,
+    attack_hooks,
+)
 from fedagent.client import ENV_ENROLLMENT_KEY, ENV_SERVER, ENV_TOKEN, FederatedClient, RunStats
 from fedagent.errors import AgentApiError, AgentConnectionError, AgentError
 from fedagent.http import AgentHttpClient
+from fedagent.local_dp import MECHANISMS as LOCAL_DP_MECHANISMS
+from fedagent.local_dp import LocalDpConfig, LocalDpHooks, local_dp_hooks
 from fedagent.logs import ContextLogger, configure_logging
+from fedagent.stragglers import StragglerPolicy
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -109,6 +131,61 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--poll-wait", type=float, default=30.0, help="long-poll seconds, 0-60 (default 30)")
     run.add_argument("--heartbeat-interval", type=float, help="seconds; default: the server's")
+    simulation = run.add_argument_group(
+        "simulation (experiments only; off by default)",
+        "Make this agent misbehave on purpose: poisoned updates (--attack) or straggling.",
+    )
+    simulation.add_argument(
+        "--attack",
+        choices=[kind.value for kind in AttackKind],
+        help="upload poisoned updates: sign_flip (-scale*delta), gaussian (N(0, sigma^2) noise), "
+        "scaling (scale*delta) or alie (Baruch et al. 2019: mu - z*sigma, estimated from own data)",
+    )
+    simulation.add_argument(
+        "--attack-scale",
+        type=float,
+        help=f"sign_flip magnitude (default 1) or scaling factor (default {DEFAULT_SCALING_FACTOR:g})",
+    )
+    simulation.add_argument(
+        "--attack-sigma", type=float, default=1.0, help="gaussian noise std per coordinate (default 1)"
+    )
+    simulation.add_argument("--alie-num-agents", type=int, help="alie: n, agents per round")
+    simulation.add_argument("--alie-num-attackers", type=int, help="alie: f, attackers per round")
+    simulation.add_argument(
+        "--alie-num-estimates",
+        type=int,
+        default=DEFAULT_NUM_ESTIMATES,
+        help=f"alie: honest deltas trained on disjoint parts of own data (default {DEFAULT_NUM_ESTIMATES})",
+    )
+    simulation.add_argument(
+        "--attack-seed", type=int, help="seed of the attack's noise (default: derived from --seed and the id)"
+    )
+    simulation.add_argument(
+        "--straggle-probability",
+        type=float,
+        default=0.0,
+        help="on each task, with this probability, do only part of the local work (default 0)",
+    )
+    simulation.add_argument(
+        "--drop-stragglers",
+        action="store_true",
+        help="a straggler gives the task back (POST fail) instead of uploading partial work (FedAvg)",
+    )
+
+    privacy = run.add_argument_group(
+        "local differential privacy",
+        "Clip each delta and add noise before it leaves the agent. A training that requires local DP sends "
+        "its own setting in the task config, which overrides these flags.",
+    )
+    privacy.add_argument("--local-dp", choices=list(LOCAL_DP_MECHANISMS), help="noise mechanism")
+    privacy.add_argument("--local-dp-clip", type=float, help="clip norm C (L2 for gaussian, L1 for laplace)")
+    privacy.add_argument(
+        "--local-dp-noise-multiplier", type=float, help="z: noise stddev (gaussian) or scale (laplace) z*C"
+    )
+    privacy.add_argument(
+        "--local-dp-epsilon", type=float, help="calibrate z for this epsilon per upload (sensitivity 2C)"
+    )
+    privacy.add_argument("--local-dp-delta", type=float, help="delta of the calibration (gaussian only)")
 
     enroll = commands.add_parser("enroll", parents=[common], help="enroll and print the token as JSON")
     enroll.add_argument("--capabilities", default="{}", help="JSON object describing this agent")
@@ -172,11 +249,110 @@ def _write_token(path: Path, token: str) -> None:
         handle.write(token + "\n")
 
 
+def _simulation_hooks(
+    args: argparse.Namespace, log: ContextLogger
+) -> tuple[AttackHooks | None, StragglerPolicy | None]:
+    """The opt-in attack and straggler of ``run`` (raises ValueError, exit 2, on bad values)."""
+    import hashlib
+
+    import numpy as np
+
+    hooks = None
+    if args.attack is not None:
+        config = AttackConfig(
+            args.attack,
+            scale=args.attack_scale,
+            sigma=args.attack_sigma,
+            num_agents=args.alie_num_agents,
+            num_attackers=args.alie_num_attackers,
+            num_estimates=args.alie_num_estimates,
+        )
+        seed = args.attack_seed
+        if seed is None:
+            digest = hashlib.sha256(f"{args.seed}:{args.agent_id}:attack".encode()).digest()
+            seed = int.from_bytes(digest[:8], "big")
+        hooks = attack_hooks(config, rng=np.random.default_rng(seed), logger=log)
+        log.warning(
+            "ATTACK SIMULATION ENABLED: this agent will upload poisoned updates (%s). "
+            "Use it only against a test server.",
+            config.describe(),
+        )
+    elif (
+        args.attack_scale is not None
+        or args.alie_num_agents is not None
+        or args.alie_num_attackers is not None
+    ):
+        raise ValueError("--attack-scale and --alie-* need --attack.")
+    straggler = None
+    if args.straggle_probability or args.drop_stragglers:
+        straggler = StragglerPolicy(args.straggle_probability, drop=args.drop_stragglers)
+        log.warning(
+            "straggler simulation enabled: probability %g per task, %s",
+            straggler.probability,
+            "giving the task back" if straggler.drop else "uploading partial work",
+        )
+    return hooks, straggler
+
+
+def _local_dp_config(args: argparse.Namespace) -> LocalDpConfig | None:
+    """The agent's own local DP setting from ``--local-dp*`` (raises ValueError, exit 2, on bad values)."""
+    others = (args.local_dp_clip, args.local_dp_noise_multiplier, args.local_dp_epsilon, args.local_dp_delta)
+    if args.local_dp is None:
+        if any(value is not None for value in others):
+            raise ValueError(
+                "--local-dp-clip, --local-dp-noise-multiplier, --local-dp-epsilon and "
+                "--local-dp-delta need --local-dp."
+            )
+        return None
+    if args.local_dp_clip is None:
+        raise ValueError("--local-dp needs --local-dp-clip.")
+    if args.local_dp_noise_multiplier is not None:
+        if args.local_dp_epsilon is not None or args.local_dp_delta is not None:
+            raise ValueError(
+                "Give either --local-dp-noise-multiplier or --local-dp-epsilon (and -delta), not both."
+            )
+        return LocalDpConfig(args.local_dp, args.local_dp_clip, args.local_dp_noise_multiplier)
+    if args.local_dp_epsilon is None:
+        raise ValueError("--local-dp needs --local-dp-noise-multiplier or --local-dp-epsilon.")
+    return LocalDpConfig.calibrated(
+        args.local_dp, args.local_dp_clip, args.local_dp_epsilon, args.local_dp_delta
+    )
+
+
+def _local_dp_hooks(args: argparse.Namespace, log: ContextLogger, attack: AttackHooks | None) -> LocalDpHooks:
+    """Local DP hooks, always installed so that a task requiring local DP is honoured.
+
+    Refuses ``--attack`` together with ``--local-dp`` (ValueError, exit 2). The noise generator is seeded
+    from the operating system's entropy.
+    """
+    import secrets
+
+    import numpy as np
+
+    config = _local_dp_config(args)
+    if config is not None and attack is not None:
+        raise ValueError("Refusing to combine --attack with --local-dp: choose one.")
+    hooks = local_dp_hooks(
+        config,
+        rng=np.random.default_rng(secrets.randbits(128)),
+        trainer_factory=attack.trainer_factory if attack else None,
+        attack=attack.update_transform if attack else None,
+        logger=log,
+    )
+    if config is not None:
+        log.info(
+            "local DP enabled: %s, noise stddev %.4g per coordinate", config.describe(), config.noise_stddev
+        )
+    return hooks
+
+
 def _command_run(args: argparse.Namespace) -> int:
     from flcore.data import client_split
     from flcore.errors import FlcoreError
 
     log = ContextLogger(logger, {"agent_id": args.agent_id})
+    hooks, straggler = _simulation_hooks(args, log)
+    privacy = _local_dp_hooks(args, log, hooks)
     try:
         x_train, y_train, x_eval, y_eval = client_split(
             args.dataset,
@@ -212,6 +388,9 @@ def _command_run(args: argparse.Namespace) -> int:
         heartbeat_interval=args.heartbeat_interval,
         timeout=args.timeout,
         max_attempts=args.max_attempts,
+        update_transform=privacy.update_transform,  # applies the attack (if any) when no local DP is in force
+        trainer_factory=privacy.trainer_factory,
+        straggler=straggler,
         capabilities={
             "dataset": args.dataset,
             "partition": args.partition,

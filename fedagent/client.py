@@ -48,6 +48,7 @@ from fedagent.errors import (
 from fedagent.http import AgentHttpClient
 from fedagent.logs import ContextLogger
 from fedagent.protocol import TERMINAL_TRAINING_STATUSES, ModelRef, Task, validate_agent_id
+from fedagent.stragglers import StragglerPolicy, straggler_rng
 from fedagent.trainer import FitConfig, Trainer, ZooTrainer
 from flcore.errors import FlcoreError
 from flcore.parameters import Parameters, ParameterSpec, from_bytes, sha256_hex, subtract, to_bytes
@@ -207,6 +208,10 @@ class FederatedClient:
         Attempts per HTTP request (see :class:`~fedagent.http.AgentHttpClient`).
     backoff_base, backoff_max : float
         Back-off of retries, in seconds.
+    straggler : StragglerPolicy, optional
+        Simulate a straggler (FedProx experiments): on each task, with the policy's probability, train only
+        part of the local work, or give the task back when ``drop`` is set; default never
+        (see :mod:`fedagent.stragglers`).
     """
 
     def __init__(
@@ -228,6 +233,7 @@ class FederatedClient:
         max_attempts: int = 6,
         backoff_base: float = 0.5,
         backoff_max: float = 30.0,
+        straggler: StragglerPolicy | None = None,
     ) -> None:
         self.agent_id = validate_agent_id(agent_id)
         server = server or os.environ.get(ENV_SERVER)
@@ -242,6 +248,7 @@ class FederatedClient:
         self.trainer_factory = trainer_factory
         self.poll_wait = poll_wait
         self.update_transform = update_transform
+        self.straggler = straggler
         self.capabilities = dict(capabilities or {})
         self._heartbeat_override = heartbeat_interval
         self.heartbeat_interval = heartbeat_interval or DEFAULT_HEARTBEAT_INTERVAL
@@ -616,6 +623,12 @@ class FederatedClient:
         finally:
             self._state = "idle"
 
+    def _applies_local_dp(self) -> bool:
+        """Whether the installed update transform honours a task's local-DP requirement."""
+        from fedagent.local_dp import LocalDpTransform
+
+        return isinstance(self.update_transform, LocalDpTransform)
+
     def _outcome(self, task: Task, status: str, detail: str = "") -> TaskOutcome:
         return TaskOutcome(task.task_id, task.training_id, task.round, status, detail)
 
@@ -640,9 +653,30 @@ class FederatedClient:
             config = FitConfig.from_json(task.config)
         except FlcoreError as exc:
             return self._give_back(task, f"Invalid task config: {exc}", log)
+        if "local_dp" in config.extra and not self._applies_local_dp():
+            return self._give_back(
+                task,
+                "The training requires local differential privacy and this agent has no local-DP "
+                "transform installed (use fedagent.local_dp.local_dp_hooks, or the CLI); "
+                "nothing was uploaded.",
+                log,
+            )
         x_train, y_train = self.data.train
         if len(y_train) == 0:
             return self._give_back(task, "The agent has no training data.", log)
+        straggled: bool | None = None
+        if self.straggler is not None:
+            decision = self.straggler.decide(
+                config, num_examples=len(y_train), rng=straggler_rng(config.seed, self.agent_id)
+            )
+            straggled = decision.straggles
+            if decision.drop:
+                log.warning("%s", decision.detail)
+                self._fail(task.task_id, decision.detail, log)
+                return self._outcome(task, "failed", decision.detail)
+            if decision.straggles:
+                log.warning("%s", decision.detail)
+                config = decision.config
         try:
             trainer = self._make_trainer(task.model)
         except Exception as exc:
@@ -704,6 +738,8 @@ class FederatedClient:
         )
         for key in ("train_loss", "train_accuracy", "local_steps", "epochs_completed"):
             metrics.setdefault(key, None)
+        if straggled is not None:
+            metrics["straggler"] = int(straggled)
         meta = {"num_examples": int(fit.num_examples), "metrics": metrics}
         digest = sha256_hex(blob)
         try:

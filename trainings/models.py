@@ -23,8 +23,9 @@ class Training(models.Model):
         COMPLETED = "completed", "completed"
         STOPPED = "stopped", "stopped by operator"
         FAILED = "failed", "failed"
+        BUDGET_EXHAUSTED = "budget_exhausted", "privacy budget exhausted"
 
-    TERMINAL = frozenset({Status.COMPLETED, Status.STOPPED, Status.FAILED})
+    TERMINAL = frozenset({Status.COMPLETED, Status.STOPPED, Status.FAILED, Status.BUDGET_EXHAUSTED})
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     name = models.CharField(max_length=200)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+import secrets
 import time
 from datetime import timedelta
 from typing import Any
@@ -28,6 +29,7 @@ from clients.selectors import agents_eligible
 from clients.services import agent_record_outcome
 from fedsite.errors import Conflict, Forbidden, NotFound, PayloadTooLarge, ValidationFailed
 from fedsite.logs import log_event
+from flcore.dp.central import wrap_central_dp
 from flcore.errors import FlcoreError, SerdeError
 from flcore.models import ModelSpec, build_model
 from flcore.parameters import ParameterSpec, from_bytes, iter_file_tensors, l2_norm
@@ -35,6 +37,8 @@ from flcore.strategies import Strategy
 from monitoring.events import event_broadcast_on_commit
 from monitoring.models import Alert
 from monitoring.services import alert_raise, audit_record, metrics_record
+from privacy.models import PrivacyBudget
+from privacy.services import budget_allows, budget_create, budget_next_event, ledger_record
 from trainings.configuration import TrainingConfiguration
 from trainings.models import ClientUpdate, Round, Task, Training
 from trainings.state import lock_round, lock_training, transition_round, transition_task, transition_training
@@ -75,6 +79,17 @@ def training_create(*, configuration: TrainingConfiguration, created_by: Any = N
         )
         training.current_version = version
         training.save(update_fields=["current_version"])
+        if configuration.privacy:
+            population = configuration.privacy.get("population") or max(
+                Agent.objects.filter(status=Agent.Status.ACTIVE).count(), configuration.max_clients
+            )
+            budget_create(
+                training=training,
+                settings_=configuration.privacy,
+                planned_rounds=configuration.max_rounds,
+                expected_clients=configuration.max_clients,
+                population=population,
+            )
         audit_record(
             actor=created_by or "system",
             action="training.create",
@@ -198,8 +213,12 @@ def _round_open_next(training: Training) -> Round:
     return round_
 
 
-def _task_config(config: TrainingConfiguration, round_number: int, index: int) -> dict[str, Any]:
+def _task_config(
+    config: TrainingConfiguration, round_number: int, index: int, local_dp: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    extra = {"local_dp": local_dp} if local_dp else {}
     return {
+        **extra,
         "local_epochs": config.local_epochs,
         "batch_size": config.batch_size,
         "learning_rate": config.learning_rate,
@@ -246,6 +265,7 @@ def _issue_tasks(
     round_: Round, training: Training, config: TrainingConfiguration, agents: list[Agent]
 ) -> None:
     deadline = timezone.now() + timedelta(seconds=config.round_timeout)
+    local_dp = _local_dp_instructions(training)
     round_.attempt += 1
     round_.deadline = deadline
     round_.save(update_fields=["attempt", "deadline"])
@@ -256,7 +276,7 @@ def _issue_tasks(
             attempt=round_.attempt,
             base_version=round_.base_version,
             deadline=deadline,
-            config=_task_config(config, round_.number, 1000 * round_.attempt + i),
+            config=_task_config(config, round_.number, 1000 * round_.attempt + i, local_dp),
         )
         for i, agent in enumerate(agents)
     ]
@@ -273,6 +293,18 @@ def _issue_tasks(
     )
 
 
+def _local_dp_instructions(training: Training) -> dict[str, Any] | None:
+    """What an agent of a local-DP training must do before upload (clip, then add noise)."""
+    budget = PrivacyBudget.objects.filter(training=training, mode=PrivacyBudget.Mode.LOCAL).first()
+    if budget is None:
+        return None
+    return {
+        "mechanism": budget.mechanism,
+        "clip_norm": budget.clip_norm,
+        "noise_multiplier": budget.noise_multiplier,
+    }
+
+
 def _wake_agents(agent_pks: list[Any]) -> None:
     from trainings.wakeup import wake_agents
 
@@ -282,6 +314,9 @@ def _wake_agents(agent_pks: list[Any]) -> None:
 def _round_try_select(round_: Round, training: Training) -> bool:
     """WAITING -> COLLECTING if at least the minimum of agents is eligible; else alert once and wait."""
     config = _configuration(training)
+    budget = PrivacyBudget.objects.filter(training=training).first()
+    if budget is not None:
+        return _round_open_private(round_, training, config, budget)
     agents = _select_agents(round_, training, config, config.max_clients)
     if len(agents) < config.min_clients:
         if not Alert.objects.filter(
@@ -304,6 +339,78 @@ def _round_try_select(round_: Round, training: Training) -> bool:
     event_broadcast_on_commit(
         training_id=training.pk, event="round_opened", payload={"round": round_.number, "agents": len(agents)}
     )
+    return True
+
+
+def _round_open_private(
+    round_: Round, training: Training, config: TrainingConfiguration, budget: PrivacyBudget
+) -> bool:
+    """Open a round of a differentially private training: never one that would overspend the budget.
+
+    The next round's event (Poisson sampling at q = expected / eligible agents) is composed with the
+    ledger hypothetically; if epsilon at the budget's delta would exceed the budget the training ends with
+    ``budget_exhausted``. Otherwise every eligible agent is selected independently with probability q
+    (a cryptographically seeded draw), as the accountant assumes; the round is never re-opened with other
+    agents, since that would change the sampling the accounting describes.
+    """
+    eligible = list(agents_eligible().order_by("agent_id"))
+    if not eligible:
+        if not Alert.objects.filter(
+            training=training, round_number=round_.number, kind=Alert.Kind.TOO_FEW_AGENTS
+        ).exists():
+            alert_raise(
+                kind=Alert.Kind.TOO_FEW_AGENTS,
+                training=training,
+                round_number=round_.number,
+                message=f"Round {round_.number} waits: no agent is eligible (active and recently seen).",
+            )
+        return False
+    event, q = budget_next_event(budget, eligible=len(eligible))
+    allowed, epsilon = budget_allows(budget, event)
+    if not allowed:
+        reason = (
+            f"privacy budget exhausted: round {round_.number} would take epsilon to {epsilon:.4f}, "
+            f"over the budget {budget.epsilon} (delta {budget.delta}); spent {budget.spent_epsilon:.4f}"
+        )
+        transition_round(round_, RS.CANCELLED, error=reason)
+        locked = lock_training(training.pk)
+        transition_training(locked, TS.BUDGET_EXHAUSTED, reason=reason)
+        _cancel_open_training_tasks(locked)
+        alert_raise(
+            kind=Alert.Kind.PRIVACY_BUDGET,
+            severity=Alert.Severity.CRITICAL,
+            training=training,
+            round_number=round_.number,
+            message=f"Training stopped: {reason}.",
+            details={
+                "spent_epsilon": budget.spent_epsilon,
+                "next_epsilon": epsilon,
+                "budget_epsilon": budget.epsilon,
+            },
+        )
+        _broadcast_training_finished(locked)
+        log_event(
+            logger,
+            "budget_exhausted",
+            training_id=training.pk,
+            round=round_.number,
+            spent=f"{budget.spent_epsilon:.4f}",
+            next=f"{epsilon:.4f}",
+        )
+        return False
+    rng = np.random.default_rng(secrets.randbits(128))
+    selected = [agent for agent in eligible if rng.random() < q]
+    round_.metrics = {"privacy_sampling_probability": q, "privacy_eligible_agents": float(len(eligible))}
+    round_.save(update_fields=["metrics"])
+    transition_round(round_, RS.COLLECTING)
+    _issue_tasks(round_, training, config, selected)
+    event_broadcast_on_commit(
+        training_id=training.pk,
+        event="round_opened",
+        payload={"round": round_.number, "agents": len(selected)},
+    )
+    if not selected:  # an empty Poisson sample still releases (noise only); close it now
+        _round_settle(round_)
     return True
 
 
@@ -353,7 +460,8 @@ def _round_settle(round_: Round, *, now: Any = None) -> str:
     for task in open_tasks:
         transition_task(task, KS.EXPIRED, reason="deadline passed")
         agent_record_outcome(agent_id=task.agent_id, outcome="expired")
-    if completed >= config.min_clients:
+    private = PrivacyBudget.objects.filter(training=training).exists()
+    if completed >= config.min_clients or private:
         transition_round(round_, RS.AGGREGATING)
         round_id = round_.pk
         transaction.on_commit(lambda: _enqueue_aggregation(round_id))
@@ -785,6 +893,21 @@ def round_aggregate(*, round_id: int) -> str:
     updates = list(
         ClientUpdate.objects.filter(round=round_).select_related("agent").order_by("agent__agent_id")
     )
+    budget = PrivacyBudget.objects.filter(training=training, mode=PrivacyBudget.Mode.CENTRAL).first()
+    if budget is not None:
+        new_parameters, new_state, delta, combination_metrics = _central_dp_step(
+            strategy, budget, spec, round_.base_version, updates
+        )
+        return _round_commit(
+            round_id,
+            parent=round_.base_version,
+            updates=updates,
+            new_parameters=new_parameters,
+            new_state=new_state,
+            delta=delta,
+            combination_metrics=combination_metrics,
+            started=started,
+        )
     if not strategy.streaming and _use_chunked_aggregation(spec, len(updates)):
         from trainings.chunked import dispatch_chunked_aggregation
 
@@ -794,6 +917,48 @@ def round_aggregate(*, round_id: int) -> str:
     return round_finish(
         round_id=round_id, delta=delta, combination_metrics=combination_metrics, started=started
     )
+
+
+def _central_dp_step(
+    strategy: Strategy,
+    budget: PrivacyBudget,
+    spec: ParameterSpec,
+    parent: ModelVersion,
+    updates: list[ClientUpdate],
+) -> tuple[Any, Any, Any, dict[str, float]]:
+    """Client-level central DP (McMahan et al. 2018): clip every stored delta to C, sum them unweighted,
+    add N(0, (zC)^2) to the sum, divide by the expected number of agents, then the inner rule's step.
+
+    Only the noised mean ever leaves this function; the noise comes from a generator seeded by the OS's
+    cryptographic source, never from the training's seed.
+    """
+    dp = wrap_central_dp(
+        strategy,
+        noise_multiplier=budget.noise_multiplier,
+        clip_norm=budget.clip_norm,
+        expected_clients_per_round=float(budget.expected_clients_per_round),
+    )
+    state = version_read_state(parent, dp)
+    round_dp = dp.for_state(state)
+    rng = np.random.default_rng(secrets.randbits(128))
+    accumulator = round_dp.accumulator(spec)
+    unclipped = 0
+    for update in updates:
+        scale = round_dp.update_scale(update.update_norm)
+        unclipped += round_dp.unclipped_indicator(update.update_norm)
+        path = blob_local_path(update.blob_name)
+        if path is not None:
+            accumulator.add_file(path, 1.0, scale=scale, verified=True)
+        else:
+            accumulator.add(_update_views(update, spec), 1.0, scale=scale)
+    summed = accumulator.sum() if updates else spec.zeros()
+    delta = round_dp.noised_mean(summed, len(updates), rng)
+    base = version_read_parameters(parent)
+    new_parameters, new_state = round_dp.apply(base, delta, state)
+    new_state, _ = round_dp.adapt_clip_norm(new_state, unclipped, len(updates), rng)
+    # Only DP-safe figures: the exact count of clipped updates is not noised, so it is not published.
+    metrics = round_dp.round_metrics(len(updates))
+    return new_parameters, new_state, delta, metrics
 
 
 def _use_chunked_aggregation(spec: ParameterSpec, num_updates: int) -> bool:
@@ -855,6 +1020,12 @@ def _round_commit(
         if round_.status != RS.AGGREGATING:
             return "skipped"
         training = lock_training(round_.training_id)
+        budget = PrivacyBudget.objects.select_for_update().filter(training=training).first()
+        if budget is not None:
+            q = float(round_.metrics.get("privacy_sampling_probability", 1.0))
+            entry = ledger_record(budget=budget, round_number=round_.number, sampling_probability=q)
+            metrics["privacy_sampling_probability"] = q
+            metrics["privacy_epsilon_spent"] = entry.epsilon_after
         version = version_create(
             training=training,
             number=round_.number,

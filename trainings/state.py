@@ -20,10 +20,11 @@ KS = Task.Status
 
 TRAINING_TRANSITIONS: dict[str, frozenset[str]] = {
     TS.PENDING: frozenset({TS.RUNNING, TS.STOPPED, TS.FAILED}),
-    TS.RUNNING: frozenset({TS.COMPLETED, TS.STOPPED, TS.FAILED}),
+    TS.RUNNING: frozenset({TS.COMPLETED, TS.STOPPED, TS.FAILED, TS.BUDGET_EXHAUSTED}),
     TS.COMPLETED: frozenset(),
     TS.STOPPED: frozenset(),
     TS.FAILED: frozenset(),
+    TS.BUDGET_EXHAUSTED: frozenset(),
 }
 
 ROUND_TRANSITIONS: dict[str, frozenset[str]] = {

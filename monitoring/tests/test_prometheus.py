@@ -67,7 +67,14 @@ def test_metrics_endpoint_exposes_the_gauges_with_database_values(client, known_
     trainings = {
         status: _value(samples, "fedsite_trainings", status=status) for status in Training.Status.values
     }
-    assert trainings == {"pending": 1, "running": 2, "completed": 0, "stopped": 1, "failed": 0}
+    assert trainings == {
+        "pending": 1,
+        "running": 2,
+        "completed": 0,
+        "stopped": 1,
+        "failed": 0,
+        "budget_exhausted": 0,
+    }
     rounds = {status: _value(samples, "fedsite_rounds", status=status) for status in Round.Status.values}
     assert rounds == {
         "waiting_for_agents": 1,

@@ -1,0 +1,151 @@
+"""The privacy section of a training configuration: parse, apply presets, validate.
+
+Accepted forms (the seed's names too):
+- ``"privacy": {"mode": "central"|"local", "level": "low"|"medium"|"high"}`` or with explicit
+  ``"epsilon"``, ``"delta"`` and optional ``"noise_multiplier"``, ``"clip_norm"``, ``"mechanism"``,
+  ``"accountant"``, ``"population"``;
+- ``"privacy_level": "medium"`` and/or ``"privacy_budget": {"total_epsilon": 1.0, "total_delta": 1e-5}``.
+With none of them, ``default_privacy_level`` applies ("none" disables differential privacy).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from privacy.levels import LEVELS
+
+MODES = ("central", "local")
+MECHANISMS = ("gaussian", "laplace")
+ACCOUNTANTS = ("rdp", "pld")
+# Central DP bounds one agent's influence on a clipped, unweighted mean; only mean-based rules keep that.
+CENTRAL_DP_ALGORITHMS = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad")
+KEYS = {
+    "mode",
+    "level",
+    "epsilon",
+    "delta",
+    "noise_multiplier",
+    "clip_norm",
+    "mechanism",
+    "accountant",
+    "population",
+}
+
+
+def _number(
+    errors: dict[str, str],
+    section: dict[str, Any],
+    key: str,
+    *,
+    low: float,
+    high: float,
+    low_inclusive: bool = False,
+) -> float | None:
+    if key not in section or section[key] is None:
+        return None
+    value = section[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        errors[key] = f"must be a finite number. Found {value!r}."
+        return None
+    if value < low or (value == low and not low_inclusive) or value > high:
+        errors[key] = f"must be in {'[' if low_inclusive else '('}{low}, {high}]. Found {value!r}."
+        return None
+    return float(value)
+
+
+def parse_privacy(
+    data: dict[str, Any], *, algorithm: str, default_level: str
+) -> tuple[dict[str, Any] | None, dict[str, str]]:
+    """Return (normalised privacy settings or None, errors keyed by field)."""
+    errors: dict[str, str] = {}
+    section = data.get("privacy")
+    level = data.get("privacy_level")
+    seed_budget = data.get("privacy_budget")
+    if hasattr(seed_budget, "total_epsilon"):  # the seed's PrivacyBudget dataclass
+        seed_budget = {"total_epsilon": seed_budget.total_epsilon, "total_delta": seed_budget.total_delta}
+    if level is not None:
+        level = str(level)
+    if section is None and level is None and seed_budget is None:
+        if "privacy" in data or default_level in (None, "", "none"):  # explicit null: no DP
+            return None, {}
+        level = default_level
+    if section is not None and not isinstance(section, dict):
+        return None, {"privacy": "Must be a JSON object."}
+    section = dict(section or {})
+    unknown = sorted(set(section) - KEYS)
+    if unknown:
+        errors["privacy"] = f"Unknown keys {unknown}; known: {sorted(KEYS)}."
+    if level is not None:
+        section.setdefault("level", level)
+    if seed_budget is not None:
+        if not isinstance(seed_budget, dict) or not {"total_epsilon", "total_delta"} >= set(seed_budget):
+            errors["privacy_budget"] = 'Must be {"total_epsilon": number, "total_delta": number}.'
+        else:
+            section.setdefault("epsilon", seed_budget.get("total_epsilon"))
+            section.setdefault("delta", seed_budget.get("total_delta"))
+    level_name = section.get("level")
+    if level_name in ("none", None) and "epsilon" not in section:
+        return None, errors
+    preset = None
+    if level_name not in (None, "none"):
+        preset = LEVELS.get(level_name)
+        if preset is None:
+            errors["privacy_level"] = (
+                f"Unknown privacy level {level_name!r}; use one of {sorted(LEVELS)} or none."
+            )
+    mode = section.get("mode", "central")
+    if mode not in MODES:
+        errors["privacy.mode"] = f"must be one of {MODES}. Found {mode!r}."
+    mechanism = section.get("mechanism", "gaussian")
+    if mechanism not in MECHANISMS:
+        errors["privacy.mechanism"] = f"must be one of {MECHANISMS}. Found {mechanism!r}."
+    accountant = section.get("accountant", "pld" if mechanism == "laplace" else "rdp")
+    if accountant not in ACCOUNTANTS:
+        errors["privacy.accountant"] = f"must be one of {ACCOUNTANTS}. Found {accountant!r}."
+    if mechanism == "laplace" and accountant == "rdp":
+        errors["privacy.accountant"] = "RDP cannot account Laplace noise under sampling; use 'pld'."
+    if mode == "central" and mechanism != "gaussian":
+        errors["privacy.mechanism"] = "central DP adds Gaussian noise to the clipped sum; use 'gaussian'."
+    epsilon = _number(errors, section, "epsilon", low=0, high=1e3)
+    delta = _number(errors, section, "delta", low=0, high=0.1)
+    noise = _number(errors, section, "noise_multiplier", low=0, high=1e4)
+    clip = _number(errors, section, "clip_norm", low=0, high=1e6)
+    population = section.get("population")
+    if population is not None and (
+        isinstance(population, bool) or not isinstance(population, int) or population < 1
+    ):
+        errors["privacy.population"] = f"must be a positive integer. Found {population!r}."
+    if preset is not None:
+        epsilon = epsilon if epsilon is not None else preset.epsilon
+        delta = delta if delta is not None else preset.delta
+        clip = clip if clip is not None else preset.clip_norm
+    if epsilon is None and "privacy.epsilon" not in errors and "epsilon" not in errors:
+        errors["privacy.epsilon"] = "Give a privacy level or an epsilon budget."
+    if delta is None:
+        delta = 1e-5
+    if clip is None:
+        clip = 1.0
+    if mode == "central" and algorithm not in CENTRAL_DP_ALGORITHMS:
+        errors["privacy.mode"] = (
+            f"central DP needs a mean-based rule {CENTRAL_DP_ALGORITHMS}: the influence of one agent on "
+            f"{algorithm!r} is not bounded by the clip norm, so the guarantee would not hold. Use local DP."
+        )
+    if algorithm in ("fedbuff", "fedasync"):
+        errors["privacy"] = (
+            "differential privacy accounting assumes rounds of sampled agents; asynchronous trainings "
+            "(fedbuff, fedasync) cannot carry a privacy budget yet."
+        )
+    if errors:
+        return None, errors
+    return {
+        "mode": mode,
+        "level": level_name if preset else None,
+        "epsilon": epsilon,
+        "delta": delta,
+        "noise_multiplier": noise,
+        "clip_norm": clip,
+        "mechanism": mechanism,
+        "accountant": accountant,
+        "population": population,
+    }, {}

@@ -97,6 +97,7 @@ def training_status(training: Training) -> dict[str, Any]:
         if version
         else None,
         "stop_reason": training.stop_reason,
+        "privacy": _privacy_summary(training),
         "created_at": training.created_at.isoformat(),
         "started_at": training.started_at.isoformat() if training.started_at else None,
         "finished_at": training.finished_at.isoformat() if training.finished_at else None,
@@ -105,3 +106,20 @@ def training_status(training: Training) -> dict[str, Any]:
 
 def trainings_running() -> QuerySet[Training]:
     return Training.objects.filter(status=Training.Status.RUNNING)
+
+
+def _privacy_summary(training: Training) -> dict[str, Any] | None:
+    """Budget and spend (the full report with the ledger is ``GET /api/trainings/{id}/privacy``)."""
+    from privacy.models import PrivacyBudget
+
+    budget = PrivacyBudget.objects.filter(training=training).first()
+    if budget is None:
+        return None
+    return {
+        "mode": budget.mode,
+        "epsilon": budget.epsilon,
+        "delta": budget.delta,
+        "spent_epsilon": budget.spent_epsilon,
+        "remaining_epsilon": max(0.0, budget.epsilon - budget.spent_epsilon),
+        "noise_multiplier": budget.noise_multiplier,
+    }

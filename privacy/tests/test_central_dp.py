@@ -123,3 +123,22 @@ def test_central_dp_uses_poisson_sampling_and_records_q(make_agent: Any, make_tr
     accountant = rdp.RdpAccountant()
     accountant.compose(event, 5)
     assert accountant.get_epsilon(1e-5) <= 8.0 + 1e-6
+
+
+@pytest.mark.django_db
+def test_status_and_dashboard_show_the_budget(staff_client: Any, make_agent: Any, make_training: Any) -> None:
+    make_agent(), make_agent()
+    training = make_training(
+        model_type="logreg",
+        input_dim=4,
+        num_classes=3,
+        min_clients_per_round=1,
+        max_clients_per_round=2,
+        privacy={"mode": "central", "level": "medium"},
+    )
+    status = staff_client.get(f"/api/training/{training.pk}/status").json()
+    assert status["privacy"]["epsilon"] == 3.0 and status["privacy"]["spent_epsilon"] == 0.0
+    page = staff_client.get(f"/dashboard/trainings/{training.pk}/")
+    assert page.status_code == 200 and b"Privacy budget (central DP)" in page.content
+    plain = make_training(model_type="logreg", input_dim=4, num_classes=3)
+    assert staff_client.get(f"/api/training/{plain.pk}/status").json()["privacy"] is None

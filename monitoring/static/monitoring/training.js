@@ -87,6 +87,7 @@
     setField("best_accuracy", format(status.best_accuracy, 4));
     setField("version", status.current_version ? `v${status.current_version.number}` : "–");
     setField("stop_reason", status.stop_reason || "");
+    if (status.privacy) setField("privacy_spent", format(status.privacy.spent_epsilon, 3));
     const tasks = root.querySelector('[data-field="tasks"]');
     if (tasks) {
       tasks.textContent = "";

@@ -12,8 +12,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import dp_accounting
+import numpy as np
 from dp_accounting import pld, rdp
 from dp_accounting.mechanism_calibration import ExplicitBracketInterval, calibrate_dp_mechanism
+from dp_accounting.rdp import rdp_privacy_accountant
 
 logging.getLogger("absl").setLevel(logging.ERROR)  # dp-accounting logs every excluded RDP order
 
@@ -69,10 +71,27 @@ def composed_epsilon(events: Sequence[dp_accounting.DpEvent], *, delta: float, a
     if not 0 < delta < 1:
         raise AccountingError(f"delta must be in (0, 1). Found {delta}.")
     acc = make_accountant(accountant)
-    composed = dp_accounting.ComposedDpEvent(list(events))
+    composed = group_events(events)
     check_supported(accountant, composed)
     acc.compose(composed)
     return float(acc.get_epsilon(delta))
+
+
+def group_events(events: Sequence[dp_accounting.DpEvent]) -> dp_accounting.DpEvent:
+    """Compose ``events`` with identical rounds grouped into one ``SelfComposedDpEvent`` each.
+
+    Composition is commutative, so this is the same privacy loss; accountants handle a k-fold
+    self-composition in one step, so a long ledger of mostly identical rounds costs almost nothing.
+    """
+    counts: dict[dp_accounting.DpEvent, int] = {}
+    for event in events:
+        counts[event] = counts.get(event, 0) + 1
+    return dp_accounting.ComposedDpEvent(
+        [
+            event if count == 1 else dp_accounting.SelfComposedDpEvent(event, count)
+            for event, count in counts.items()
+        ]
+    )
 
 
 def calibrate_noise_multiplier(
@@ -122,9 +141,29 @@ def rounds_affordable(
 ) -> int:
     """How many more rounds like ``next_event`` fit in the budget after ``events`` (bisection)."""
 
-    def fits(count: int) -> bool:
-        extra = [dp_accounting.SelfComposedDpEvent(next_event, count)] if count else []
-        return composed_epsilon([*events, *extra], delta=delta, accountant=accountant) <= epsilon
+    if accountant == "rdp":
+        # RDP adds up order by order: compute the ledger's and one round's RDP curves once, then each
+        # candidate count is a vector sum and one conversion (same numbers as composing the events).
+        ledger_accountant = make_accountant("rdp")
+        if events:
+            ledger_accountant.compose(group_events(events))
+        round_accountant = make_accountant("rdp")
+        round_accountant.compose(next_event)
+        orders = ledger_accountant._orders  # dp-accounting exposes no public getter for these
+        ledger_rdp = np.asarray(ledger_accountant._rdp, dtype=np.float64)
+        round_rdp = np.asarray(round_accountant._rdp, dtype=np.float64)
+
+        def fits(count: int) -> bool:
+            if not events and count == 0:
+                return True
+            total = ledger_rdp + count * round_rdp if count else ledger_rdp  # inf * 0 would be nan
+            value, _ = rdp_privacy_accountant.compute_epsilon(orders, total, delta)
+            return float(value) <= epsilon
+    else:
+
+        def fits(count: int) -> bool:
+            extra = [dp_accounting.SelfComposedDpEvent(next_event, count)] if count else []
+            return composed_epsilon([*events, *extra], delta=delta, accountant=accountant) <= epsilon
 
     if not fits(0):
         return 0

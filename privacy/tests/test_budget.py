@@ -214,3 +214,15 @@ def test_guard_stops_at_exactly_the_last_affordable_round_over_rest(
     kinds = list(training.alerts.filter(kind="privacy_budget").values_list("severity", flat=True))
     assert "critical" in kinds and len(kinds) >= 2  # threshold alerts, then the stop
     assert Round.objects.get(training=training, number=expected_rounds + 1).status == Round.Status.CANCELLED
+
+
+def test_grouping_repeated_rounds_gives_the_same_epsilon_as_composing_each() -> None:
+    e = round_event(mechanism="gaussian", noise_multiplier=1.3, sampling_probability=0.2)
+    f = round_event(mechanism="gaussian", noise_multiplier=0.9, sampling_probability=0.5)
+    ledger = [e] * 20 + [f] * 3 + [e] * 5
+    direct = rdp.RdpAccountant()
+    for event in ledger:
+        direct.compose(event)
+    assert composed_epsilon(ledger, delta=1e-5, accountant="rdp") == pytest.approx(
+        direct.get_epsilon(1e-5), rel=1e-9
+    )

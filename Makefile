@@ -16,7 +16,7 @@ TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
 
 venv: $(STAMP)
 
-$(STAMP): requirements/base.txt requirements/agent.txt requirements/dev.txt pyproject.toml
+$(STAMP): requirements/base.txt requirements/agent.txt requirements/dev.txt requirements/privacy-validation.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements/dev.txt
 	touch $(STAMP)

@@ -59,6 +59,72 @@ def _stop(processes: list[tuple[subprocess.Popen[bytes], Any]]) -> None:
         log.close()
 
 
+def _spawn_agents(
+    stack: dict[str, Any],
+    tokens: dict[str, str],
+    training_id: Any,
+    *extra: str,
+    partition: tuple[str, ...] = ("--partition", "dirichlet", "--alpha", "0.5"),
+    seed: str = "3",
+    poll_wait: str = "10",
+) -> list[tuple[subprocess.Popen[bytes], Any]]:
+    """One ``python -m fedagent run`` process per agent, each on its own shard of digits, over HTTP."""
+    agents: list[tuple[subprocess.Popen[bytes], Any]] = []
+    for index, (agent_id, token) in enumerate(tokens.items()):
+        log = open(stack["tmp"] / f"{agent_id}.log", "wb")  # noqa: SIM115 - closed in _stop
+        agents.append(
+            (
+                subprocess.Popen(
+                    [
+                        PYTHON,
+                        "-m",
+                        "fedagent",
+                        "run",
+                        "--server",
+                        stack["base"],
+                        "--agent-id",
+                        agent_id,
+                        "--token",
+                        token,
+                        "--dataset",
+                        "digits",
+                        "--num-clients",
+                        str(len(tokens)),
+                        "--client-index",
+                        str(index),
+                        *partition,
+                        "--seed",
+                        seed,
+                        "--poll-wait",
+                        poll_wait,
+                        "--exit-when-training-done",
+                        str(training_id),
+                        *extra,
+                    ],
+                    cwd=ROOT,
+                    env=stack["env"],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                ),
+                log,
+            )
+        )
+    stack["processes"].extend(agents)
+    return agents
+
+
+def _wait_until_finished(stack: dict[str, Any], training: Any, seconds: float) -> str:
+    """Poll the database until the training ends; return the tails of every process's log."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        close_old_connections()
+        training.refresh_from_db()
+        if training.is_terminal:
+            break
+        time.sleep(1)
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(stack["tmp"].glob("*.log")))
+
+
 @pytest.fixture
 def live_stack(transactional_db: Any, tmp_path: Path) -> Iterator[dict[str, Any]]:
     """Start the ASGI server and a Celery worker (with embedded beat) on the test database."""
@@ -163,60 +229,8 @@ def test_three_agents_over_http_reach_085_on_digits(live_stack: dict[str, Any]) 
             }
         )
     )
-    agents: list[tuple[subprocess.Popen[bytes], Any]] = []
-    for index, (agent_id, token) in enumerate(tokens.items()):
-        log = open(live_stack["tmp"] / f"{agent_id}.log", "wb")  # noqa: SIM115
-        agents.append(
-            (
-                subprocess.Popen(
-                    [
-                        PYTHON,
-                        "-m",
-                        "fedagent",
-                        "run",
-                        "--server",
-                        live_stack["base"],
-                        "--agent-id",
-                        agent_id,
-                        "--token",
-                        token,
-                        "--dataset",
-                        "digits",
-                        "--num-clients",
-                        "3",
-                        "--client-index",
-                        str(index),
-                        "--partition",
-                        "dirichlet",
-                        "--alpha",
-                        "0.5",
-                        "--seed",
-                        "3",
-                        "--poll-wait",
-                        "10",
-                        "--exit-when-training-done",
-                        str(training.pk),
-                    ],
-                    cwd=ROOT,
-                    env=live_stack["env"],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                ),
-                log,
-            )
-        )
-    live_stack["processes"].extend(agents)
-
-    deadline = time.monotonic() + 420
-    while time.monotonic() < deadline:
-        close_old_connections()
-        training.refresh_from_db()
-        if training.is_terminal:
-            break
-        time.sleep(1)
-    logs = "\n".join(
-        f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(live_stack["tmp"].glob("*.log"))
-    )
+    agents = _spawn_agents(live_stack, tokens, training.pk)
+    logs = _wait_until_finished(live_stack, training, 420)
     assert training.status == Training.Status.COMPLETED, f"{training.status} {training.stop_reason}\n{logs}"
     assert training.best_accuracy is not None and training.best_accuracy >= 0.85, logs
     completed = Round.objects.filter(training=training, status=Round.Status.COMPLETED)
@@ -267,59 +281,15 @@ def test_fedbuff_with_agent_processes_on_the_real_stack(live_stack: dict[str, An
             }
         )
     )
-    agents: list[tuple[subprocess.Popen[bytes], Any]] = []
-    for index, (agent_id, token) in enumerate(tokens.items()):
-        log = open(live_stack["tmp"] / f"{agent_id}.log", "wb")  # noqa: SIM115
-        agents.append(
-            (
-                subprocess.Popen(
-                    [
-                        PYTHON,
-                        "-m",
-                        "fedagent",
-                        "run",
-                        "--server",
-                        live_stack["base"],
-                        "--agent-id",
-                        agent_id,
-                        "--token",
-                        token,
-                        "--dataset",
-                        "digits",
-                        "--num-clients",
-                        "4",
-                        "--client-index",
-                        str(index),
-                        "--partition",
-                        "dirichlet",
-                        "--alpha",
-                        "0.3",
-                        "--seed",
-                        "11",
-                        "--poll-wait",
-                        "5",
-                        "--exit-when-training-done",
-                        str(training.pk),
-                    ],
-                    cwd=ROOT,
-                    env=live_stack["env"],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                ),
-                log,
-            )
-        )
-    live_stack["processes"].extend(agents)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        close_old_connections()
-        training.refresh_from_db()
-        if training.is_terminal:
-            break
-        time.sleep(1)
-    logs = "\n".join(
-        f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(live_stack["tmp"].glob("*.log"))
+    _spawn_agents(
+        live_stack,
+        tokens,
+        training.pk,
+        partition=("--partition", "dirichlet", "--alpha", "0.3"),
+        seed="11",
+        poll_wait="5",
     )
+    logs = _wait_until_finished(live_stack, training, 300)
     assert training.status == Training.Status.COMPLETED, f"{training.status} {training.stop_reason}\n{logs}"
     completed = Round.objects.filter(training=training, status=Round.Status.COMPLETED).order_by("number")
     assert [r.number for r in completed] == [1, 2, 3, 4, 5, 6], logs
@@ -363,57 +333,8 @@ def test_multikrum_split_across_real_workers(live_stack: dict[str, Any]) -> None
             }
         )
     )
-    processes = []
-    for index, (agent_id, token) in enumerate(tokens.items()):
-        log = open(live_stack["tmp"] / f"{agent_id}.log", "wb")  # noqa: SIM115
-        processes.append(
-            (
-                subprocess.Popen(
-                    [
-                        PYTHON,
-                        "-m",
-                        "fedagent",
-                        "run",
-                        "--server",
-                        live_stack["base"],
-                        "--agent-id",
-                        agent_id,
-                        "--token",
-                        token,
-                        "--dataset",
-                        "digits",
-                        "--num-clients",
-                        "4",
-                        "--client-index",
-                        str(index),
-                        "--partition",
-                        "iid",
-                        "--seed",
-                        "2",
-                        "--poll-wait",
-                        "5",
-                        "--exit-when-training-done",
-                        str(training.pk),
-                    ],
-                    cwd=ROOT,
-                    env=live_stack["env"],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                ),
-                log,
-            )
-        )
-    live_stack["processes"].extend(processes)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        close_old_connections()
-        training.refresh_from_db()
-        if training.is_terminal:
-            break
-        time.sleep(1)
-    logs = "\n".join(
-        f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(live_stack["tmp"].glob("*.log"))
-    )
+    _spawn_agents(live_stack, tokens, training.pk, partition=("--partition", "iid"), seed="2", poll_wait="5")
+    logs = _wait_until_finished(live_stack, training, 300)
     assert training.status == Training.Status.COMPLETED, f"{training.status} {training.stop_reason}\n{logs}"
     rounds = Round.objects.filter(training=training, status=Round.Status.COMPLETED)
     assert rounds.count() == 3

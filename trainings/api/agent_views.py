@@ -13,6 +13,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.core.files.storage import default_storage
+from django.db import connection
 from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
@@ -49,15 +50,28 @@ def _parse_wait(raw: str | None) -> float:
 
 
 def _poll_once(agent: Any) -> dict[str, Any] | None:
-    task = services.task_next_for_agent(agent=agent)
-    return task_payload(task) if task is not None else None
+    try:
+        task = services.task_next_for_agent(agent=agent)
+        return task_payload(task) if task is not None else None
+    finally:
+        # A long-poll waits for many seconds between checks: hand the connection back to the pool
+        # instead of holding one per waiting agent (thousands of agents, a pool of a few dozen).
+        _release_connection()
 
 
 def _prepare_poll(authorization: str | None) -> Any:
-    agent = agent_authenticate(authorization=authorization)
-    agent_touch(agent=agent)
-    services.rounds_try_open_waiting_if_any()
-    return agent
+    try:
+        agent = agent_authenticate(authorization=authorization)
+        agent_touch(agent=agent)
+        services.rounds_try_open_waiting_if_any()
+        return agent
+    finally:
+        _release_connection()
+
+
+def _release_connection() -> None:
+    if not connection.in_atomic_block:  # (tests wrap requests in a transaction; never close one)
+        connection.close()
 
 
 @csrf_exempt

@@ -36,6 +36,7 @@ straight run); each step is computed in float64 chunk by chunk and rounded once.
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -90,11 +91,11 @@ class FedOpt(Strategy):
         v0 = {t.name: np.full(t.shape, self.tau**2, dtype=np.float32) for t in spec.tensors}
         return ServerState({"m": spec.zeros(), "v": v0}, {"step": 0})
 
+    @abc.abstractmethod
     def second_moment(
         self, v: npt.NDArray[np.float64], delta_squared: npt.NDArray[np.float64]
     ) -> npt.NDArray[np.float64]:
         """Return ``v_t`` from ``v_{t-1}`` and ``Delta_t^2`` (float64)."""
-        raise NotImplementedError
 
     def apply(
         self, base: Parameters, delta: Parameters, state: ServerState

@@ -30,6 +30,9 @@ KEYS = {
     "mechanism",
     "accountant",
     "population",
+    "adaptive_clipping",
+    "target_quantile",
+    "clip_learning_rate",
 }
 
 
@@ -131,6 +134,15 @@ def parse_privacy(
             f"central DP needs a mean-based rule {CENTRAL_DP_ALGORITHMS}: the influence of one agent on "
             f"{algorithm!r} is not bounded by the clip norm, so the guarantee would not hold. Use local DP."
         )
+    adaptive = section.get("adaptive_clipping", False)
+    if not isinstance(adaptive, bool):
+        errors["privacy.adaptive_clipping"] = f"must be true or false. Found {adaptive!r}."
+    elif adaptive and mode != "central":
+        errors["privacy.adaptive_clipping"] = (
+            "adaptive clipping is a central-DP technique; use mode 'central'."
+        )
+    quantile = _number(errors, section, "target_quantile", low=0, high=1, low_inclusive=True)
+    clip_rate = _number(errors, section, "clip_learning_rate", low=0, high=10, low_inclusive=True)
     if algorithm in ("fedbuff", "fedasync"):
         errors["privacy"] = (
             "differential privacy accounting assumes rounds of sampled agents; asynchronous trainings "
@@ -148,4 +160,7 @@ def parse_privacy(
         "mechanism": mechanism,
         "accountant": accountant,
         "population": population,
+        "adaptive_clipping": bool(adaptive),
+        "target_quantile": 0.5 if quantile is None else quantile,
+        "clip_learning_rate": 0.2 if clip_rate is None else clip_rate,
     }, {}

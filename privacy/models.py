@@ -32,7 +32,14 @@ class PrivacyBudget(models.Model):
     epsilon = models.FloatField(help_text="Total epsilon the training may spend.")
     delta = models.FloatField(help_text="Delta at which epsilon is reported.")
     noise_multiplier = models.FloatField(help_text="Noise standard deviation / clip norm (per round).")
-    clip_norm = models.FloatField()
+    clip_norm = models.FloatField(
+        help_text="The L2 bound of one agent's delta (the initial one if adaptive)."
+    )
+    adaptive_clipping = models.BooleanField(
+        default=False, help_text="Track a quantile of update norms (Andrew et al. 2021); central mode only."
+    )
+    target_quantile = models.FloatField(default=0.5)
+    clip_learning_rate = models.FloatField(default=0.2)
     expected_clients_per_round = models.PositiveIntegerField()
     population = models.PositiveIntegerField(help_text="Eligible agents assumed when calibrating the noise.")
     planned_rounds = models.PositiveIntegerField()

@@ -35,6 +35,11 @@ def privacy_report(training: Any) -> dict[str, Any]:
         "budget": {"epsilon": budget.epsilon, "delta": budget.delta},
         "noise_multiplier": budget.noise_multiplier,
         "clip_norm": budget.clip_norm,
+        "adaptive_clipping": (
+            {"target_quantile": budget.target_quantile, "clip_learning_rate": budget.clip_learning_rate}
+            if budget.adaptive_clipping
+            else None
+        ),
         "expected_clients_per_round": budget.expected_clients_per_round,
         "spent_epsilon": budget.spent_epsilon,
         "remaining_epsilon": max(0.0, budget.epsilon - budget.spent_epsilon),

@@ -81,6 +81,8 @@ def budget_create(
                 mechanism=settings_["mechanism"], noise_multiplier=multiplier, sampling_probability=q
             ),
         )
+        if settings_.get("adaptive_clipping"):
+            _check_adaptive(noise, expected_clients, settings_)
     except AccountingError as exc:
         raise ValidationFailed(str(exc), details={"privacy": str(exc)}) from exc
     budget = PrivacyBudget.objects.create(
@@ -93,6 +95,9 @@ def budget_create(
         delta=settings_["delta"],
         noise_multiplier=noise,
         clip_norm=settings_["clip_norm"],
+        adaptive_clipping=bool(settings_.get("adaptive_clipping", False)),
+        target_quantile=settings_.get("target_quantile", 0.5),
+        clip_learning_rate=settings_.get("clip_learning_rate", 0.2),
         expected_clients_per_round=expected_clients,
         population=population,
         planned_rounds=planned_rounds,
@@ -104,6 +109,28 @@ def budget_create(
         details={"epsilon": budget.epsilon, "delta": budget.delta, "noise_multiplier": noise},
     )
     return budget
+
+
+def _check_adaptive(noise: float, expected_clients: int, settings_: dict[str, Any]) -> None:
+    """Adaptive clipping spends part of the noise on the clipped count: z must stay below 2 sigma_b."""
+    from flcore.dp.central import CentralDp
+    from flcore.errors import ConfigError
+
+    try:
+        CentralDp(
+            noise_multiplier=noise,
+            clip_norm=settings_["clip_norm"],
+            expected_clients_per_round=float(expected_clients),
+            adaptive_clipping=True,
+            target_quantile=settings_.get("target_quantile", 0.5),
+            clip_learning_rate=settings_.get("clip_learning_rate", 0.2),
+        )
+    except ConfigError as exc:
+        raise AccountingError(
+            f"{exc} With adaptive clipping the noise multiplier ({noise:.3f}) must be below "
+            f"expected_clients_per_round / 10 ({expected_clients / 10:.3f}): raise max_clients_per_round, "
+            "lower the noise (a larger epsilon), or turn adaptive clipping off."
+        ) from exc
 
 
 def budget_next_event(budget: PrivacyBudget, *, eligible: int) -> tuple[dp_accounting.DpEvent, float]:

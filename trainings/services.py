@@ -937,6 +937,9 @@ def _central_dp_step(
         noise_multiplier=budget.noise_multiplier,
         clip_norm=budget.clip_norm,
         expected_clients_per_round=float(budget.expected_clients_per_round),
+        adaptive_clipping=budget.adaptive_clipping,
+        target_quantile=budget.target_quantile,
+        clip_learning_rate=budget.clip_learning_rate,
     )
     state = version_read_state(parent, dp)
     round_dp = dp.for_state(state)

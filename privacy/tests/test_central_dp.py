@@ -142,3 +142,78 @@ def test_status_and_dashboard_show_the_budget(staff_client: Any, make_agent: Any
     assert page.status_code == 200 and b"Privacy budget (central DP)" in page.content
     plain = make_training(model_type="logreg", input_dim=4, num_classes=3)
     assert staff_client.get(f"/api/training/{plain.pk}/status").json()["privacy"] is None
+
+
+@pytest.mark.django_db
+def test_adaptive_clipping_moves_the_clip_norm_towards_the_quantile(
+    client: Any,
+    make_agent: Any,
+    make_training: Any,
+    eager_celery: Any,
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    """Every update is far above the initial C, so the unclipped fraction is ~0 < 0.5 and C must grow by
+    about exp(0.2 * 0.5) per round (Andrew et al. 2021); the next round clips with the stored C."""
+    from flcore.strategies import ServerState
+    from versioning.blobs import blob_read
+
+    agents = [make_agent() for _ in range(20)]
+    training = make_training(
+        model_type="logreg",
+        input_dim=4,
+        num_classes=3,
+        min_clients_per_round=1,
+        max_clients_per_round=20,
+        max_rounds=2,
+        privacy={
+            "mode": "central",
+            "epsilon": 100.0,
+            "noise_multiplier": 1.0,
+            "clip_norm": 0.01,
+            "adaptive_clipping": True,
+        },
+    )
+    spec = ParameterSpec.from_json(training.parameter_spec)
+    for round_number in (1, 2):
+        for _, token in agents:
+            task = client.get("/api/v1/agent/tasks/next?wait=0", HTTP_AUTHORIZATION=f"Bearer {token}").json()
+            delta = {t.name: np.full(t.shape, 1.0, dtype=np.float32) for t in spec.tensors}
+            with django_capture_on_commit_callbacks(execute=True):
+                response = client.post(
+                    task["upload_url"],
+                    {
+                        "update": SimpleUploadedFile("u", to_bytes(delta)),
+                        "meta": json.dumps({"num_examples": 3}),
+                    },
+                    HTTP_AUTHORIZATION=f"Bearer {token}",
+                )
+            assert response.status_code == 201
+        version = training.versions.get(number=round_number)
+        state = ServerState.from_bytes(blob_read(version.state_blob_name), spec)
+        clip_after = float(state.scalars["dp_clip_norm"])
+        clip_used = version.metrics["strategy_dp_clip_norm"]
+        assert clip_used == pytest.approx(0.01 * np.exp(0.1) ** (round_number - 1), rel=0.05)
+        assert clip_after == pytest.approx(clip_used * np.exp(0.1), rel=0.05)
+
+
+@pytest.mark.django_db
+def test_adaptive_clipping_with_too_much_noise_for_the_count_is_refused(staff_client: Any) -> None:
+    response = staff_client.post(
+        "/api/training/start",
+        {
+            "name": "a",
+            "model_type": "logreg",
+            "input_dim": 4,
+            "num_classes": 3,
+            "max_clients_per_round": 5,
+            "privacy": {
+                "mode": "central",
+                "epsilon": 5.0,
+                "noise_multiplier": 2.0,
+                "adaptive_clipping": True,
+            },
+        },
+        content_type="application/json",
+    )
+    assert response.status_code == 400
+    assert "expected_clients_per_round / 10" in response.json()["error"]["message"]

@@ -358,7 +358,12 @@ def _make_handler(server: FakeAgentServer) -> type[BaseHTTPRequestHandler]:
             if len(body) > task["max_update_bytes"] + 4096:
                 self._error(413, "update_too_large", "The update is too large.")
                 return
-            parts = _parse_multipart(self.headers["Content-Type"], body)
+            if self.headers["Content-Type"] == "application/octet-stream":  # the raw form of the protocol
+                parts = {"update": body}
+                if self.headers.get("X-Update-Meta") is not None:
+                    parts["meta"] = self.headers["X-Update-Meta"].encode()
+            else:
+                parts = _parse_multipart(self.headers["Content-Type"], body)
             if "update" not in parts or "meta" not in parts:
                 self._error(400, "invalid_update", "Send multipart parts 'update' and 'meta'.")
                 return

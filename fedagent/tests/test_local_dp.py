@@ -219,8 +219,9 @@ def test_plain_client_gives_back_a_task_that_requires_local_dp(
               "local_dp": {"mechanism": "gaussian", "clip_norm": 0.05, "noise_multiplier": 2.0}}  # fmt: skip
     task = fake_server.add_task(model, config=config)
     x, y = digits
-    client = FederatedClient(agent_id="agent_001", server=fake_server.url, token="good-token", poll_wait=0,
-                             timeout=5.0)
+    client = FederatedClient(
+        agent_id="agent_001", server=fake_server.url, token="good-token", poll_wait=0, timeout=5.0
+    )
     with client:
         client.add_dataset("digits", x[:300], y[:300], split="train")
         outcome = client.run_one()

@@ -157,18 +157,59 @@ UPDATE_REQUEST = inline_serializer(
 
 
 class UpdateUploadView(APIView):
-    """``POST /api/v1/agent/tasks/<task_id>/update`` (multipart: ``update`` file, ``meta`` JSON)."""
+    """``POST /api/v1/agent/tasks/<task_id>/update``.
+
+    Two equivalent forms: multipart (part ``update``: safetensors, part ``meta``: JSON), or the raw
+    safetensors bytes as an ``application/octet-stream`` body with the JSON meta in the ``X-Update-Meta``
+    header. The raw form skips the multipart parser and its copies of a model-sized body.
+    """
 
     authentication_classes = [AgentTokenAuthentication]
     permission_classes = [IsAgent]
     parser_classes = [MultiPartParser]
 
+    def _raw_upload(self, request: Request, task_id: str) -> Response:
+        meta = request.headers.get("X-Update-Meta")
+        if meta is None:
+            raise ValidationFailed(
+                "A raw (application/octet-stream) update needs its JSON meta in the X-Update-Meta header.",
+                details={"meta": "Required."},
+            )
+        try:
+            length = int(request.headers.get("Content-Length", "0"))
+        except ValueError as exc:
+            raise ValidationFailed("Content-Length must be an integer.") from exc
+        if length > settings.FEDSITE_MAX_UPDATE_BYTES:
+            raise PayloadTooLarge(
+                f"The update is {length} bytes; the server accepts at most "
+                f"{settings.FEDSITE_MAX_UPDATE_BYTES}.",
+                code="update_too_large",
+            )
+        update, created = services.update_submit(
+            agent=request.auth, task_id=task_id, data=request.body, meta=meta
+        )
+        return Response(
+            {"task_id": str(update.task_id), "status": "accepted", "sha256": update.blob_sha256},
+            status=status.HTTP_201_CREATED if created else status.HTTP_200_OK,
+        )
+
     @extend_schema(
         tags=["agent protocol"],
-        request={"multipart/form-data": UPDATE_REQUEST},
+        request={"multipart/form-data": UPDATE_REQUEST, "application/octet-stream": bytes},
+        parameters=[
+            OpenApiParameter(
+                "X-Update-Meta",
+                str,
+                OpenApiParameter.HEADER,
+                required=False,
+                description="JSON meta, required with an application/octet-stream body",
+            )
+        ],
         responses={201: UPDATE_RESPONSE, 200: UPDATE_RESPONSE},
     )
     def post(self, request: Request, task_id: str) -> Response:
+        if request.content_type == "application/octet-stream":
+            return self._raw_upload(request, task_id)
         upload = request.FILES.get("update")
         if upload is None:
             raise ValidationFailed(

@@ -233,3 +233,34 @@ def test_aggregation_is_idempotent_under_retry(client: Any, running: dict[str, A
     assert services.round_aggregate(round_id=round_.pk) == "skipped"  # a redelivered message
     assert training.versions.filter(number=1).count() == 1
     assert training.rounds.count() == 2
+
+
+@pytest.mark.django_db
+def test_raw_octet_stream_upload_is_equivalent_to_multipart(client: Any, running: dict[str, Any]) -> None:
+    training = running["training"]
+    _, token = running["agents"][0]
+    task = client.get("/api/v1/agent/tasks/next?wait=0", **_bearer(token)).json()
+    url = f"/api/v1/agent/tasks/{task['task_id']}/update"
+    good = _delta(training, 0.3)
+
+    def raw(body: bytes, **headers: str) -> Any:
+        return client.post(url, body, content_type="application/octet-stream", **_bearer(token), **headers)
+
+    missing_meta = raw(good)
+    assert missing_meta.status_code == 400 and "X-Update-Meta" in missing_meta.json()["error"]["message"]
+    assert raw(b"garbage" * 20, HTTP_X_UPDATE_META=json.dumps({"num_examples": 3})).status_code == 400
+    assert raw(good, HTTP_X_UPDATE_META="{broken").status_code == 400
+    assert not ClientUpdate.objects.exists()
+    first = raw(good, HTTP_X_UPDATE_META=json.dumps({"num_examples": 3, "metrics": {"eval_accuracy": 0.5}}))
+    assert first.status_code == 201, first.content
+    stored = ClientUpdate.objects.get()
+    assert stored.num_examples == 3 and stored.metrics == {"eval_accuracy": 0.5}
+    assert raw(good, HTTP_X_UPDATE_META=json.dumps({"num_examples": 3})).status_code == 200  # idempotent
+    # the same bytes sent as multipart are the same update
+    again = client.post(
+        url,
+        {"update": SimpleUploadedFile("u", good), "meta": json.dumps({"num_examples": 3})},
+        **_bearer(token),
+    )
+    assert again.status_code == 200 and again.json()["sha256"] == first.json()["sha256"]
+    assert raw(_delta(training, 0.4), HTTP_X_UPDATE_META=json.dumps({"num_examples": 3})).status_code == 409

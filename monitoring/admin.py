@@ -13,7 +13,7 @@ from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import ImproperlyConfigured, PermissionDenied
 from django.db import models
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
@@ -93,7 +93,10 @@ class ServiceAddMixin:
     add_form_help = ""
 
     def create_from_form(self, request: HttpRequest, form: forms.Form) -> models.Model:
-        raise NotImplementedError
+        """Call the service that creates the object (each admin using the mixin defines this)."""
+        raise ImproperlyConfigured(
+            f"{type(self).__name__} uses ServiceAddMixin but does not define create_from_form()."
+        )
 
     def add_view(
         self, request: HttpRequest, form_url: str = "", extra_context: dict[str, Any] | None = None

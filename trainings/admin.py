@@ -280,8 +280,20 @@ class RoundAdmin(ViewOnlyAdmin):
         return pretty_json(obj.metrics)
 
 
+class InRoundColumns:
+    """List columns for objects that belong to a round (tasks, updates): their training and round."""
+
+    @admin.display(description="training")
+    def training(self, obj: Task | ClientUpdate) -> Training:
+        return obj.round.training
+
+    @admin.display(description="round", ordering="round__number")
+    def round_number(self, obj: Task | ClientUpdate) -> int:
+        return obj.round.number
+
+
 @admin.register(Task)
-class TaskAdmin(ViewOnlyAdmin):
+class TaskAdmin(InRoundColumns, ViewOnlyAdmin):
     list_display = [
         "id",
         "training",
@@ -313,21 +325,13 @@ class TaskAdmin(ViewOnlyAdmin):
     ]
     exclude = ["config"]
 
-    @admin.display(description="training")
-    def training(self, obj: Task) -> Training:
-        return obj.round.training
-
-    @admin.display(description="round", ordering="round__number")
-    def round_number(self, obj: Task) -> int:
-        return obj.round.number
-
     @admin.display(description="config")
     def config_pretty(self, obj: Task) -> str:
         return pretty_json(obj.config)
 
 
 @admin.register(ClientUpdate)
-class ClientUpdateAdmin(ViewOnlyAdmin):
+class ClientUpdateAdmin(InRoundColumns, ViewOnlyAdmin):
     list_display = [
         "created_at",
         "agent",
@@ -353,14 +357,6 @@ class ClientUpdateAdmin(ViewOnlyAdmin):
         "created_at",
     ]
     exclude = ["metrics"]
-
-    @admin.display(description="training")
-    def training(self, obj: ClientUpdate) -> Training:
-        return obj.round.training
-
-    @admin.display(description="round", ordering="round__number")
-    def round_number(self, obj: ClientUpdate) -> int:
-        return obj.round.number
 
     @admin.display(description="sha256")
     def sha256(self, obj: ClientUpdate) -> str:

@@ -34,13 +34,12 @@ CHUNKS_PER_WORKER = 4
 
 def _round_context(round_id: int) -> tuple[Round, Strategy, ParameterSpec, list[ClientUpdate]]:
     from trainings.configuration import TrainingConfiguration
+    from trainings.services import round_updates  # services imports this module lazily too
 
     round_ = Round.objects.select_related("training").get(pk=round_id)
     strategy = TrainingConfiguration.from_dict(round_.training.config).strategy()
     spec = ParameterSpec.from_json(round_.training.parameter_spec)
-    updates = list(
-        ClientUpdate.objects.filter(round=round_).select_related("agent").order_by("agent__agent_id")
-    )
+    updates = round_updates(round_)
     return round_, strategy, spec, updates
 
 

@@ -890,9 +890,7 @@ def round_aggregate(*, round_id: int) -> str:
             combination_metrics=combination_metrics,
             started=started,
         )
-    updates = list(
-        ClientUpdate.objects.filter(round=round_).select_related("agent").order_by("agent__agent_id")
-    )
+    updates = round_updates(round_)
     budget = PrivacyBudget.objects.filter(training=training, mode=PrivacyBudget.Mode.CENTRAL).first()
     if budget is not None:
         new_parameters, new_state, delta, combination_metrics = _central_dp_step(
@@ -970,6 +968,11 @@ def _use_chunked_aggregation(spec: ParameterSpec, num_updates: int) -> bool:
     return num_updates * spec.nbytes > settings.FEDSITE_CHUNKED_AGGREGATION_BYTES
 
 
+def round_updates(round_: Round) -> list[ClientUpdate]:
+    """A synchronous round's updates in a fixed order (by agent id), with their agents."""
+    return list(ClientUpdate.objects.filter(round=round_).select_related("agent").order_by("agent__agent_id"))
+
+
 def round_finish(*, round_id: int, delta: Any, combination_metrics: dict[str, float], started: float) -> str:
     """Apply the server optimizer step to a synchronous round's combined delta and commit the version."""
     round_ = Round.objects.select_related("training", "base_version").get(pk=round_id)
@@ -977,9 +980,7 @@ def round_finish(*, round_id: int, delta: Any, combination_metrics: dict[str, fl
         return "skipped"
     strategy = _configuration(round_.training).strategy()
     parent = round_.base_version
-    updates = list(
-        ClientUpdate.objects.filter(round=round_).select_related("agent").order_by("agent__agent_id")
-    )
+    updates = round_updates(round_)
     base = version_read_parameters(parent)
     state = version_read_state(parent, strategy)
     new_parameters, new_state = strategy.apply(base, delta, state)

@@ -1,6 +1,8 @@
 # fedsite: two commands do all set-up on a fresh machine.
 #   make demo   a real federation end to end (embedded SQLite/eager Celery unless DATABASE_URL/REDIS_URL are set)
-#   make test   the whole suite against the real Postgres and Redis on 127.0.0.1, with a real Celery worker
+#   make test   the whole suite against the real Postgres and Redis on 127.0.0.1, with a real Celery worker,
+#               then the Django-side tests again on the embedded default (SQLite, eager Celery, in-memory
+#               channels), which is what `make demo` and `make serve` run
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,8 +13,10 @@ AGENTS ?= 10
 
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/fedsite
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
+# The apps' tests (web, API, dashboard, services): run a second time on the embedded default.
+EMBEDDED_TEST_PATHS ?= fedsite trainings clients privacy versioning monitoring tests
 
-.PHONY: demo test venv lint format bench clean serve worker beat
+.PHONY: demo test test-stack test-embedded venv lint format bench clean serve worker beat
 
 venv: $(STAMP)
 
@@ -22,11 +26,18 @@ $(STAMP): requirements/base.txt requirements/agent.txt requirements/dev.txt requ
 	touch $(STAMP)
 
 demo: venv
-	DJANGO_DEBUG=$${DJANGO_DEBUG:-1} $(PY) manage.py demo --dataset $(DATASET) --agents $(AGENTS)
+	$(PY) manage.py demo --dataset $(DATASET) --agents $(AGENTS)
 
-test: venv
+test: test-stack test-embedded
+
+test-stack: venv
 	DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) DJANGO_SECRET_KEY=test-only-secret-key \
 		$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# End-to-end tests (marker e2e) start their own processes and stack; they run once, in test-stack.
+test-embedded: venv
+	env -u DATABASE_URL -u REDIS_URL -u DJANGO_SECRET_KEY FEDSITE_VAR_DIR=$(CURDIR)/var/test-embedded \
+		$(VENV)/bin/pytest -m "not e2e" -p no:cacheprovider $(PYTEST_ARGS) $(EMBEDDED_TEST_PATHS)
 
 lint: venv
 	$(VENV)/bin/ruff check .
@@ -40,7 +51,7 @@ bench: venv
 	DJANGO_DEBUG=1 $(PY) bench/round_overhead.py
 
 serve: venv
-	DJANGO_DEBUG=$${DJANGO_DEBUG:-1} $(PY) manage.py serve
+	$(PY) manage.py serve
 
 worker: venv  # one worker with embedded beat (deadlines); in production run `beat` once and workers without -B
 	$(VENV)/bin/celery -A fedsite worker -B -Q aggregation,privacy,default -l info --schedule var/celerybeat-schedule

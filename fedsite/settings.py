@@ -7,6 +7,9 @@ variable is listed in ``.env.example``.
 
 from __future__ import annotations
 
+import os
+import secrets
+import time
 from pathlib import Path
 
 import environ
@@ -25,18 +28,67 @@ try:
 except ConfigFileError as exc:
     raise ImproperlyConfigured(str(exc)) from exc
 
+VAR_DIR = Path(env.str("FEDSITE_VAR_DIR", default=str(BASE_DIR / "var")))
+REDIS_URL = FEDSITE_SEED_CONFIG.redis_url
+EMBEDDED = REDIS_URL is None
+
+# DEBUG is off unless asked for (DJANGO_DEBUG=1), in every mode: `make serve` and `make demo` do not ask.
 DEBUG = env.bool("DJANGO_DEBUG", default=False)
+
+
+def _embedded_secret_key(var_dir: Path) -> str:
+    """A random key made on first use and kept in ``var/secret_key`` (0600), for the embedded mode only.
+
+    Every process of one installation (server, agents' test servers, management commands) reads the same
+    file, so sessions survive restarts; the real stack must be given ``DJANGO_SECRET_KEY`` instead.
+    """
+    var_dir.mkdir(parents=True, exist_ok=True)
+    path = var_dir / "secret_key"
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        for _ in range(50):  # another process may be writing it right now
+            key = path.read_text().strip()
+            if key:
+                return key
+            time.sleep(0.02)
+        raise ImproperlyConfigured(f"{path} is empty; delete it to have a new key made.") from None
+    key = secrets.token_urlsafe(50)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(key + "\n")
+    return key
+
+
 SECRET_KEY = env.str("DJANGO_SECRET_KEY", default="")
 if not SECRET_KEY:
-    if not DEBUG:
+    if not (EMBEDDED or DEBUG):
         raise ImproperlyConfigured(
-            "DJANGO_SECRET_KEY is not set. Set it in the environment or in .env (see .env.example); "
-            "for local development DJANGO_DEBUG=1 allows a built-in insecure key."
+            "DJANGO_SECRET_KEY is not set. The real stack (REDIS_URL set) needs it: set it in the "
+            "environment or in .env (see .env.example); generate one with "
+            "python -c 'import secrets; print(secrets.token_urlsafe(50))'."
         )
-    SECRET_KEY = "django-insecure-development-only-key-do-not-use-in-production"  # noqa: S105
+    SECRET_KEY = _embedded_secret_key(VAR_DIR)
 
 ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]", "testserver"])
 CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
+
+# --- HTTPS (production): FEDSITE_HTTPS=1 when browsers and agents reach this server over TLS, directly or
+# through a proxy that sets X-Forwarded-Proto. Then cookies are Secure, HSTS is sent and plain HTTP is
+# redirected; `manage.py check --deploy` passes with these settings (tested).
+FEDSITE_HTTPS = env.bool("FEDSITE_HTTPS", default=False)
+if FEDSITE_HTTPS:
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_SSL_REDIRECT = env.bool("DJANGO_SECURE_SSL_REDIRECT", default=True)
+    SECURE_HSTS_SECONDS = env.int("DJANGO_SECURE_HSTS_SECONDS", default=31_536_000)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS", default=True)
+    SECURE_HSTS_PRELOAD = env.bool("DJANGO_SECURE_HSTS_PRELOAD", default=True)
+    if env.bool("FEDSITE_BEHIND_PROXY", default=False):
+        SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SESSION_COOKIE_HTTPONLY = True
+X_FRAME_OPTIONS = "DENY"
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -90,7 +142,6 @@ TEMPLATES = [
 ]
 
 # --- Database -------------------------------------------------------------------------------------
-VAR_DIR = Path(env.str("FEDSITE_VAR_DIR", default=str(BASE_DIR / "var")))
 DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'fedsite.sqlite3'}")}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # IMMEDIATE transactions take the write lock up front, so concurrent writers wait instead of
@@ -118,12 +169,13 @@ else:
             "timeout": env.float("DATABASE_POOL_TIMEOUT", default=30.0),
         }
 DATABASES["default"].setdefault("TEST", {})
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # Test on a file, as the embedded mode runs: SQLite's in-memory test database uses a shared cache
+    # whose table locks fail concurrent requests ("database table is locked") that WAL serves.
+    DATABASES["default"]["TEST"].setdefault("NAME", str(VAR_DIR / "test.sqlite3"))
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis: broker, cache and channel layer ---------------------------------------------------------
-REDIS_URL = FEDSITE_SEED_CONFIG.redis_url
-EMBEDDED = REDIS_URL is None
-
 if EMBEDDED:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}

@@ -50,3 +50,8 @@ urlpatterns = [
     path("", include("django_prometheus.urls")),
     path("", include("monitoring.urls")),
 ]
+
+handler400 = "fedsite.error_views.bad_request"
+handler403 = "fedsite.error_views.permission_denied"
+handler404 = "fedsite.error_views.page_not_found"
+handler500 = "fedsite.error_views.server_error"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers
 from rest_framework.decorators import api_view, permission_classes
@@ -34,7 +35,7 @@ class AlertSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-@extend_schema(tags=["seed"], responses={200: serializers.DictField()})
+@extend_schema(tags=["seed"], responses={200: OpenApiTypes.OBJECT})
 @api_view(["GET"])
 @permission_classes([IsAdminUser])
 def system_health_view(request: Request) -> Response:

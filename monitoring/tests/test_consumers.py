@@ -37,6 +37,7 @@ def _communicator(session_key: str | None = None) -> WebsocketCommunicator:
     )
 
 
+@pytest.mark.skipif(settings.EMBEDDED, reason="the embedded mode uses the in-memory channel layer by design")
 def test_channel_layer_is_the_real_redis_layer():
     assert settings.CHANNEL_LAYERS["default"]["BACKEND"] == "channels_redis.core.RedisChannelLayer"
 

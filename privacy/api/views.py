@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
-from rest_framework import serializers
 from rest_framework.decorators import api_view, permission_classes
 from rest_framework.permissions import IsAdminUser
 from rest_framework.request import Request
@@ -14,7 +14,7 @@ from privacy.selectors import privacy_report
 from trainings.selectors import training_get
 
 
-@extend_schema(tags=["privacy"], responses={200: serializers.DictField()})
+@extend_schema(tags=["privacy"], responses={200: OpenApiTypes.OBJECT})
 @api_view(["GET"])
 @permission_classes([IsAdminUser])
 def training_privacy(request: Request, training_id: str) -> Response:

@@ -23,6 +23,9 @@ class Command(BaseCommand):
             "--capabilities", default=None, help="JSON object describing the agent, e.g. '{\"gpu\": false}'"
         )
         parser.add_argument("--json", action="store_true", help="print {agent_id, id, token} as JSON")
+        parser.add_argument(
+            "--token-only", action="store_true", help="print only the token, e.g. for TOKEN=$(manage.py ...)"
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         capabilities = None
@@ -39,6 +42,9 @@ class Command(BaseCommand):
             raise CommandError(exc.message, returncode=2 if exc.status_code == 400 else 1) from exc
         if options["json"]:
             self.stdout.write(json.dumps({"agent_id": agent.agent_id, "id": str(agent.pk), "token": token}))
+            return
+        if options["token_only"]:
+            self.stdout.write(token)
             return
         self.stdout.write(self.style.SUCCESS(f"Agent {agent.agent_id} created (id {agent.pk})."))
         self.stdout.write("Its token, shown only now (the server stores only a hash); keep it secret:")

@@ -277,9 +277,11 @@ SPECTACULAR_SETTINGS = {
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {"PrivacyLevelEnum": "trainings.api.serializers.PRIVACY_LEVEL_CHOICES"},
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
         "trainings.api.agent_views.add_next_task_path",
+        "fedsite.openapi.add_error_responses",
     ],
 }
 

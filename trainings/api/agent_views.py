@@ -275,7 +275,10 @@ NEXT_TASK_OPENAPI: dict[str, Any] = {
             }
         ],
         "responses": {
-            "200": {"description": "A task", "content": {"application/json": {"schema": {"type": "object"}}}},
+            "200": {
+                "description": "A task",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Task"}}},
+            },
             "204": {"description": "No task within `wait` seconds"},
             "401": {"description": "Missing or invalid agent token"},
         },
@@ -283,9 +286,58 @@ NEXT_TASK_OPENAPI: dict[str, Any] = {
 }
 
 
+TASK_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "A task of the agent protocol (docs/agent-protocol.md §3.3); "
+    "built by trainings.selectors.task_payload",
+    "required": [
+        "task_id",
+        "kind",
+        "training_id",
+        "round",
+        "deadline",
+        "model",
+        "config",
+        "upload_url",
+        "max_update_bytes",
+    ],
+    "properties": {
+        "task_id": {"type": "string", "format": "uuid"},
+        "kind": {"type": "string", "description": "fit"},
+        "training_id": {"type": "string", "format": "uuid"},
+        "round": {"type": "integer", "minimum": 1},
+        "deadline": {"type": "string", "format": "date-time"},
+        "model": {
+            "type": "object",
+            "required": ["version_id", "number", "sha256", "url", "spec", "parameters"],
+            "properties": {
+                "version_id": {"type": "string", "format": "uuid"},
+                "number": {"type": "integer", "minimum": 0},
+                "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                "url": {"type": "string"},
+                "spec": {"type": "object", "nullable": True, "description": "zoo model spec, null if custom"},
+                "parameters": {
+                    "type": "array",
+                    "description": "name, shape and dtype of every tensor",
+                    "items": {"type": "object"},
+                },
+            },
+        },
+        "config": {
+            "type": "object",
+            "description": "local training: local_epochs, batch_size, learning_rate, seed, proximal_mu, "
+            "max_steps, local_dp...",
+        },
+        "upload_url": {"type": "string"},
+        "max_update_bytes": {"type": "integer", "minimum": 1},
+    },
+}
+
+
 def add_next_task_path(result: dict[str, Any], generator: Any, request: Any, public: Any) -> dict[str, Any]:
     """drf-spectacular post-processing hook: document the async long-poll view."""
     result.setdefault("paths", {})["/api/v1/agent/tasks/next"] = NEXT_TASK_OPENAPI
+    result.setdefault("components", {}).setdefault("schemas", {})["Task"] = TASK_SCHEMA
     schemes = result.setdefault("components", {}).setdefault("securitySchemes", {})
     schemes["agentToken"] = {"type": "http", "scheme": "bearer", "description": "Agent token (fsa_...)"}
     return result

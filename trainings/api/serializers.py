@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rest_framework import serializers
 
+from trainings.configuration import SERVER_ALGORITHMS
 from trainings.models import Round, Training
 
 
@@ -62,11 +63,51 @@ class RoundSerializer(serializers.ModelSerializer):
         return counts
 
 
-class TrainingConfigurationSerializer(serializers.Serializer):
-    """Documents the request body; validation itself is ``TrainingConfiguration.from_dict``."""
+PRIVACY_LEVEL_CHOICES = ("none", "low", "medium", "high")
 
-    name = serializers.CharField()
-    algorithm = serializers.CharField(required=False, default="fedavg")
+
+class PrivacySectionSerializer(serializers.Serializer):
+    """The ``privacy`` section (docs/privacy.md); validated by ``privacy.configuration.parse_privacy``."""
+
+    mode = serializers.ChoiceField(["central", "local"], required=False)
+    level = serializers.ChoiceField(PRIVACY_LEVEL_CHOICES, required=False)
+    epsilon = serializers.FloatField(required=False, help_text="total epsilon of the training's budget")
+    delta = serializers.FloatField(required=False, help_text="total delta of the training's budget")
+    noise_multiplier = serializers.FloatField(required=False)
+    clip_norm = serializers.FloatField(required=False)
+    mechanism = serializers.ChoiceField(["gaussian", "laplace"], required=False)
+    accountant = serializers.ChoiceField(["rdp", "pld"], required=False)
+    population = serializers.IntegerField(required=False)
+    adaptive_clipping = serializers.BooleanField(required=False)
+    target_quantile = serializers.FloatField(required=False)
+    clip_learning_rate = serializers.FloatField(required=False)
+
+
+class PrivacyBudgetSerializer(serializers.Serializer):
+    """The seed's ``PrivacyBudget``."""
+
+    total_epsilon = serializers.FloatField()
+    total_delta = serializers.FloatField()
+
+
+class TrainingConfigurationSerializer(serializers.Serializer):
+    """Documents the request body; validation itself is ``TrainingConfiguration.from_dict``.
+
+    ``trainings/tests/test_openapi.py`` checks that these fields are exactly the configuration's fields
+    plus ``start``, so the schema cannot fall behind the code.
+    """
+
+    name = serializers.CharField(max_length=200)
+    algorithm = serializers.ChoiceField(list(SERVER_ALGORITHMS), required=False, default="fedavg")
+    hyperparameters = serializers.DictField(
+        required=False, help_text="the algorithm's hyperparameters (docs/strategies.md); errors name the key"
+    )
+    privacy = PrivacySectionSerializer(required=False, allow_null=True)
+    privacy_budget = PrivacyBudgetSerializer(required=False, allow_null=True)
+    privacy_level = serializers.ChoiceField(PRIVACY_LEVEL_CHOICES, required=False, allow_null=True)
+    start = serializers.BooleanField(
+        required=False, default=True, help_text="start at once (default) or create it pending"
+    )
     model_type = serializers.ChoiceField(["logreg", "mlp", "neural_network"], required=False)
     input_dim = serializers.IntegerField(required=False)
     num_classes = serializers.IntegerField(required=False)

@@ -139,6 +139,10 @@ class TrainingViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
             raise ValidationFailed("The request body must be a JSON training configuration.")
         body = dict(request.data)
         start = body.pop("start", True)
+        if not isinstance(start, bool):
+            raise ValidationFailed(
+                f"start must be true or false. Found {start!r}.", details={"start": "Must be a boolean."}
+            )
         configuration = TrainingConfiguration.from_dict(body)
         if start:
             training = services.training_create_and_start(

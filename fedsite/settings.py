@@ -208,9 +208,10 @@ FEDSITE_PUBLIC_BASE_URL = env.str("FEDSITE_PUBLIC_BASE_URL", default="")
 # --- REST API --------------------------------------------------------------------------------------
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.SessionAuthentication",
-        # operators: knox tokens (hashed, prefixed, expiring) as "Authorization: Token fso_..."
+        # operators: knox tokens (hashed, prefixed, expiring) as "Authorization: Token fso_...". First, so
+        # a refused request is a 401 with "WWW-Authenticate: Token" (DRF asks the first class for it).
         "fedsite.operator_auth.OperatorTokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
     ],
     # Proxies in front of the server that append to X-Forwarded-For. 0 (the default) trusts only the
     # socket's address, so a client cannot pick the IP its failed logins are counted against.

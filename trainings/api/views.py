@@ -93,7 +93,7 @@ def training_start(request: Request) -> Response:
 
 @extend_schema(tags=["seed"], responses={200: STATUS_RESPONSE})
 @api_view(["GET"])
-@authentication_classes([SessionAuthentication, OperatorTokenAuthentication, AgentTokenAuthentication])
+@authentication_classes([OperatorTokenAuthentication, SessionAuthentication, AgentTokenAuthentication])
 @permission_classes([IsStaffOrAgent])
 def training_status_view(request: Request, training_id: str) -> Response:
     training = _training_or_404(training_id)

@@ -241,10 +241,11 @@ SPECTACULAR_SETTINGS = {
 INSTALLED_APPS += ["knox", "axes"]
 # AxesMiddleware last, as django-axes asks: it turns a lockout flagged by the backend into the response.
 MIDDLEWARE += ["axes.middleware.AxesMiddleware"]
-# AxesStandaloneBackend first: it refuses a locked-out login before the password is checked. It has no
-# get_user(), so the test client's force_login() skips it and uses ModelBackend.
+# django-axes' backend first: it refuses a locked-out login before the password is checked. It has no
+# get_user(), so the test client's force_login() skips it and uses ModelBackend; it lets logins without a
+# request (the test client's login(), a shell) through to ModelBackend (fedsite.throttling).
 AUTHENTICATION_BACKENDS = [
-    "axes.backends.AxesStandaloneBackend",
+    "fedsite.throttling.LoginLockoutBackend",
     "django.contrib.auth.backends.ModelBackend",
 ]
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from axes.backends import AxesStandaloneBackend
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils.html import format_html
@@ -127,3 +128,17 @@ def login_lockout_response(request: HttpRequest, *args: Any, **kwargs: Any) -> H
     if seconds:
         response["Retry-After"] = str(seconds)
     return response
+
+
+class LoginLockoutBackend(AxesStandaloneBackend):
+    """django-axes' backend, skipped for logins that come with no request.
+
+    Every login over HTTP (the admin's form, DRF) passes its request and is counted and locked out by axes.
+    ``authenticate()`` without one (the test client's ``login()``, a shell) has no client address to count
+    and is not network-facing, so it goes straight to the next backend instead of raising.
+    """
+
+    def authenticate(self, request: HttpRequest | None, *args: Any, **kwargs: Any) -> None:
+        if request is None:
+            return None
+        return super().authenticate(request, *args, **kwargs)

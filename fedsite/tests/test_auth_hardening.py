@@ -241,8 +241,14 @@ def test_lockout_is_per_address(client: Client, staff_user: Any, settings: Any) 
     assert _admin_login(other, "ops-correct-password").status_code == 302
 
 
-def test_force_login_is_not_affected_by_axes(staff_client: Client) -> None:
+def test_force_login_and_test_client_login_are_not_affected_by_axes(
+    staff_client: Client, staff_user: Any
+) -> None:
     assert staff_client.get("/api/v1/trainings/").status_code == 200
+    other = Client()
+    assert other.login(username="ops", password="ops-correct-password") is True
+    assert other.get("/api/v1/trainings/").status_code == 200
+    assert Client().login(username="ops", password="wrong") is False
 
 
 # --- item 5: operator tokens (django-rest-knox) ------------------------------------------------------
@@ -451,3 +457,20 @@ def test_agent_token_reaches_no_operator_endpoint(
     ):
         response = client.get(path, **headers)
         assert response.status_code in (401, 403), (path, response.status_code)
+
+
+def test_admin_lists_operator_tokens_without_showing_them_and_deletes_them(
+    admin_client: Client, staff_user: Any
+) -> None:
+    from knox.models import AuthToken
+
+    token = _operator_token("ops")["token"]
+    page = admin_client.get("/admin/knox/authtoken/")
+    assert page.status_code == 200
+    assert b"ops" in page.content
+    assert token.encode() not in page.content
+
+    digest = AuthToken.objects.get().digest
+    response = admin_client.post(f"/admin/knox/authtoken/{digest}/delete/", {"post": "yes"})
+    assert response.status_code == 302
+    assert Client().get("/api/v1/trainings/", HTTP_AUTHORIZATION=f"Token {token}").status_code == 401

@@ -269,6 +269,11 @@ def operator_token_revoke(*, token_key: str | None = None, username: str | None 
     else:
         tokens = tokens.filter(user__username=username)
     keys = list(tokens.values_list("token_key", flat=True))
+    if token_key and len(keys) > 1:
+        raise ValidationFailed(
+            f"The prefix {token_key!r} matches {len(keys)} tokens; give the full 15-character token key "
+            "printed by create_operator_token, or --user to revoke all of a user's tokens."
+        )
     deleted, _ = tokens.delete()
     if keys:
         audit_record(

@@ -182,6 +182,8 @@ class TrainingEventsConsumer(AsyncJsonWebsocketConsumer):
             await self.send_json({"type": "unsubscribed", "training_id": training_id})
 
     async def training_event(self, message: dict[str, Any]) -> None:
+        if self.closed:  # a close frame went out: the ASGI server accepts nothing after it
+            return
         await self.send_json(
             {"type": message["event"], "training_id": message["training_id"], **message["payload"]}
         )

@@ -305,9 +305,23 @@ def test_operator_token_authenticates_expires_and_is_revoked(client: Client, sta
 
 def test_revoke_all_tokens_of_a_user(client: Client, staff_user: Any) -> None:
     tokens = [_operator_token("ops")["token"] for _ in range(2)]
+    with pytest.raises(CommandError, match="at least 8 characters"):
+        call_command("revoke_operator_token", "fso_", stdout=io.StringIO())
     call_command("revoke_operator_token", "--user", "ops", stdout=io.StringIO())
     for token in tokens:
         assert client.get("/api/v1/trainings/", HTTP_AUTHORIZATION=f"Token {token}").status_code == 401
+
+
+def test_an_ambiguous_prefix_revokes_nothing(staff_user: Any) -> None:
+    from knox.models import AuthToken
+
+    for _ in range(2):
+        _operator_token("ops")
+    for i, token in enumerate(AuthToken.objects.all()):
+        AuthToken.objects.filter(pk=token.pk).update(token_key=f"fso_sameprefix{i}")
+    with pytest.raises(CommandError, match="matches 2 tokens"):
+        call_command("revoke_operator_token", "fso_samepre", stdout=io.StringIO())
+    assert AuthToken.objects.count() == 2
 
 
 def test_login_endpoint_gives_a_staff_session_a_token_and_logout_revokes_it(

@@ -10,12 +10,15 @@ Invariants:
 - Once an IP has ``N`` failures within the period of its scope's rate (``FEDSITE_AUTH_FAILURE_RATES``),
   every attempt of that scope from it is refused with 429 and ``Retry-After`` *before* the credential is
   checked: a guess that happens to be right is refused too, so refusals tell an attacker nothing.
+- The counters fail open: when the cache is unreachable (Redis down) a warning is logged and nothing is
+  throttled, so agents keep authenticating against the database.
 - The client IP is the socket's address unless ``FEDSITE_NUM_PROXIES`` trusted proxies add
   ``X-Forwarded-For`` (DRF's rule, also used for django-axes), so a client cannot choose its own IP.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -26,6 +29,8 @@ from django.utils.html import format_html
 from rest_framework.throttling import BaseThrottle, SimpleRateThrottle
 
 from fedsite.errors import TooManyRequests
+
+logger = logging.getLogger("fedsite.throttling")
 
 WHAT = {
     "agent_token": "failed agent-token authentications",
@@ -87,9 +92,13 @@ def auth_failure_guard(*, scope: str, client_ip: str | None) -> None:
     """Raise 429 if ``client_ip`` is over the failure limit of ``scope``; no-op when the IP is unknown."""
     if client_ip is None:
         return
-    wait = FailedAuthenticationThrottle(scope).retry_after(client_ip)
+    throttle = FailedAuthenticationThrottle(scope)
+    try:
+        wait = throttle.retry_after(client_ip)
+    except Exception as exc:  # the cache (Redis) is away: fail open, the credential check still runs
+        logger.warning("auth_failure_counter_unavailable scope=%s error=%r", scope, exc)
+        return
     if wait is not None:
-        throttle = FailedAuthenticationThrottle(scope)
         raise TooManyRequests(
             f"Too many {WHAT[scope]} from this address ({throttle.num_requests} per {throttle.duration} s); "
             f"retry after {wait} seconds with a valid credential.",
@@ -99,8 +108,12 @@ def auth_failure_guard(*, scope: str, client_ip: str | None) -> None:
 
 def auth_failure_record(*, scope: str, client_ip: str | None) -> None:
     """Count one failed authentication of ``scope`` from ``client_ip`` (no-op when the IP is unknown)."""
-    if client_ip is not None:
+    if client_ip is None:
+        return
+    try:
         FailedAuthenticationThrottle(scope).record_failure(client_ip)
+    except Exception as exc:  # the cache (Redis) is away: the failure is answered, just not counted
+        logger.warning("auth_failure_counter_unavailable scope=%s error=%r", scope, exc)
 
 
 def login_lockout_response(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:

@@ -488,3 +488,23 @@ def test_admin_lists_operator_tokens_without_showing_them_and_deletes_them(
     response = admin_client.post(f"/admin/knox/authtoken/{digest}/delete/", {"post": "yes"})
     assert response.status_code == 302
     assert Client().get("/api/v1/trainings/", HTTP_AUTHORIZATION=f"Token {token}").status_code == 401
+
+
+def test_with_the_cache_away_authentication_fails_open(
+    client: Client, make_agent: Any, settings: Any, low_limits: Any
+) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens there once closed
+    _, token = make_agent()
+    settings.CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": f"redis://127.0.0.1:{port}/0",
+        }
+    }
+    for _ in range(5):  # the failures are answered (not counted: there is nowhere to count them)
+        assert _error(_heartbeat(client, "fsa_wrong"))["code"] == "invalid_token"
+    assert _heartbeat(client, token).status_code == 200

@@ -59,3 +59,11 @@ def staff_client(db: Any, client: Any):
     client.force_login(user)
     client.user = user
     return client
+
+
+@pytest.fixture(autouse=True)
+def _fresh_auth_failure_counters(settings: Any) -> None:
+    """Each test counts failed authentications afresh (the counters live in the shared Redis cache)."""
+    import uuid
+
+    settings.FEDSITE_AUTH_FAILURE_NAMESPACE = uuid.uuid4().hex

@@ -16,10 +16,12 @@ from django.utils import timezone
 
 from clients.models import Agent, EnrollmentKey, agent_id_validator
 from fedsite.errors import AuthenticationFailed, Conflict, Forbidden, ValidationFailed
+from fedsite.throttling import auth_failure_guard, auth_failure_record
 from monitoring.services import audit_record
 
 TOKEN_PREFIX = "fsa_"  # noqa: S105 - a public prefix, not a secret
 KEY_PREFIX = "fse_"
+OPERATOR_TOKEN_PREFIX = settings.REST_KNOX["TOKEN_PREFIX"]  # fso_: knox tokens (fedsite.operator_auth)
 MAX_CAPABILITIES_BYTES = 16 * 1024
 
 
@@ -105,8 +107,14 @@ def enrollment_key_create(
     return key, secret
 
 
-def agent_enroll(*, enrollment_key: Any, agent_id: Any, capabilities: Any = None) -> tuple[Agent, str]:
-    """Self-enrolment: an agent that knows a valid key registers itself and gets a token."""
+def agent_enroll(
+    *, enrollment_key: Any, agent_id: Any, capabilities: Any = None, client_ip: str | None = None
+) -> tuple[Agent, str]:
+    """Self-enrolment: an agent that knows a valid key registers itself and gets a token.
+
+    ``client_ip`` (given by HTTP callers) counts wrong keys per IP; past the limit, 429 (fedsite.throttling).
+    """
+    auth_failure_guard(scope="enrollment", client_ip=client_ip)
     if not isinstance(enrollment_key, str) or not enrollment_key:
         raise ValidationFailed("enrollment_key is required.", details={"enrollment_key": "Required."})
     agent_id = _validate_agent_id(agent_id)
@@ -128,6 +136,7 @@ def agent_enroll(*, enrollment_key: Any, agent_id: Any, capabilities: Any = None
                 or (key.expires_at is not None and key.expires_at <= now)
                 or (key.max_uses is not None and key.uses >= key.max_uses)
             ):
+                auth_failure_record(scope="enrollment", client_ip=client_ip)
                 raise Forbidden(
                     "The enrolment key is unknown, revoked, expired or used up; "
                     "ask the operator for a new one.",
@@ -143,17 +152,31 @@ def agent_enroll(*, enrollment_key: Any, agent_id: Any, capabilities: Any = None
     return agent, token
 
 
-def agent_authenticate(*, authorization: str | None) -> Agent:
-    """Resolve ``Authorization: Bearer <token>`` to an active agent or raise 401/403."""
+def agent_authenticate(*, authorization: str | None, client_ip: str | None = None) -> Agent:
+    """Resolve ``Authorization: Bearer <token>`` to an active agent or raise 401/403.
+
+    ``client_ip`` (given by HTTP callers) counts wrong tokens per IP; past the limit every attempt from the
+    IP gets 429 before its token is looked at (fedsite.throttling).
+    """
     if not authorization or not authorization.startswith("Bearer "):
         raise AuthenticationFailed(
             "Send the agent token as 'Authorization: Bearer <token>'.", code="not_authenticated"
         )
+    auth_failure_guard(scope="agent_token", client_ip=client_ip)
     token = authorization[len("Bearer ") :].strip()
     if not token or len(token) > 200:
+        auth_failure_record(scope="agent_token", client_ip=client_ip)
         raise AuthenticationFailed("The agent token is malformed.", code="invalid_token")
+    if token.startswith(OPERATOR_TOKEN_PREFIX):
+        auth_failure_record(scope="agent_token", client_ip=client_ip)
+        raise AuthenticationFailed(
+            "This is an operator token; operators send 'Authorization: Token <token>', "
+            "agents send their own fsa_ token as 'Authorization: Bearer <token>'.",
+            code="invalid_token",
+        )
     agent = Agent.objects.filter(token_hash=_hash_secret(token)).first()
     if agent is None:
+        auth_failure_record(scope="agent_token", client_ip=client_ip)
         raise AuthenticationFailed(
             "The agent token is not valid; enrol again or ask the operator.", code="invalid_token"
         )
@@ -190,3 +213,74 @@ def agent_set_status(*, agent: Agent, status: str, actor: str) -> Agent:
     agent.save(update_fields=["status"])
     audit_record(actor=actor, action=f"agent.{status}", obj=agent)
     return agent
+
+
+# --- operator API tokens (django-rest-knox: stored as a SHA-512 digest, shown once) -------------------
+def operator_token_create(*, username: str, expires_in_days: float | None, actor: str) -> tuple[Any, str]:
+    """Make an operator token for a staff user; return the knox ``AuthToken`` and the clear token.
+
+    ``expires_in_days`` None takes ``FEDSITE_OPERATOR_TOKEN_TTL_DAYS``; 0 makes a token that never expires.
+    """
+    from datetime import timedelta
+
+    from django.contrib.auth import get_user_model
+    from knox.models import AuthToken
+    from knox.settings import knox_settings
+
+    user = get_user_model().objects.filter(username=username).first()
+    if user is None:
+        raise ValidationFailed(f"No user named {username!r}; create one with `manage.py createsuperuser`.")
+    if not user.is_staff or not user.is_active:
+        raise ValidationFailed(f"User {username!r} must be an active staff user to get an operator token.")
+    if expires_in_days is None:
+        expiry = knox_settings.TOKEN_TTL
+    elif expires_in_days < 0:
+        raise ValidationFailed(
+            f"expires-in must be 0 (never) or a positive number of days. Found {expires_in_days}."
+        )
+    else:
+        expiry = timedelta(days=expires_in_days) if expires_in_days > 0 else None
+    instance, token = AuthToken.objects.create(user=user, expiry=expiry)
+    audit_record(
+        actor=actor,
+        action="operator_token.create",
+        obj=user,
+        details={
+            "token_key": instance.token_key,
+            "expiry": instance.expiry.isoformat() if instance.expiry else None,
+        },
+    )
+    return instance, token
+
+
+def operator_token_revoke(*, token_key: str | None = None, username: str | None = None, actor: str) -> int:
+    """Revoke (delete) operator tokens: the one whose visible prefix is ``token_key``, or all of a user's."""
+    from knox.models import AuthToken
+
+    if bool(token_key) == bool(username):
+        raise ValidationFailed(
+            "Give either a token prefix or a username (to revoke all of that user's tokens)."
+        )
+    tokens = AuthToken.objects.all()
+    if token_key:
+        if len(token_key) < 8:
+            raise ValidationFailed(f"The token prefix must have at least 8 characters. Found {token_key!r}.")
+        tokens = tokens.filter(token_key__startswith=token_key)
+    else:
+        tokens = tokens.filter(user__username=username)
+    keys = list(tokens.values_list("token_key", flat=True))
+    if token_key and len(keys) > 1:
+        raise ValidationFailed(
+            f"The prefix {token_key!r} matches {len(keys)} tokens; give the full 15-character token key "
+            "printed by create_operator_token, or --user to revoke all of a user's tokens."
+        )
+    deleted, _ = tokens.delete()
+    if keys:
+        audit_record(
+            actor=actor,
+            action="operator_token.revoke",
+            object_type="operator_token",
+            object_id=keys[0] if len(keys) == 1 else f"{len(keys)} tokens",
+            details={"token_keys": keys, "username": username},
+        )
+    return deleted

@@ -1,5 +1,9 @@
 """DRF authentication for agents: ``Authorization: Bearer <agent token>``.
 
+Operators use ``Authorization: Token <fso_...>`` (fedsite.operator_auth): each scheme answers only its own
+header prefix, and a token of the other kind under the wrong prefix is refused with a message saying so.
+Failed attempts are throttled per client IP (fedsite.throttling).
+
 ``request.auth`` is the ``Agent``; ``request.user`` is a principal that is never staff, so an agent
 token can never reach an operator endpoint.
 """
@@ -13,6 +17,7 @@ from rest_framework.permissions import BasePermission
 
 from clients.models import Agent
 from clients.services import agent_authenticate
+from fedsite.throttling import client_ip
 
 
 class AgentPrincipal:
@@ -38,7 +43,9 @@ class AgentTokenAuthentication(BaseAuthentication):
         header = request.META.get("HTTP_AUTHORIZATION", "")
         if not header.startswith("Bearer "):
             return None  # not an agent request: let other authenticators (or the permission) decide
-        agent = agent_authenticate(authorization=request.META.get("HTTP_AUTHORIZATION"))
+        agent = agent_authenticate(
+            authorization=request.META.get("HTTP_AUTHORIZATION"), client_ip=client_ip(request)
+        )
         return AgentPrincipal(agent), agent
 
     def authenticate_header(self, request: Any) -> str:

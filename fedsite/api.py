@@ -23,7 +23,10 @@ def error_payload(code: str, message: str, details: dict[str, Any] | None = None
 
 def error_response(exc: ServiceError) -> JsonResponse:
     """A JsonResponse for plain (non-DRF) views."""
-    return JsonResponse(exc.as_dict(), status=exc.status_code)
+    response = JsonResponse(exc.as_dict(), status=exc.status_code)
+    if getattr(exc, "retry_after", None) is not None:
+        response["Retry-After"] = str(exc.retry_after)
+    return response
 
 
 def _flatten_drf_detail(detail: Any) -> str:
@@ -41,6 +44,8 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         response = Response(exc.as_dict(), status=exc.status_code)
         if exc.status_code == 503:
             response["Retry-After"] = "5"
+        if getattr(exc, "retry_after", None) is not None:
+            response["Retry-After"] = str(exc.retry_after)
         return response
     if isinstance(exc, DjangoValidationError):
         details = exc.message_dict if hasattr(exc, "error_dict") else {"non_field_errors": exc.messages}

@@ -58,3 +58,21 @@ class PayloadTooLarge(ServiceError):
 class ServiceUnavailable(ServiceError):
     status_code = 503
     default_code = "unavailable"
+
+
+class TooManyRequests(ServiceError):
+    """Refused until ``retry_after`` seconds have passed (sent as the ``Retry-After`` header)."""
+
+    status_code = 429
+    default_code = "throttled"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: int,
+        code: str | None = None,
+        details: dict[str, Any] | None = None,
+    ):
+        super().__init__(message, code=code, details={"retry_after": retry_after, **(details or {})})
+        self.retry_after = retry_after

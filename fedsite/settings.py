@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import environ
@@ -99,7 +100,6 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "django_prometheus",
     "rest_framework",
-    "rest_framework.authtoken",
     "drf_spectacular",
     "channels",
     "clients",
@@ -260,9 +260,14 @@ FEDSITE_PUBLIC_BASE_URL = env.str("FEDSITE_PUBLIC_BASE_URL", default="")
 # --- REST API --------------------------------------------------------------------------------------
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
+        # operators: knox tokens (hashed, prefixed, expiring) as "Authorization: Token fso_...". First, so
+        # a refused request is a 401 with "WWW-Authenticate: Token" (DRF asks the first class for it).
+        "fedsite.operator_auth.OperatorTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
-        "rest_framework.authentication.TokenAuthentication",
     ],
+    # Proxies in front of the server that append to X-Forwarded-For. 0 (the default) trusts only the
+    # socket's address, so a client cannot pick the IP its failed logins are counted against.
+    "NUM_PROXIES": env.int("FEDSITE_NUM_PROXIES", default=0),
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAdminUser"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "fedsite.api.exception_handler",
@@ -284,6 +289,56 @@ SPECTACULAR_SETTINGS = {
         "fedsite.openapi.add_error_responses",
     ],
 }
+
+# --- Authentication hardening: operator tokens, failed-auth throttling, admin lockout, /metrics ------
+# Kept in one block (see docs/operations.md, "Authentication").
+INSTALLED_APPS += ["knox", "axes"]
+# AxesMiddleware last, as django-axes asks: it turns a lockout flagged by the backend into the response.
+MIDDLEWARE += ["axes.middleware.AxesMiddleware"]
+# django-axes' backend first: it refuses a locked-out login before the password is checked. It has no
+# get_user(), so the test client's force_login() skips it and uses ModelBackend; it lets logins without a
+# request (the test client's login(), a shell) through to ModelBackend (fedsite.throttling).
+AUTHENTICATION_BACKENDS = [
+    "fedsite.throttling.LoginLockoutBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+
+_operator_token_ttl_days = env.float("FEDSITE_OPERATOR_TOKEN_TTL_DAYS", default=30.0)
+REST_KNOX = {
+    "TOKEN_PREFIX": "fso_",  # operator tokens; agent tokens start with fsa_ (clients/services.py)
+    "AUTH_HEADER_PREFIX": "Token",  # agents use "Bearer": the two schemes never read each other's header
+    "TOKEN_TTL": timedelta(days=_operator_token_ttl_days) if _operator_token_ttl_days > 0 else None,
+    "AUTO_REFRESH": False,
+}
+
+# Failed authentications counted per client IP in the cache, as DRF rates "N/s|m|h|d". Past N failures in
+# the period, every attempt of that kind from the IP gets 429 with Retry-After until the window moves on.
+FEDSITE_AUTH_FAILURE_RATES = {
+    "agent_token": env.str("FEDSITE_THROTTLE_AGENT_TOKEN", default="10/m"),
+    "operator_token": env.str("FEDSITE_THROTTLE_OPERATOR_TOKEN", default="10/m"),
+    "enrollment": env.str("FEDSITE_THROTTLE_ENROLLMENT", default="10/m"),
+    "metrics_token": env.str("FEDSITE_THROTTLE_METRICS_TOKEN", default="10/m"),
+}
+# Part of the counters' cache keys; the test suite sets a fresh one per test.
+FEDSITE_AUTH_FAILURE_NAMESPACE = env.str("FEDSITE_AUTH_FAILURE_NAMESPACE", default="v1")
+
+# django-axes: admin (and any Django) login failures, per username and IP, stored in the database.
+AXES_HANDLER = "axes.handlers.database.AxesDatabaseHandler"
+AXES_FAILURE_LIMIT = env.int("FEDSITE_LOGIN_FAILURE_LIMIT", default=5)
+AXES_COOLOFF_TIME = timedelta(minutes=env.float("FEDSITE_LOGIN_COOLOFF_MINUTES", default=15.0))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_HTTP_RESPONSE_CODE = 429
+AXES_CLIENT_IP_CALLABLE = "fedsite.throttling.login_client_ip"
+AXES_LOCKOUT_CALLABLE = "fedsite.throttling.login_lockout_response"
+
+# /metrics: a staff session, or "Authorization: Bearer <FEDSITE_METRICS_TOKEN>" (compared in constant
+# time). Anonymous scrapes only when FEDSITE_METRICS_ALLOW_ANONYMOUS is set.
+FEDSITE_METRICS_TOKEN = env.str("FEDSITE_METRICS_TOKEN", default="")
+FEDSITE_METRICS_ALLOW_ANONYMOUS = env.bool("FEDSITE_METRICS_ALLOW_ANONYMOUS", default=False)
+
+# WebSocket frames larger than this are refused (error frame, then close 1009).
+FEDSITE_WS_MAX_FRAME_BYTES = env.int("FEDSITE_WS_MAX_FRAME_BYTES", default=64 * 1024)
 
 LOGIN_URL = "/admin/login/"
 AUTH_PASSWORD_VALIDATORS = [

@@ -6,7 +6,9 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
 
 from clients.api.views import AgentViewSet, EnrollView, HeartbeatView
+from fedsite.operator_views import OperatorLoginView, OperatorLogoutAllView, OperatorLogoutView
 from monitoring.api import views as monitoring_views
+from monitoring.prometheus import metrics_view
 from privacy.api.views import training_privacy
 from trainings.api import agent_views
 from trainings.api import views as training_views
@@ -40,14 +42,21 @@ seed_api = [
     path("trainings/<str:training_id>/privacy", training_privacy, name="training-privacy"),
 ]
 
+operator_auth = [
+    path("login", OperatorLoginView.as_view(), name="operator-login"),
+    path("logout", OperatorLogoutView.as_view(), name="operator-logout"),
+    path("logoutall", OperatorLogoutAllView.as_view(), name="operator-logout-all"),
+]
+
 urlpatterns = [
     path("api/", include(seed_api)),
     path("api/v1/agent/", include(agent_protocol)),
+    path("api/v1/auth/", include(operator_auth)),
     path("api/v1/", include(router.urls)),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
     path("admin/", admin.site.urls),
-    path("", include("django_prometheus.urls")),
+    path("metrics", metrics_view, name="prometheus-django-metrics"),
     path("", include("monitoring.urls")),
 ]
 

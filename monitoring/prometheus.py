@@ -1,5 +1,8 @@
 """Prometheus gauges computed from the database at scrape time (served by django-prometheus at ``/metrics``).
 
+``/metrics`` itself is :func:`metrics_view`: a staff session or the metrics bearer token, never anonymous
+unless ``FEDSITE_METRICS_ALLOW_ANONYMOUS`` says so.
+
 Invariants: nothing is counted in process memory, so every ASGI process and worker reports the same
 values; a scrape runs a handful of aggregate queries; a database error yields ``fedsite_collector_up 0``
 instead of failing the whole scrape. ``register_collector`` is idempotent: ``MonitoringConfig.ready``
@@ -9,11 +12,14 @@ may run (and this module may be imported) more than once.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
 import threading
 from collections.abc import Iterator
 
+from django.conf import settings
 from django.db.models import Count
+from django.http import HttpRequest, HttpResponse
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -130,3 +136,41 @@ def register_collector(registry: CollectorRegistry = REGISTRY) -> FedsiteCollect
         with contextlib.suppress(ValueError):
             registry.register(_collector)
         return _collector
+
+
+def metrics_view(request: HttpRequest) -> HttpResponse:
+    """``GET /metrics``: django-prometheus' exposition, for a staff session or the metrics bearer token.
+
+    ``Authorization: Bearer <FEDSITE_METRICS_TOKEN>`` is compared in constant time; wrong tokens are
+    throttled per client IP like other credentials. With ``FEDSITE_METRICS_ALLOW_ANONYMOUS`` set, anyone
+    may scrape (the gauges name trainings, so only do this on a private network).
+    """
+    from django_prometheus.exports import ExportToDjangoView
+
+    from fedsite.api import error_response
+    from fedsite.errors import AuthenticationFailed, ServiceError
+    from fedsite.throttling import auth_failure_guard, auth_failure_record, client_ip
+
+    configured = settings.FEDSITE_METRICS_TOKEN
+    header = request.headers.get("Authorization", "")
+    try:
+        if header.startswith("Bearer "):
+            ip = client_ip(request)
+            auth_failure_guard(scope="metrics_token", client_ip=ip)
+            offered = header[len("Bearer ") :].strip()
+            if configured and hmac.compare_digest(offered.encode(), configured.encode()):
+                return ExportToDjangoView(request)
+            auth_failure_record(scope="metrics_token", client_ip=ip)
+            raise AuthenticationFailed("The metrics token is not valid.", code="invalid_token")
+        user = getattr(request, "user", None)
+        if settings.FEDSITE_METRICS_ALLOW_ANONYMOUS or (user is not None and user.is_staff):
+            return ExportToDjangoView(request)
+        raise AuthenticationFailed(
+            "/metrics needs 'Authorization: Bearer <FEDSITE_METRICS_TOKEN>' or a staff login.",
+            code="not_authenticated",
+        )
+    except ServiceError as exc:
+        response = error_response(exc)
+        if exc.status_code == 401:
+            response["WWW-Authenticate"] = 'Bearer realm="fedsite-metrics"'
+        return response

@@ -123,3 +123,8 @@ def _privacy_summary(training: Training) -> dict[str, Any] | None:
         "remaining_epsilon": max(0.0, budget.epsilon - budget.spent_epsilon),
         "noise_multiplier": budget.noise_multiplier,
     }
+
+
+def training_has_participant(*, training: Training, agent: Any) -> bool:
+    """True if ``agent`` has (or had) a task in ``training``: what an agent may read about it."""
+    return Task.objects.filter(agent=agent, round__training=training).exists()

@@ -19,6 +19,7 @@ from clients.selectors import agent_is_online
 from clients.services import agent_create, agent_enroll, agent_rotate_token, agent_set_status, agent_touch
 from fedsite.agent_auth import AgentTokenAuthentication, IsAgent
 from fedsite.errors import ValidationFailed
+from fedsite.throttling import client_ip
 
 ENROLL_REQUEST = inline_serializer(
     "EnrollRequest",
@@ -82,6 +83,7 @@ class EnrollView(APIView):
             enrollment_key=body.get("enrollment_key"),
             agent_id=body.get("agent_id"),
             capabilities=body.get("capabilities"),
+            client_ip=client_ip(request),
         )
         return Response(
             {

@@ -58,8 +58,8 @@ def known_state():
     return {"scored": scored, "idle": idle, "stopped": stopped}
 
 
-def test_metrics_endpoint_exposes_the_gauges_with_database_values(client, known_state):
-    response = client.get("/metrics")
+def test_metrics_endpoint_exposes_the_gauges_with_database_values(staff_client, known_state):
+    response = staff_client.get("/metrics")
 
     assert response.status_code == 200
     samples = _samples(response.content.decode())
@@ -107,7 +107,8 @@ def test_metrics_endpoint_exposes_the_gauges_with_database_values(client, known_
     assert _value(samples, "fedsite_training_current_round", training_id=idle, training_name="idle") == 1
 
 
-def test_gauges_follow_the_database_between_scrapes(client, known_state):
+def test_gauges_follow_the_database_between_scrapes(staff_client, known_state):
+    client = staff_client
     training_stop(training_id=known_state["idle"].pk)
     Alert.objects.update(acknowledged_by="ops")
     Alert.objects.filter(severity=Alert.Severity.WARNING).update(acknowledged_at="2026-01-01T00:00:00Z")

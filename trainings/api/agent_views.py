@@ -27,6 +27,7 @@ from clients.services import agent_authenticate, agent_touch
 from fedsite.agent_auth import AgentTokenAuthentication, IsAgent
 from fedsite.api import error_response
 from fedsite.errors import Forbidden, NotFound, PayloadTooLarge, ServiceError, ValidationFailed
+from fedsite.throttling import client_ip
 from trainings import services
 from trainings.selectors import task_payload
 from trainings.wakeup import wait_for_wakeup
@@ -59,9 +60,9 @@ def _poll_once(agent: Any) -> dict[str, Any] | None:
         _release_connection()
 
 
-def _prepare_poll(authorization: str | None) -> Any:
+def _prepare_poll(authorization: str | None, client_ip: str | None) -> Any:
     try:
-        agent = agent_authenticate(authorization=authorization)
+        agent = agent_authenticate(authorization=authorization, client_ip=client_ip)
         agent_touch(agent=agent)
         services.rounds_try_open_waiting_if_any()
         return agent
@@ -83,7 +84,7 @@ async def next_task_view(request: HttpRequest) -> HttpResponse:
         )
     try:
         wait = _parse_wait(request.GET.get("wait"))
-        agent = await sync_to_async(_prepare_poll)(request.headers.get("Authorization"))
+        agent = await sync_to_async(_prepare_poll)(request.headers.get("Authorization"), client_ip(request))
         deadline = time.monotonic() + wait
         while True:
             payload = await sync_to_async(_poll_once)(agent)

@@ -7,7 +7,7 @@ from typing import Any
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import mixins, serializers, status, viewsets
-from rest_framework.authentication import SessionAuthentication, TokenAuthentication
+from rest_framework.authentication import SessionAuthentication
 from rest_framework.decorators import action, api_view, authentication_classes, permission_classes
 from rest_framework.permissions import AllowAny, BasePermission, IsAdminUser
 from rest_framework.request import Request
@@ -15,11 +15,17 @@ from rest_framework.response import Response
 
 from fedsite.agent_auth import AgentTokenAuthentication
 from fedsite.errors import NotFound, ValidationFailed
+from fedsite.operator_auth import OperatorTokenAuthentication
 from trainings import services
 from trainings.api.serializers import RoundSerializer, TrainingConfigurationSerializer, TrainingSerializer
 from trainings.configuration import TrainingConfiguration
 from trainings.models import Round, Training
-from trainings.selectors import training_get, training_metrics_series, training_status
+from trainings.selectors import (
+    training_get,
+    training_has_participant,
+    training_metrics_series,
+    training_status,
+)
 
 STATUS_RESPONSE = inline_serializer(
     "TrainingStatus", {"training_id": serializers.UUIDField(), "status": serializers.CharField()}
@@ -27,7 +33,10 @@ STATUS_RESPONSE = inline_serializer(
 
 
 class IsStaffOrAgent(BasePermission):
-    """Operators, and agents (who poll a training's status to know when to exit)."""
+    """Operators, and agents (who poll a training's status to know when to exit).
+
+    An agent sees only trainings it takes part in (see ``training_status_view``).
+    """
 
     def has_permission(self, request: Request, view: Any) -> bool:
         from clients.models import Agent
@@ -85,10 +94,14 @@ def training_start(request: Request) -> Response:
 
 @extend_schema(tags=["seed"], responses={200: STATUS_RESPONSE})
 @api_view(["GET"])
-@authentication_classes([SessionAuthentication, TokenAuthentication, AgentTokenAuthentication])
+@authentication_classes([OperatorTokenAuthentication, SessionAuthentication, AgentTokenAuthentication])
 @permission_classes([IsStaffOrAgent])
 def training_status_view(request: Request, training_id: str) -> Response:
-    return Response(training_status(_training_or_404(training_id)))
+    training = _training_or_404(training_id)
+    if not request.user.is_staff and not training_has_participant(training=training, agent=request.auth):
+        # the same answer as an unknown id: an agent learns nothing about trainings it is not in
+        raise NotFound(f"No training with id {training_id!r}.", code="training_not_found")
+    return Response(training_status(training))
 
 
 @extend_schema(tags=["seed"], request=None, responses={200: STATUS_RESPONSE})

@@ -1,0 +1,157 @@
+"""Throttling of failed authentication per client IP, and the lockout answer of django-axes.
+
+Invariants:
+
+- Only failures are counted (a wrong or malformed agent token, operator token, metrics token or enrolment
+  key). A request with a valid credential never adds to a counter, so busy agents are never throttled.
+- Counters are per scope and per client IP, in the Django cache (Redis on the real stack, shared by every
+  ASGI process; locmem embedded), as DRF's sliding windows (``SimpleRateThrottle``'s timestamp history).
+  One IP's failures never affect another IP.
+- Once an IP has ``N`` failures within the period of its scope's rate (``FEDSITE_AUTH_FAILURE_RATES``),
+  every attempt of that scope from it is refused with 429 and ``Retry-After`` *before* the credential is
+  checked: a guess that happens to be right is refused too, so refusals tell an attacker nothing.
+- The counters fail open: when the cache is unreachable (Redis down) a warning is logged and nothing is
+  throttled, so agents keep authenticating against the database.
+- The client IP is the socket's address unless ``FEDSITE_NUM_PROXIES`` trusted proxies add
+  ``X-Forwarded-For`` (DRF's rule, also used for django-axes), so a client cannot choose its own IP.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from axes.backends import AxesStandaloneBackend
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.utils.html import format_html
+from rest_framework.throttling import BaseThrottle, SimpleRateThrottle
+
+from fedsite.errors import TooManyRequests
+
+logger = logging.getLogger("fedsite.throttling")
+
+WHAT = {
+    "agent_token": "failed agent-token authentications",
+    "operator_token": "failed operator-token authentications",
+    "enrollment": "failed enrolments",
+    "metrics_token": "failed /metrics authentications",
+}
+
+
+def client_ip(request: Any) -> str:
+    """The client's IP as DRF sees it (``REMOTE_ADDR``, or X-Forwarded-For behind trusted proxies).
+
+    A request with no address (a unix socket with no proxy header) is counted in one shared bucket.
+    """
+    return login_client_ip(request) or "unknown"
+
+
+def login_client_ip(request: Any) -> str | None:
+    """``AXES_CLIENT_IP_CALLABLE``: the same rule, None when unknown (axes stores it as an IP field)."""
+    return BaseThrottle().get_ident(request) or None
+
+
+class FailedAuthenticationThrottle(SimpleRateThrottle):
+    """DRF's sliding-window throttle, counting failures instead of requests (see the module docstring)."""
+
+    cache_format = "fedsite:auth-failures:%(namespace)s:%(scope)s:%(ident)s"
+
+    def __init__(self, scope: str) -> None:
+        self.scope = scope
+        super().__init__()
+
+    def get_rate(self) -> str:  # read at each use, so a changed setting applies at once
+        return settings.FEDSITE_AUTH_FAILURE_RATES[self.scope]
+
+    def _load(self, ident: str) -> None:
+        self.key = self.cache_format % {
+            "namespace": settings.FEDSITE_AUTH_FAILURE_NAMESPACE,
+            "scope": self.scope,
+            "ident": ident,
+        }
+        self.now = self.timer()
+        self.history = [t for t in self.cache.get(self.key, []) if t > self.now - self.duration]
+
+    def retry_after(self, ident: str) -> int | None:
+        """Seconds until the next attempt is allowed, or None when it is allowed now."""
+        self._load(ident)
+        if len(self.history) < self.num_requests:
+            return None
+        # The attempt is allowed again once the N-th newest failure leaves the window.
+        return max(1, math.ceil(self.history[self.num_requests - 1] + self.duration - self.now))
+
+    def record_failure(self, ident: str) -> None:
+        self._load(ident)
+        self.history.insert(0, self.now)
+        self.cache.set(self.key, self.history[: max(self.num_requests, 1) * 2], self.duration)
+
+
+def auth_failure_guard(*, scope: str, client_ip: str | None) -> None:
+    """Raise 429 if ``client_ip`` is over the failure limit of ``scope``; no-op when the IP is unknown."""
+    if client_ip is None:
+        return
+    throttle = FailedAuthenticationThrottle(scope)
+    try:
+        wait = throttle.retry_after(client_ip)
+    except Exception as exc:  # the cache (Redis) is away: fail open, the credential check still runs
+        logger.warning("auth_failure_counter_unavailable scope=%s error=%r", scope, exc)
+        return
+    if wait is not None:
+        raise TooManyRequests(
+            f"Too many {WHAT[scope]} from this address ({throttle.num_requests} per {throttle.duration} s); "
+            f"retry after {wait} seconds with a valid credential.",
+            retry_after=wait,
+        )
+
+
+def auth_failure_record(*, scope: str, client_ip: str | None) -> None:
+    """Count one failed authentication of ``scope`` from ``client_ip`` (no-op when the IP is unknown)."""
+    if client_ip is None:
+        return
+    try:
+        FailedAuthenticationThrottle(scope).record_failure(client_ip)
+    except Exception as exc:  # the cache (Redis) is away: the failure is answered, just not counted
+        logger.warning("auth_failure_counter_unavailable scope=%s error=%r", scope, exc)
+
+
+def login_lockout_response(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+    """django-axes' answer to a locked-out login: 429 with Retry-After.
+
+    The project's JSON error shape under ``/api/``, a short HTML page elsewhere (the admin login form).
+    """
+    cooloff = settings.AXES_COOLOFF_TIME
+    seconds = math.ceil(cooloff.total_seconds()) if cooloff else None
+    message = (
+        f"Too many failed logins for this account from this address; try again in {seconds} seconds."
+        if seconds
+        else "Too many failed logins for this account from this address; ask an administrator to unlock it."
+    )
+    status = settings.AXES_HTTP_RESPONSE_CODE
+    if request.path.startswith("/api/"):
+        details = {"retry_after": seconds} if seconds else {}
+        body = {"error": {"code": "login_locked_out", "message": message, "details": details}}
+        response: HttpResponse = JsonResponse(body, status=status)
+    else:
+        page = format_html(
+            "<!doctype html><title>Login locked</title><h1>Login locked</h1><p>{}</p>", message
+        )
+        response = HttpResponse(page, status=status)
+    if seconds:
+        response["Retry-After"] = str(seconds)
+    return response
+
+
+class LoginLockoutBackend(AxesStandaloneBackend):
+    """django-axes' backend, skipped for logins that come with no request.
+
+    Every login over HTTP (the admin's form, DRF) passes its request and is counted and locked out by axes.
+    ``authenticate()`` without one (the test client's ``login()``, a shell) has no client address to count
+    and is not network-facing, so it goes straight to the next backend instead of raising.
+    """
+
+    def authenticate(self, request: HttpRequest | None, *args: Any, **kwargs: Any) -> None:
+        if request is None:
+            return None
+        return super().authenticate(request, *args, **kwargs)

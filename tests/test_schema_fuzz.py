@@ -67,6 +67,25 @@ def _credentials() -> tuple[str, str, Any]:
     return operator_token, agent_token, training
 
 
+def _fuzzer(operation: Any, base: str, headers: dict[str, str]) -> Any:
+    """A seeded Hypothesis test of one operation: call the live server, check the answer."""
+
+    @seed(20261201)
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(case=operation.as_strategy())
+    def run(case: Any) -> None:
+        response = case.call(base_url=base, headers=headers, timeout=30)
+        case.validate_response(response, checks=CHECKS)
+
+    return run
+
+
 def test_fuzzing_the_live_schema_finds_no_server_error_and_no_undocumented_answer(live_stack):  # noqa: F811
     operator_token, agent_token, _training = _credentials()
     operator = {"Authorization": f"Token {operator_token}"}
@@ -85,19 +104,7 @@ def test_fuzzing_the_live_schema_finds_no_server_error_and_no_undocumented_answe
         headers = agent if AGENT_TAG in (operation.tags or []) else operator
         tested += 1
 
-        @seed(20261201)
-        @settings(
-            max_examples=EXAMPLES,
-            deadline=None,
-            database=None,
-            derandomize=True,
-            suppress_health_check=list(HealthCheck),
-        )
-        @given(case=operation.as_strategy())
-        def run(case: Any, headers: dict[str, str] = headers) -> None:
-            response = case.call(base_url=base, headers=headers, timeout=30)
-            case.validate_response(response, checks=CHECKS)
-
+        run = _fuzzer(operation, base, headers)
         try:
             run()
         except Exception as exc:  # collect every operation's failure, then report them together

@@ -107,8 +107,10 @@ def test_fuzzing_the_live_schema_finds_no_server_error_and_no_undocumented_answe
         run = _fuzzer(operation, base, headers)
         try:
             run()
-        except Exception as exc:  # collect every operation's failure, then report them together
-            failures.append(f"{operation.method.upper()} {operation.path}: {str(exc)[:1500]}")
+        except (Exception, BaseExceptionGroup) as exc:  # every operation's failures, reported together
+            parts = exc.exceptions if isinstance(exc, BaseExceptionGroup) else (exc,)
+            detail = "\n".join(str(part)[:800] for part in parts)
+            failures.append(f"{operation.method.upper()} {operation.path}:\n{detail}")
 
     assert tested > 20
     assert failures == [], "\n\n".join(failures)

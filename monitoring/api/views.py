@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import serializers
 from rest_framework.decorators import api_view, permission_classes
 from rest_framework.permissions import IsAdminUser
@@ -50,7 +50,7 @@ def system_health_view(request: Request) -> Response:
         OpenApiParameter("unacknowledged", bool, required=False),
         OpenApiParameter("limit", int, required=False),
     ],
-    responses={200: AlertSerializer(many=True)},
+    responses={200: inline_serializer("AlertList", {"alerts": AlertSerializer(many=True)})},
 )
 @api_view(["GET"])
 @permission_classes([IsAdminUser])

@@ -65,7 +65,7 @@ try:  # document the scheme in the OpenAPI schema
         name = "agentToken"
 
         def get_security_definition(self, auto_schema: Any) -> dict[str, str]:
-            return {"type": "http", "scheme": "bearer", "description": "Agent token (fsa_...)"}
+            return {"type": "http", "scheme": "bearer", "description": "Agent token: 'Bearer fsa_...'"}
 
 except ImportError:  # pragma: no cover - drf-spectacular is a base requirement
     pass

@@ -319,6 +319,13 @@ FEDSITE_AUTH_FAILURE_RATES = {
     "enrollment": env.str("FEDSITE_THROTTLE_ENROLLMENT", default="10/m"),
     "metrics_token": env.str("FEDSITE_THROTTLE_METRICS_TOKEN", default="10/m"),
 }
+for _scope, _rate in FEDSITE_AUTH_FAILURE_RATES.items():
+    _count, _, _period = _rate.partition("/")
+    if not (_count.isdigit() and int(_count) >= 1 and _period[:1] in ("s", "m", "h", "d")):
+        raise ImproperlyConfigured(
+            f"FEDSITE_THROTTLE_{_scope.upper()} must be a rate N/s, N/m, N/h or N/d with N >= 1 "
+            f"(failures allowed per period). Found {_rate!r}."
+        )
 # Part of the counters' cache keys; the test suite sets a fresh one per test.
 FEDSITE_AUTH_FAILURE_NAMESPACE = env.str("FEDSITE_AUTH_FAILURE_NAMESPACE", default="v1")
 

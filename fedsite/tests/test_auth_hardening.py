@@ -508,3 +508,22 @@ def test_with_the_cache_away_authentication_fails_open(
     for _ in range(5):  # the failures are answered (not counted: there is nowhere to count them)
         assert _error(_heartbeat(client, "fsa_wrong"))["code"] == "invalid_token"
     assert _heartbeat(client, token).status_code == 200
+
+
+@pytest.mark.parametrize("rate", ["0/m", "ten/m", "10/week", "10"])
+def test_a_bad_throttle_rate_stops_start_up_naming_the_variable(rate: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "FEDSITE_THROTTLE_ENROLLMENT": rate, "DJANGO_SETTINGS_MODULE": "fedsite.settings"}
+    result = subprocess.run(
+        [sys.executable, "-c", "import django; django.setup()"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "FEDSITE_THROTTLE_ENROLLMENT must be a rate" in result.stderr
+    assert repr(rate) in result.stderr

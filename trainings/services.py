@@ -350,8 +350,10 @@ def _round_open_private(
     The next round's event (Poisson sampling at q = expected / eligible agents) is composed with the
     ledger hypothetically; if epsilon at the budget's delta would exceed the budget the training ends with
     ``budget_exhausted``. Otherwise every eligible agent is selected independently with probability q
-    (a cryptographically seeded draw), as the accountant assumes; the round is never re-opened with other
-    agents, since that would change the sampling the accounting describes.
+    (a cryptographically seeded draw), as the accountant assumes. An empty sample is still a release
+    (closed at once). The round is never topped up with other agents, since that would change the sampling
+    the accounting describes; only when every sampled agent declines is a fresh sample drawn at the same q
+    (``_private_round_declined``).
     """
     eligible = list(agents_eligible().order_by("agent_id"))
     if not eligible:
@@ -461,7 +463,11 @@ def _round_settle(round_: Round, *, now: Any = None) -> str:
         transition_task(task, KS.EXPIRED, reason="deadline passed")
         agent_record_outcome(agent_id=task.agent_id, outcome="expired")
     private = PrivacyBudget.objects.filter(training=training).exists()
+    if private and completed == 0 and any(t.attempt == round_.attempt for t in tasks):
+        return _private_round_declined(round_, training, config, tasks)
     if completed >= config.min_clients or private:
+        if completed == 0:  # an empty Poisson sample: still a release, accounted like any other
+            _alert_round_empty(round_, training)
         transition_round(round_, RS.AGGREGATING)
         round_id = round_.pk
         transaction.on_commit(lambda: _enqueue_aggregation(round_id))
@@ -507,6 +513,74 @@ def _round_settle(round_: Round, *, now: Any = None) -> str:
     )
     transition_round(round_, RS.COLLECTING)
     _issue_tasks(round_, training, config, agents)
+    return "reopened"
+
+
+def _alert_round_empty(round_: Round, training: Training) -> None:
+    q = float(round_.metrics.get("privacy_sampling_probability", 1.0))
+    alert_raise(
+        kind=Alert.Kind.ROUND_EMPTY,
+        severity=Alert.Severity.INFO,
+        training=training,
+        round_number=round_.number,
+        message=(
+            f"Round {round_.number}'s Poisson sample (q={q:.4g}) selected no agent; the round is released "
+            "with no update (central DP: noise only) and recorded in the privacy ledger."
+        ),
+        details={"sampling_probability": q, "attempt": round_.attempt},
+    )
+
+
+def _private_round_declined(
+    round_: Round, training: Training, config: TrainingConfiguration, tasks: list[Task]
+) -> str:
+    """Every agent sampled for a private round's attempt gave its task back or missed the deadline.
+
+    Nothing was released, so nothing is accounted yet. Re-open with a fresh Poisson sample of all
+    eligible agents at the same q (what the ledger will record for the attempt that releases), or after
+    ``round_attempts`` fail the training with the agents' reasons: a training whose agents cannot do what
+    it asks (e.g. local DP) must stop with a reason, not spend its budget on empty rounds.
+    """
+    declined = [t for t in tasks if t.attempt == round_.attempt]
+    reasons = sorted({t.failure_reason or f"task {t.status}" for t in declined})[:5]
+    details = {"declined": len(declined), "attempt": round_.attempt, "reasons": reasons}
+    if round_.attempt >= config.round_attempts:
+        message = (
+            f"Round {round_.number}: all {len(declined)} sampled agents declined their tasks or missed the "
+            f"deadline in each of {round_.attempt} attempts; the training has failed. Reasons: "
+            f"{'; '.join(reasons)}. Run agents that can do what the training asks and start a new training."
+        )
+        transition_round(round_, RS.FAILED, error=message)
+        alert_raise(
+            kind=Alert.Kind.ROUND_DECLINED,
+            severity=Alert.Severity.CRITICAL,
+            training=training,
+            round_number=round_.number,
+            message=message,
+            details=details,
+        )
+        locked = lock_training(training.pk)
+        transition_training(locked, TS.FAILED, reason=f"round {round_.number}: every sampled agent declined")
+        _broadcast_training_finished(locked)
+        return "failed"
+    q = float(round_.metrics.get("privacy_sampling_probability", 1.0))
+    rng = np.random.default_rng(secrets.randbits(128))
+    selected = [agent for agent in agents_eligible().order_by("agent_id") if rng.random() < q]
+    alert_raise(
+        kind=Alert.Kind.ROUND_DECLINED,
+        severity=Alert.Severity.WARNING,
+        training=training,
+        round_number=round_.number,
+        message=(
+            f"Round {round_.number}: all {len(declined)} sampled agents declined their tasks or missed the "
+            f"deadline ({'; '.join(reasons)}); re-opened with a fresh sample of {len(selected)} agents."
+        ),
+        details=details,
+    )
+    transition_round(round_, RS.COLLECTING)
+    _issue_tasks(round_, training, config, selected)
+    if not selected:
+        return _round_settle(round_)
     return "reopened"
 
 
@@ -904,6 +978,19 @@ def round_aggregate(*, round_id: int) -> str:
             new_state=new_state,
             delta=delta,
             combination_metrics=combination_metrics,
+            started=started,
+        )
+    if not updates and budget is None and PrivacyBudget.objects.filter(training=training).exists():
+        # Local DP, empty Poisson sample: no agent released anything, so the version repeats its parent
+        # (no server-optimizer step on a zero delta); _round_commit still records the round's event.
+        return _round_commit(
+            round_id,
+            parent=round_.base_version,
+            updates=[],
+            new_parameters=version_read_parameters(round_.base_version),
+            new_state=version_read_state(round_.base_version, strategy),
+            delta=spec.zeros(),
+            combination_metrics={"num_updates": 0.0},
             started=started,
         )
     if not strategy.streaming and _use_chunked_aggregation(spec, len(updates)):

@@ -711,6 +711,8 @@ def _enqueue_aggregation(round_id: int) -> None:
 # ---------------------------------------------------------------------------------------------------
 def task_next_for_agent(*, agent: Agent) -> Task | None:
     """The agent's oldest open task in a collecting round of a running training, marked delivered."""
+    if agent.status != Agent.Status.ACTIVE:  # quarantined since its tasks were issued: hand out none
+        return None
     now = timezone.now()
     task = (
         Task.objects.filter(agent=agent, status__in=list(Task.OPEN), deadline__gt=now)

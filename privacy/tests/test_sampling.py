@@ -49,25 +49,11 @@ def _chernoff_lower_threshold(pmf: np.ndarray, values: np.ndarray, draws: int, a
     return float(np.max((np.log(alpha) - draws * log_mgf) / lambdas))
 
 
-@pytest.mark.django_db
-def test_central_dp_selection_is_a_poisson_sample_at_the_accounted_rate(
-    make_agent: Any, make_training: Any
-) -> None:
-    n, expected, draws = 20, 5, 40
-    for _ in range(n):
-        make_agent()
-    counts = []
-    for _ in range(draws):  # (a large noise multiplier only makes dp-accounting's RDP orders quick)
-        training = make_training(
-            min_clients_per_round=1, max_clients_per_round=expected, privacy=_privacy("central")
-        )
-        round_ = training.rounds.get(number=1)
-        q = round_.metrics["privacy_sampling_probability"]
-        assert q == pytest.approx(expected / n)
-        counts.append(round_.tasks.filter(attempt=1).count())
-        services.training_stop(training_id=training.pk)
+def _assert_binomial_draws(counts: list[int], n: int, q: float) -> None:
+    """Assert ``counts`` look like i.i.d. Binomial(n, q) draws; each bound fails with probability ALPHA."""
     counts_array = np.array(counts)
-    # 1. The total is Binomial(n * draws, q): selecting every eligible agent (800) is far outside.
+    draws = len(counts)
+    # 1. The total is Binomial(n * draws, q): selecting every eligible agent (n each time) is far outside.
     total = int(counts_array.sum())
     low, high = stats.binom.ppf(ALPHA / 2, n * draws, q), stats.binom.isf(ALPHA / 2, n * draws, q)
     assert low <= total <= high, (total, low, high, counts)
@@ -77,6 +63,59 @@ def test_central_dp_selection_is_a_poisson_sample_at_the_accounted_rate(
     threshold = _chernoff_lower_threshold(stats.binom.pmf(support, n, q), squared, draws, ALPHA)
     assert threshold > 0
     assert float(((counts_array - n * q) ** 2).sum()) > threshold, (counts, threshold)
+
+
+@pytest.mark.django_db
+def test_central_dp_selection_is_a_poisson_sample_at_the_accounted_rate(
+    make_agent: Any, make_training: Any
+) -> None:
+    n, expected, draws = 20, 5, 40
+    for _ in range(n):
+        make_agent()
+    counts = []
+    for _ in range(draws):  # a large noise multiplier only makes dp-accounting's budget check quicker
+        training = make_training(
+            min_clients_per_round=1, max_clients_per_round=expected, privacy=_privacy("central", 4.0)
+        )
+        round_ = training.rounds.get(number=1)
+        q = round_.metrics["privacy_sampling_probability"]
+        assert q == pytest.approx(expected / n)
+        counts.append(round_.tasks.filter(attempt=1).count())
+        services.training_stop(training_id=training.pk)
+    _assert_binomial_draws(counts, n, q)
+
+
+@pytest.mark.django_db
+def test_a_redrawn_private_round_is_a_fresh_poisson_sample_at_the_same_q(
+    make_agent: Any, make_training: Any
+) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from trainings.models import Round
+
+    n, expected, draws = 20, 5, 40
+    for _ in range(n):
+        make_agent()
+    counts: list[int] = []
+    while len(counts) < draws:
+        training = make_training(
+            min_clients_per_round=1,
+            max_clients_per_round=expected,
+            max_round_attempts=1000,
+            privacy=_privacy("central", 4.0),
+        )
+        round_ = training.rounds.get(number=1)
+        # every sampled agent misses the deadline: the round is re-drawn (an empty draw closes it)
+        while round_.status == Round.Status.COLLECTING and len(counts) < draws:
+            Round.objects.filter(pk=round_.pk).update(deadline=timezone.now() - timedelta(seconds=1))
+            services.rounds_check_deadlines()
+            round_.refresh_from_db()
+            if round_.attempt > 1:
+                counts.append(round_.tasks.filter(attempt=round_.attempt).count())
+        services.training_stop(training_id=training.pk)
+    _assert_binomial_draws(counts, n, expected / n)
 
 
 @pytest.mark.django_db

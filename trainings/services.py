@@ -542,7 +542,7 @@ def _private_round_declined(
     it asks (e.g. local DP) must stop with a reason, not spend its budget on empty rounds.
     """
     declined = [t for t in tasks if t.attempt == round_.attempt]
-    reasons = sorted({t.failure_reason or f"task {t.status}" for t in declined})[:5]
+    reasons = sorted({(t.failure_reason or f"task {t.status}")[:200] for t in declined})[:5]
     details = {"declined": len(declined), "attempt": round_.attempt, "reasons": reasons}
     if round_.attempt >= config.round_attempts:
         message = (

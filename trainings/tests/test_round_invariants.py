@@ -326,3 +326,36 @@ def test_a_round_waiting_for_agents_alerts_once_however_often_it_is_retried(
         assert services.rounds_try_open_waiting() == 0
         services.rounds_check_deadlines()
     assert training.alerts.filter(kind="too_few_agents").count() == 1
+
+
+@pytest.mark.django_db
+def test_final_states_are_final_and_no_round_goes_back_to_collecting(
+    make_agent: Any, make_training: Any
+) -> None:
+    from trainings.state import IllegalTransition, lock_round, transition_round, transition_task
+
+    make_agent(), make_agent()
+    training = make_training()
+    round_ = training.rounds.get()
+    task = round_.tasks.first()
+    RS, KS = Round.Status, Task.Status
+    refused = {  # written out by hand, not read from the table under test
+        RS.AGGREGATING: [RS.WAITING, RS.COLLECTING, RS.CANCELLED],
+        RS.COMPLETED: [RS.WAITING, RS.COLLECTING, RS.AGGREGATING, RS.FAILED, RS.CANCELLED],
+        RS.FAILED: [RS.WAITING, RS.COLLECTING, RS.AGGREGATING, RS.COMPLETED, RS.CANCELLED],
+        RS.CANCELLED: [RS.WAITING, RS.COLLECTING, RS.AGGREGATING, RS.COMPLETED, RS.FAILED],
+    }
+    for source, targets in refused.items():
+        Round.objects.filter(pk=round_.pk).update(status=source)
+        for target in targets:
+            with pytest.raises(IllegalTransition), transaction.atomic():
+                transition_round(lock_round(round_.pk), target)
+        assert Round.objects.get(pk=round_.pk).status == source
+    for source in (KS.COMPLETED, KS.FAILED, KS.EXPIRED, KS.CANCELLED):
+        Task.objects.filter(pk=task.pk).update(status=source)
+        for target in (KS.PENDING, KS.DELIVERED, KS.COMPLETED, KS.FAILED, KS.EXPIRED, KS.CANCELLED):
+            if target == source:
+                continue
+            with pytest.raises(IllegalTransition), transaction.atomic():
+                transition_task(Task.objects.select_for_update().get(pk=task.pk), target)
+        assert Task.objects.get(pk=task.pk).status == source

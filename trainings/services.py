@@ -352,8 +352,8 @@ def _round_open_private(
     ``budget_exhausted``. Otherwise every eligible agent is selected independently with probability q
     (a cryptographically seeded draw), as the accountant assumes. An empty sample is still a release
     (closed at once). The round is never topped up with other agents, since that would change the sampling
-    the accounting describes; only when every sampled agent declines is a fresh sample drawn at the same q
-    (``_private_round_declined``).
+    the accounting describes (``_private_round_declined`` says what happens when every sampled agent
+    declines).
     """
     eligible = list(agents_eligible().order_by("agent_id"))
     if not eligible:
@@ -536,18 +536,24 @@ def _private_round_declined(
 ) -> str:
     """Every agent sampled for a private round's attempt gave its task back or missed the deadline.
 
-    Nothing was released, so nothing is accounted yet. Re-open with a fresh Poisson sample of all
-    eligible agents at the same q (what the ledger will record for the attempt that releases), or after
-    ``round_attempts`` fail the training with the agents' reasons: a training whose agents cannot do what
-    it asks (e.g. local DP) must stop with a reason, not spend its budget on empty rounds.
+    Central DP: the round is released as drawn (noise only over the fixed denominator) and accounted at
+    its q. Re-drawing until someone answers would make an agent that always answers far likelier than q
+    to be in the released sample, which the amplification by sampling does not cover.
+    Local DP (no amplification is claimed, q = 1 in the ledger): nothing was released, so the round is
+    re-drawn at the same q, up to ``round_attempts`` attempts.
+    Either way, after ``round_attempts`` such attempts (local) or consecutive rounds (central) the training
+    fails with the agents' reasons: agents that cannot do what it asks must not spend its budget for ever.
     """
     declined = [t for t in tasks if t.attempt == round_.attempt]
     reasons = sorted({(t.failure_reason or f"task {t.status}")[:200] for t in declined})[:5]
     details = {"declined": len(declined), "attempt": round_.attempt, "reasons": reasons}
-    if round_.attempt >= config.round_attempts:
+    central = PrivacyBudget.objects.filter(training=training, mode=PrivacyBudget.Mode.CENTRAL).exists()
+    tries = _declined_round_streak(round_, config) if central else round_.attempt
+    if tries >= config.round_attempts:
+        scope = "consecutive rounds" if central else "attempts"
         message = (
             f"Round {round_.number}: all {len(declined)} sampled agents declined their tasks or missed the "
-            f"deadline in each of {round_.attempt} attempts; the training has failed. Reasons: "
+            f"deadline, in each of {tries} {scope}; the training has failed. Reasons: "
             f"{'; '.join(reasons)}. Run agents that can do what the training asks and start a new training."
         )
         transition_round(round_, RS.FAILED, error=message)
@@ -563,9 +569,13 @@ def _private_round_declined(
         transition_training(locked, TS.FAILED, reason=f"round {round_.number}: every sampled agent declined")
         _broadcast_training_finished(locked)
         return "failed"
-    q = float(round_.metrics.get("privacy_sampling_probability", 1.0))
-    rng = np.random.default_rng(secrets.randbits(128))
-    selected = [agent for agent in agents_eligible().order_by("agent_id") if rng.random() < q]
+    what = "released with noise only, as drawn"
+    selected: list[Agent] = []
+    if not central:
+        q = float(round_.metrics.get("privacy_sampling_probability", 1.0))
+        rng = np.random.default_rng(secrets.randbits(128))
+        selected = [agent for agent in agents_eligible().order_by("agent_id") if rng.random() < q]
+        what = f"re-opened with a fresh sample of {len(selected)} agents"
     alert_raise(
         kind=Alert.Kind.ROUND_DECLINED,
         severity=Alert.Severity.WARNING,
@@ -573,15 +583,39 @@ def _private_round_declined(
         round_number=round_.number,
         message=(
             f"Round {round_.number}: all {len(declined)} sampled agents declined their tasks or missed the "
-            f"deadline ({'; '.join(reasons)}); re-opened with a fresh sample of {len(selected)} agents."
+            f"deadline ({'; '.join(reasons)}); {what}."
         ),
         details=details,
     )
+    if central:
+        transition_round(round_, RS.AGGREGATING)
+        round_id = round_.pk
+        transaction.on_commit(lambda: _enqueue_aggregation(round_id))
+        return "closed"
     transition_round(round_, RS.COLLECTING)
     _issue_tasks(round_, training, config, selected)
     if not selected:
         return _round_settle(round_)
     return "reopened"
+
+
+def _declined_round_streak(round_: Round, config: TrainingConfiguration) -> int:
+    """How many rounds in a row, ending with this one, had agents sampled and got no update."""
+    previous = (
+        Round.objects.filter(training_id=round_.training_id, number__lt=round_.number)
+        .annotate(
+            num_updates=Count("updates", distinct=True),
+            num_tasks=Count("tasks", distinct=True),
+        )
+        .order_by("-number")
+        .values_list("num_updates", "num_tasks")[: config.round_attempts]
+    )
+    streak = 1
+    for num_updates, num_tasks in previous:
+        if num_updates or not num_tasks:
+            break
+        streak += 1
+    return streak
 
 
 def rounds_check_deadlines() -> dict[str, int]:

@@ -86,7 +86,7 @@ def test_central_dp_selection_is_a_poisson_sample_at_the_accounted_rate(
 
 
 @pytest.mark.django_db
-def test_a_redrawn_private_round_is_a_fresh_poisson_sample_at_the_same_q(
+def test_a_redrawn_local_dp_round_is_a_fresh_poisson_sample_at_the_same_q(
     make_agent: Any, make_training: Any
 ) -> None:
     from datetime import timedelta
@@ -104,7 +104,7 @@ def test_a_redrawn_private_round_is_a_fresh_poisson_sample_at_the_same_q(
             min_clients_per_round=1,
             max_clients_per_round=expected,
             max_round_attempts=1000,
-            privacy=_privacy("central", 4.0),
+            privacy=_privacy("local", 4.0),
         )
         round_ = training.rounds.get(number=1)
         # every sampled agent misses the deadline: the round is re-drawn (an empty draw closes it)

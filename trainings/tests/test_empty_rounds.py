@@ -100,7 +100,7 @@ def test_empty_poisson_sample_is_released_and_accounted(
 
 @pytest.mark.django_db
 @pytest.mark.parametrize("mode", ["central", "local"])
-def test_round_whose_agents_all_decline_is_redrawn_then_fails_with_a_reason(
+def test_round_whose_agents_all_decline_is_handled_then_fails_with_a_reason(
     client: Any,
     make_agent: Any,
     make_training: Any,
@@ -108,6 +108,9 @@ def test_round_whose_agents_all_decline_is_redrawn_then_fails_with_a_reason(
     django_capture_on_commit_callbacks: Any,
     mode: str,
 ) -> None:
+    """Local DP: re-drawn within the round (nothing was released). Central DP: released with noise only,
+    as drawn (a re-draw would bias who is in the released sample); the next round is drawn as usual.
+    Either way the second time in a row ends the training (max_round_attempts = 2) with the reasons."""
     tokens = [make_agent()[1] for _ in range(3)]
     training = make_training(
         min_clients_per_round=1,
@@ -116,10 +119,9 @@ def test_round_whose_agents_all_decline_is_redrawn_then_fails_with_a_reason(
         max_round_attempts=2,
         privacy=PRIVACY[mode],
     )
-    round_ = training.rounds.get(number=1)
-    for attempt in (1, 2):
-        round_.refresh_from_db()
-        assert round_.status == Round.Status.COLLECTING and round_.attempt == attempt
+    for step in (1, 2):
+        round_ = training.rounds.get(status=Round.Status.COLLECTING)
+        assert (round_.number, round_.attempt) == ((1, step) if mode == "local" else (step, 1))
         for token in tokens:
             task = _next(client, token)
             assert task.status_code == 200, task.content
@@ -128,7 +130,7 @@ def test_round_whose_agents_all_decline_is_redrawn_then_fails_with_a_reason(
             with django_capture_on_commit_callbacks(execute=True):
                 response = _decline(client, token, task.json()["task_id"])
             assert response.status_code == 200, response.content
-        if attempt == 1:
+        if step == 1:
             warning = training.alerts.get(kind=Alert.Kind.ROUND_DECLINED)
             assert warning.severity == Alert.Severity.WARNING
             assert warning.details["declined"] == 3
@@ -142,9 +144,16 @@ def test_round_whose_agents_all_decline_is_redrawn_then_fails_with_a_reason(
     critical = training.alerts.get(kind=Alert.Kind.ROUND_DECLINED, severity=Alert.Severity.CRITICAL)
     assert "start a new training" in critical.message
     assert not training.alerts.filter(kind=Alert.Kind.AGGREGATION_FAILED).exists()
-    # nothing was released, so nothing was accounted
-    assert not PrivacyBudget.objects.get(training=training).ledger.exists()
     assert not Task.objects.filter(round__training=training, status__in=list(Task.OPEN)).exists()
+    ledger = list(PrivacyBudget.objects.get(training=training).ledger.values_list("round_number", flat=True))
+    if mode == "local":
+        assert ledger == []  # nothing was released, so nothing was accounted
+    else:
+        assert ledger == [1]  # round 1 was released (noise only) and accounted; round 2 was not
+        first = training.versions.get(number=1)
+        assert first.metrics["num_agents_reporting"] == 0
+        base = version_read_parameters(training.versions.get(number=0))
+        assert any((version_read_parameters(first)[k] != base[k]).any() for k in base)  # the noise
 
 
 @pytest.mark.django_db

@@ -350,8 +350,10 @@ def _round_open_private(
     The next round's event (Poisson sampling at q = expected / eligible agents) is composed with the
     ledger hypothetically; if epsilon at the budget's delta would exceed the budget the training ends with
     ``budget_exhausted``. Otherwise every eligible agent is selected independently with probability q
-    (a cryptographically seeded draw), as the accountant assumes; the round is never re-opened with other
-    agents, since that would change the sampling the accounting describes.
+    (a cryptographically seeded draw), as the accountant assumes. An empty sample is still a release
+    (closed at once). The round is never topped up with other agents, since that would change the sampling
+    the accounting describes (``_private_round_declined`` says what happens when every sampled agent
+    declines).
     """
     eligible = list(agents_eligible().order_by("agent_id"))
     if not eligible:
@@ -461,7 +463,11 @@ def _round_settle(round_: Round, *, now: Any = None) -> str:
         transition_task(task, KS.EXPIRED, reason="deadline passed")
         agent_record_outcome(agent_id=task.agent_id, outcome="expired")
     private = PrivacyBudget.objects.filter(training=training).exists()
+    if private and completed == 0 and any(t.attempt == round_.attempt for t in tasks):
+        return _private_round_declined(round_, training, config, tasks)
     if completed >= config.min_clients or private:
+        if completed == 0:  # an empty Poisson sample: still a release, accounted like any other
+            _alert_round_empty(round_, training)
         transition_round(round_, RS.AGGREGATING)
         round_id = round_.pk
         transaction.on_commit(lambda: _enqueue_aggregation(round_id))
@@ -508,6 +514,108 @@ def _round_settle(round_: Round, *, now: Any = None) -> str:
     transition_round(round_, RS.COLLECTING)
     _issue_tasks(round_, training, config, agents)
     return "reopened"
+
+
+def _alert_round_empty(round_: Round, training: Training) -> None:
+    q = float(round_.metrics.get("privacy_sampling_probability", 1.0))
+    alert_raise(
+        kind=Alert.Kind.ROUND_EMPTY,
+        severity=Alert.Severity.INFO,
+        training=training,
+        round_number=round_.number,
+        message=(
+            f"Round {round_.number}'s Poisson sample (q={q:.4g}) selected no agent; the round is released "
+            "with no update (central DP: noise only) and recorded in the privacy ledger."
+        ),
+        details={"sampling_probability": q, "attempt": round_.attempt},
+    )
+
+
+def _private_round_declined(
+    round_: Round, training: Training, config: TrainingConfiguration, tasks: list[Task]
+) -> str:
+    """Every agent sampled for a private round's attempt gave its task back or missed the deadline.
+
+    Central DP: the round is released as drawn (noise only over the fixed denominator) and accounted at
+    its q. Re-drawing until someone answers would make an agent that always answers far likelier than q
+    to be in the released sample, which the amplification by sampling does not cover.
+    Local DP (no amplification is claimed, q = 1 in the ledger): nothing was released, so the round is
+    re-drawn at the same q, up to ``round_attempts`` attempts.
+    Either way, after ``round_attempts`` such attempts (local) or consecutive rounds (central) the training
+    fails with the agents' reasons: agents that cannot do what it asks must not spend its budget for ever.
+    """
+    declined = [t for t in tasks if t.attempt == round_.attempt]
+    reasons = sorted({(t.failure_reason or f"task {t.status}")[:200] for t in declined})[:5]
+    details = {"declined": len(declined), "attempt": round_.attempt, "reasons": reasons}
+    central = PrivacyBudget.objects.filter(training=training, mode=PrivacyBudget.Mode.CENTRAL).exists()
+    tries = _declined_round_streak(round_, config) if central else round_.attempt
+    if tries >= config.round_attempts:
+        scope = "consecutive rounds" if central else "attempts"
+        message = (
+            f"Round {round_.number}: all {len(declined)} sampled agents declined their tasks or missed the "
+            f"deadline, in each of {tries} {scope}; the training has failed. Reasons: "
+            f"{'; '.join(reasons)}. Run agents that can do what the training asks and start a new training."
+        )
+        transition_round(round_, RS.FAILED, error=message)
+        alert_raise(
+            kind=Alert.Kind.ROUND_DECLINED,
+            severity=Alert.Severity.CRITICAL,
+            training=training,
+            round_number=round_.number,
+            message=message,
+            details=details,
+        )
+        locked = lock_training(training.pk)
+        transition_training(locked, TS.FAILED, reason=f"round {round_.number}: every sampled agent declined")
+        _broadcast_training_finished(locked)
+        return "failed"
+    what = "released with noise only, as drawn"
+    selected: list[Agent] = []
+    if not central:
+        q = float(round_.metrics.get("privacy_sampling_probability", 1.0))
+        rng = np.random.default_rng(secrets.randbits(128))
+        selected = [agent for agent in agents_eligible().order_by("agent_id") if rng.random() < q]
+        what = f"re-opened with a fresh sample of {len(selected)} agents"
+    alert_raise(
+        kind=Alert.Kind.ROUND_DECLINED,
+        severity=Alert.Severity.WARNING,
+        training=training,
+        round_number=round_.number,
+        message=(
+            f"Round {round_.number}: all {len(declined)} sampled agents declined their tasks or missed the "
+            f"deadline ({'; '.join(reasons)}); {what}."
+        ),
+        details=details,
+    )
+    if central:
+        transition_round(round_, RS.AGGREGATING)
+        round_id = round_.pk
+        transaction.on_commit(lambda: _enqueue_aggregation(round_id))
+        return "closed"
+    transition_round(round_, RS.COLLECTING)
+    _issue_tasks(round_, training, config, selected)
+    if not selected:
+        return _round_settle(round_)
+    return "reopened"
+
+
+def _declined_round_streak(round_: Round, config: TrainingConfiguration) -> int:
+    """How many rounds in a row, ending with this one, had agents sampled and got no update."""
+    previous = (
+        Round.objects.filter(training_id=round_.training_id, number__lt=round_.number)
+        .annotate(
+            num_updates=Count("updates", distinct=True),
+            num_tasks=Count("tasks", distinct=True),
+        )
+        .order_by("-number")
+        .values_list("num_updates", "num_tasks")[: config.round_attempts]
+    )
+    streak = 1
+    for num_updates, num_tasks in previous:
+        if num_updates or not num_tasks:
+            break
+        streak += 1
+    return streak
 
 
 def rounds_check_deadlines() -> dict[str, int]:
@@ -637,6 +745,8 @@ def _enqueue_aggregation(round_id: int) -> None:
 # ---------------------------------------------------------------------------------------------------
 def task_next_for_agent(*, agent: Agent) -> Task | None:
     """The agent's oldest open task in a collecting round of a running training, marked delivered."""
+    if agent.status != Agent.Status.ACTIVE:  # quarantined since its tasks were issued: hand out none
+        return None
     now = timezone.now()
     task = (
         Task.objects.filter(agent=agent, status__in=list(Task.OPEN), deadline__gt=now)
@@ -904,6 +1014,19 @@ def round_aggregate(*, round_id: int) -> str:
             new_state=new_state,
             delta=delta,
             combination_metrics=combination_metrics,
+            started=started,
+        )
+    if not updates and budget is None and PrivacyBudget.objects.filter(training=training).exists():
+        # Local DP, empty Poisson sample: no agent released anything, so the version repeats its parent
+        # (no server-optimizer step on a zero delta); _round_commit still records the round's event.
+        return _round_commit(
+            round_id,
+            parent=round_.base_version,
+            updates=[],
+            new_parameters=version_read_parameters(round_.base_version),
+            new_state=version_read_state(round_.base_version, strategy),
+            delta=spec.zeros(),
+            combination_metrics={"num_updates": 0.0},
             started=started,
         )
     if not strategy.streaming and _use_chunked_aggregation(spec, len(updates)):

@@ -474,10 +474,17 @@ class CentralDp(Strategy):
         num_examples: Sequence[int],
         chunk_size: int | None,
         streaming: bool | None,
+        spec: ParameterSpec | None = None,
     ) -> tuple[Parameters, int]:
-        """Return the clipped sum and the number of unclipped updates (after the base class's checks)."""
+        """Return the clipped sum and the number of unclipped updates (after the base class's checks).
+
+        With ``spec`` (the global model's, known to :meth:`aggregate`) no update at all is valid: an empty
+        Poisson sample sums to zero and the round still releases its noise (McMahan et al. 2018,
+        Algorithm 1). Without it the shapes come from the first update, so at least one is needed.
+        """
         num_updates = len(deltas)
-        self.check_num_updates(num_updates)
+        if spec is None or num_updates:
+            self.check_num_updates(num_updates)
         if len(num_examples) != num_updates:
             raise FlcoreError(
                 f"Got {num_updates} updates but {len(num_examples)} num_examples; "
@@ -488,9 +495,12 @@ class CentralDp(Strategy):
                 raise FlcoreError(
                     f"num_examples of update {i} must be a positive integer. Found {examples!r}."
                 )
-        spec = ParameterSpec.from_parameters(deltas[0])
-        for delta in deltas[1:]:
+        if spec is None:
+            spec = ParameterSpec.from_parameters(deltas[0])
+        for delta in deltas:
             spec.validate(delta)
+        if not deltas:
+            return spec.zeros(), 0
         norms = [l2_norm(d) for d in deltas]
         for i, norm in enumerate(norms):
             if not math.isfinite(norm):
@@ -578,7 +588,7 @@ class CentralDp(Strategy):
             spec.validate(delta)
         self.check_state(state, spec)
         round_dp = self.for_state(state)
-        summed, num_unclipped = round_dp._clipped_sum(deltas, num_examples, chunk_size, streaming)
+        summed, num_unclipped = round_dp._clipped_sum(deltas, num_examples, chunk_size, streaming, spec)
         delta_mean = round_dp.noised_mean(summed, len(deltas), source)
         new_global, new_state = round_dp.apply(base, delta_mean, state)
         new_state, fraction = round_dp.adapt_clip_norm(new_state, num_unclipped, len(deltas), source)

@@ -253,3 +253,21 @@ def test_fedprox_client_config_passes_through() -> None:
     assert dp(inner="fedprox", inner_hyperparameters={"proximal_mu": 0.1}).client_config() == {
         "proximal_mu": 0.1
     }
+
+
+def test_an_empty_sample_releases_noise_only_over_m_and_combine_still_needs_shapes() -> None:
+    # McMahan et al. (2018), Algorithm 1: with Poisson sampling an empty sample is a round like any other;
+    # the sum is zero and the noise N(0, (zC)^2) over the fixed denominator m is what is released.
+    strategy = dp(noise_multiplier=0.9, clip_norm=0.4, expected_clients_per_round=3)
+    base = {"w": np.full((40, 50), 0.5, np.float32), "b": np.zeros(7, np.float32)}
+    state = strategy.init_state(ParameterSpec.from_parameters(base))
+
+    new, _, metrics = strategy.aggregate(base, [], [], state, rng=np.random.default_rng(5))
+
+    replay = np.random.default_rng(5)
+    for name in ("w", "b"):
+        noise = replay.normal(0.0, 0.9 * 0.4, size=base[name].shape) / 3
+        np.testing.assert_allclose(new[name], base[name] + noise, rtol=1e-6, atol=1e-7)
+    assert metrics["num_updates"] == 0.0
+    with pytest.raises(FlcoreError, match="at least one update"):
+        strategy.combine([], [], rng=np.random.default_rng(5))  # no base: no shapes to noise

@@ -84,6 +84,32 @@ def test_fedadam_two_steps_by_hand() -> None:
     np.testing.assert_allclose(second["w"], [0.875, -0.875], rtol=1e-7)
 
 
+def test_fedadam_with_unequal_betas_by_hand() -> None:
+    # beta_1 = 0.5 (first moment), beta_2 = 0.75 (second moment), tau = 2 (v_{-1} = 4), eta = 1; unequal
+    # betas, so using one in the other's place (or the same for both) changes every number below.
+    # Step 1, Delta = (2, 6):
+    #   m = 0.5 * Delta = (1, 3);   v = 0.75 * 4 + 0.25 * Delta^2 = (3 + 1, 3 + 9) = (4, 12)
+    #   x = m / (sqrt(v) + 2) = (1 / 4, 3 / (2 sqrt 3 + 2)) = (0.25, (3 sqrt 3 - 3) / 4)
+    # Step 2, Delta = (2, 0):
+    #   m = 0.5 * m + 0.5 * Delta = (1.5, 1.5);   v = 0.75 * v + 0.25 * Delta^2 = (4, 9)
+    #   x = x + m / (sqrt(v) + 2) = (0.25 + 1.5 / 4, x_2 + 1.5 / 5) = (0.625, x_2 + 0.3)
+    # (Swapped, step 1 would give m = (0.5, 1.5) and v = (4, 20).)
+    strategy = build_strategy(
+        "fedadam", {"beta_1": 0.5, "beta_2": 0.75, "tau": 2.0, "server_learning_rate": 1.0}
+    )
+    x, state = vec(0.0, 0.0), strategy.init_state(scalar_spec(2))
+    second = (3 * np.sqrt(3.0) - 3) / 4
+
+    x, state, _ = strategy.aggregate(x, [vec(2.0, 6.0)], [1], state)
+    np.testing.assert_allclose(state.tensors["m"]["w"], [1.0, 3.0], rtol=1e-7)
+    np.testing.assert_allclose(state.tensors["v"]["w"], [4.0, 12.0], rtol=1e-7)
+    np.testing.assert_allclose(x["w"], [0.25, second], rtol=1e-6)
+    x, state, _ = strategy.aggregate(x, [vec(2.0, 0.0)], [1], state)
+    np.testing.assert_allclose(state.tensors["m"]["w"], [1.5, 1.5], rtol=1e-7)
+    np.testing.assert_allclose(state.tensors["v"]["w"], [4.0, 9.0], rtol=1e-7)
+    np.testing.assert_allclose(x["w"], [0.625, second + 0.3], rtol=1e-6)
+
+
 def test_fedyogi_sign_branches_by_hand() -> None:
     # beta_1 = 0.5, beta_2 = 0.36 (1 - beta_2 = 0.64), tau = 2 (v_{-1} = 4), eta = 1.
     # Step 1:

@@ -1,11 +1,14 @@
 """URL map: the seed's REST paths, the agent protocol v1, DRF resources, schema, admin, metrics."""
 
 from django.contrib import admin
+from django.templatetags.static import static
 from django.urls import include, path
-from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from django.views.generic import RedirectView
+from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
 
 from clients.api.views import AgentViewSet, EnrollView, HeartbeatView
+from fedsite import api_docs
 from monitoring.api import views as monitoring_views
 from privacy.api.views import training_privacy
 from trainings.api import agent_views
@@ -46,6 +49,9 @@ urlpatterns = [
     path("api/v1/", include(router.urls)),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
+    path("api/redoc/", SpectacularRedocView.as_view(url_name="schema"), name="redoc"),
+    path("api/redoc-dist/bundles/redoc.standalone.js", api_docs.redoc_bundle, name="redoc-bundle"),
+    path("favicon.ico", RedirectView.as_view(url=static("monitoring/favicon.svg"), permanent=True)),
     path("admin/", admin.site.urls),
     path("", include("django_prometheus.urls")),
     path("", include("monitoring.urls")),

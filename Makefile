@@ -16,7 +16,7 @@ TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
 # The apps' tests (web, API, dashboard, services): run a second time on the embedded default.
 EMBEDDED_TEST_PATHS ?= fedsite trainings clients privacy versioning monitoring tests
 
-.PHONY: demo test test-stack test-embedded venv lint format bench clean serve worker beat
+.PHONY: demo test test-stack test-embedded chromium venv lint format bench clean serve worker beat
 
 venv: $(STAMP)
 
@@ -30,12 +30,17 @@ demo: venv
 
 test: test-stack test-embedded
 
-test-stack: venv
+# The browser tests drive Debian's Chromium (never a browser downloaded by Playwright).
+chromium:
+	@test -x /usr/bin/chromium || { echo "make: installing Debian's chromium for the browser tests"; \
+		apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; }
+
+test-stack: venv chromium
 	DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) DJANGO_SECRET_KEY=test-only-secret-key \
 		$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 # End-to-end tests (marker e2e) start their own processes and stack; they run once, in test-stack.
-test-embedded: venv
+test-embedded: venv chromium
 	env -u DATABASE_URL -u REDIS_URL -u DJANGO_SECRET_KEY FEDSITE_VAR_DIR=$(CURDIR)/var/test-embedded \
 		$(VENV)/bin/pytest -m "not e2e" -p no:cacheprovider $(PYTEST_ARGS) $(EMBEDDED_TEST_PATHS)
 

@@ -101,6 +101,7 @@ INSTALLED_APPS = [
     "django_prometheus",
     "rest_framework",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI and ReDoc served by the app itself, never from a CDN
     "channels",
     "clients",
     "versioning",
@@ -281,6 +282,9 @@ SPECTACULAR_SETTINGS = {
     "The agent protocol is described in docs/agent-protocol.md.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "/api/redoc-dist",  # fedsite.api_docs: the sidecar's bundle, without its CDN logo
     "COMPONENT_SPLIT_REQUEST": True,
     "ENUM_NAME_OVERRIDES": {"PrivacyLevelEnum": "trainings.api.serializers.PRIVACY_LEVEL_CHOICES"},
     "POSTPROCESSING_HOOKS": [

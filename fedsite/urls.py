@@ -1,12 +1,18 @@
 """URL map: the seed's REST paths, the agent protocol v1, DRF resources, schema, admin, metrics."""
 
 from django.contrib import admin
+from django.templatetags.static import static
 from django.urls import include, path
-from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from django.views.generic import RedirectView
+from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
 
 from clients.api.views import AgentViewSet, EnrollView, HeartbeatView
+<<<<<<< HEAD
 from fedsite.operator_views import OperatorLoginView, OperatorLogoutAllView, OperatorLogoutView
+=======
+from fedsite import api_docs
+>>>>>>> h-lead
 from monitoring.api import views as monitoring_views
 from monitoring.prometheus import metrics_view
 from privacy.api.views import training_privacy
@@ -55,6 +61,9 @@ urlpatterns = [
     path("api/v1/", include(router.urls)),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
+    path("api/redoc/", SpectacularRedocView.as_view(url_name="schema"), name="redoc"),
+    path("api/redoc-dist/bundles/redoc.standalone.js", api_docs.redoc_bundle, name="redoc-bundle"),
+    path("favicon.ico", RedirectView.as_view(url=static("monitoring/favicon.svg"), permanent=True)),
     path("admin/", admin.site.urls),
     path("metrics", metrics_view, name="prometheus-django-metrics"),
     path("", include("monitoring.urls")),

@@ -87,9 +87,10 @@ def _spawn(
 def _worker(stack: dict[str, Any], name: str, *, beat: bool) -> subprocess.Popen[bytes]:
     """``celery worker`` in its own process group, so that SIGKILL takes the pool children too."""
     args = [str(BIN / "celery"), "-A", "fedsite", "worker", "-Q", "aggregation,privacy,default"]
+    # two processes, as a real worker has several: the beat check runs while an aggregation holds one
     args += [
         "--concurrency",
-        "1",
+        "2",
         "-l",
         "warning",
         "--without-gossip",

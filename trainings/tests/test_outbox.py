@@ -112,6 +112,25 @@ def test_beat_check_relays_an_unsent_intent_alerts_and_resolves_on_completion(
 
 
 @pytest.mark.django_db
+def test_the_alerts_api_shows_when_a_stall_resolved(
+    client: Any,
+    make_agent: Any,
+    make_training: Any,
+    django_capture_on_commit_callbacks: Any,
+    eager_celery: Any,
+    staff_client: Any,
+) -> None:
+    _close_round_one(client, make_agent, make_training, django_capture_on_commit_callbacks)
+    outbox = AggregationOutbox.objects.get()
+    with django_capture_on_commit_callbacks(execute=True):
+        aggregations_recover(now=outbox.created_at + timedelta(seconds=10))
+    response = staff_client.get("/api/alerts")
+    assert response.status_code == 200
+    stalled = [a for a in response.json()["alerts"] if a["kind"] == "aggregation_stalled"]
+    assert len(stalled) == 1 and stalled[0]["resolved_at"] is not None
+
+
+@pytest.mark.django_db
 @override_settings(FEDSITE_AGGREGATION_STALL_SECONDS=30)
 def test_a_silent_aggregation_is_resent_after_the_stall_period_and_a_beating_one_is_not(
     client: Any,

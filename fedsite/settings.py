@@ -254,8 +254,26 @@ FEDSITE_ENROLLMENT_KEY = env.str("FEDSITE_ENROLLMENT_KEY", default="")
 # Robust rules (Krum, median, trimmed mean) on rounds whose updates exceed this many bytes are split into
 # coordinate chunks aggregated by parallel Celery tasks; below it one worker combines them in process.
 FEDSITE_CHUNKED_AGGREGATION_BYTES = env.int("FEDSITE_CHUNKED_AGGREGATION_BYTES", default=256 * 1024 * 1024)
-# An aggregation still running this long after its round closed is enqueued again (idempotent).
-FEDSITE_AGGREGATION_STALL_SECONDS = env.int("FEDSITE_AGGREGATION_STALL_SECONDS", default=900)
+# Faults and recovery (docs/operations.md): a running aggregation heartbeats on its outbox row every
+# HEARTBEAT seconds; one with no sign of life for STALL seconds is sent to a worker again (idempotent)
+# and raises an aggregation_stalled alert. Detection takes at most STALL + FEDSITE_DEADLINE_CHECK_SECONDS.
+FEDSITE_AGGREGATION_HEARTBEAT_SECONDS = env.float("FEDSITE_AGGREGATION_HEARTBEAT_SECONDS", default=10.0)
+FEDSITE_AGGREGATION_STALL_SECONDS = env.float("FEDSITE_AGGREGATION_STALL_SECONDS", default=45.0)
+if not 0 < 2 * FEDSITE_AGGREGATION_HEARTBEAT_SECONDS <= FEDSITE_AGGREGATION_STALL_SECONDS:
+    raise ImproperlyConfigured(
+        "FEDSITE_AGGREGATION_STALL_SECONDS must be at least twice FEDSITE_AGGREGATION_HEARTBEAT_SECONDS "
+        f"(and both positive), or a healthy aggregation is re-sent. Found heartbeat "
+        f"{FEDSITE_AGGREGATION_HEARTBEAT_SECONDS} and stall {FEDSITE_AGGREGATION_STALL_SECONDS}."
+    )
+# Fault drills only: every aggregation task waits this many seconds (heartbeating) before it combines,
+# so a worker can be killed mid-aggregation on purpose. Default 0.
+FEDSITE_AGGREGATION_DRILL_DELAY_SECONDS = env.float("FEDSITE_AGGREGATION_DRILL_DELAY_SECONDS", default=0.0)
+# A round whose agents let more than this fraction of its tasks expire raises an agents_dropping alert.
+FEDSITE_DROPOUT_ALERT_FRACTION = env.float("FEDSITE_DROPOUT_ALERT_FRACTION", default=0.2)
+if not 0 <= FEDSITE_DROPOUT_ALERT_FRACTION < 1:
+    raise ImproperlyConfigured(
+        f"FEDSITE_DROPOUT_ALERT_FRACTION must be in [0, 1). Found {FEDSITE_DROPOUT_ALERT_FRACTION}."
+    )
 FEDSITE_PUBLIC_BASE_URL = env.str("FEDSITE_PUBLIC_BASE_URL", default="")
 
 # --- REST API --------------------------------------------------------------------------------------

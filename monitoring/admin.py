@@ -185,6 +185,7 @@ class AlertAdmin(ActionsOnlyAdmin):
         "created_at",
         "acknowledged_at",
         "acknowledged_by",
+        "resolved_at",
     ]
     exclude = ["details"]
     actions = ["acknowledge"]

@@ -40,6 +40,10 @@ class Alert(models.Model):
         ROUND_EMPTY = "round_empty", "round released with no update"
         ROUND_DECLINED = "round_declined", "every agent of a round declined"
         SYSTEM = "system", "system"
+        AGGREGATION_STALLED = "aggregation_stalled", "aggregation stalled"
+        AGENTS_DROPPING = "agents_dropping", "agents dropping out"
+        ROUND_EMPTY = "round_empty", "round empty"
+        ROUND_DECLINED = "round_declined", "round declined"
 
     training = models.ForeignKey(
         "trainings.Training", null=True, blank=True, on_delete=models.CASCADE, related_name="alerts"
@@ -52,6 +56,11 @@ class Alert(models.Model):
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     acknowledged_at = models.DateTimeField(null=True, blank=True)
     acknowledged_by = models.CharField(max_length=150, blank=True)
+    resolved_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="When the condition ended by itself (e.g. a stalled round completed).",
+    )
 
     class Meta:
         ordering = ["-created_at"]

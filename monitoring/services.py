@@ -104,6 +104,23 @@ def alert_raise(
     return alert
 
 
+def alert_resolve(*, kind: str, training: Any, round_number: int | None = None) -> int:
+    """Mark open alerts of ``kind`` for a training (and round) resolved: the condition ended by itself.
+
+    Returns how many were resolved. Resolved alerts stay in the list (and stay unacknowledged until an
+    operator acknowledges them), so a stall that healed by itself is still visible afterwards.
+    """
+    open_alerts = Alert.objects.filter(kind=kind, training=training, resolved_at__isnull=True)
+    if round_number is not None:
+        open_alerts = open_alerts.filter(round_number=round_number)
+    resolved = open_alerts.update(resolved_at=timezone.now())
+    if resolved:
+        log_event(
+            logger, "alert_resolved", kind=kind, training_id=getattr(training, "pk", None), round=round_number
+        )
+    return resolved
+
+
 def metrics_record(*, training: Any, round_number: int, values: Mapping[str, float]) -> list[Metric]:
     """Store finite metric values for a round (idempotent: a retry overwrites) and broadcast them."""
     stored: list[Metric] = []

@@ -29,7 +29,7 @@ from monitoring.admin import (
 )
 from trainings import services
 from trainings.configuration import TrainingConfiguration
-from trainings.models import ClientUpdate, Round, Task, Training
+from trainings.models import AggregationOutbox, ClientUpdate, Round, Task, Training
 from versioning.models import ModelVersion
 
 EXAMPLE_CONFIGURATION = {
@@ -365,3 +365,34 @@ class ClientUpdateAdmin(InRoundColumns, ViewOnlyAdmin):
     @admin.display(description="metrics")
     def metrics_pretty(self, obj: ClientUpdate) -> str:
         return pretty_json(obj.metrics)
+
+
+@admin.register(AggregationOutbox)
+class AggregationOutboxAdmin(InRoundColumns, ViewOnlyAdmin):
+    """The intent to aggregate each round: how often it was sent, refused and run (docs/operations.md 5.1)."""
+
+    list_display = [
+        "training",
+        "round_number",
+        "created_at",
+        "sends",
+        "send_failures",
+        "runs",
+        "heartbeat_at",
+        "completed_at",
+    ]
+    list_filter = [("completed_at", admin.EmptyFieldListFilter)]
+    search_fields = ["round__training__name", "=round__training__id"]
+    list_select_related = ["round__training"]
+    readonly_fields = [
+        "round",
+        "created_at",
+        "sent_at",
+        "sends",
+        "send_failures",
+        "last_error",
+        "started_at",
+        "runs",
+        "heartbeat_at",
+        "completed_at",
+    ]

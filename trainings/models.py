@@ -156,3 +156,31 @@ class ClientUpdate(models.Model):
 
     def __str__(self) -> str:
         return f"update from {self.agent_id} for {self.round_id}"
+
+
+class AggregationOutbox(models.Model):
+    """The durable intent to aggregate a round (a transactional outbox row).
+
+    Written in the transaction that moves the round to ``aggregating``, so the intent survives a broker
+    outage or a worker killed mid-task; relayed to Celery after commit and again by the beat check until
+    the round leaves ``aggregating``. The running task heartbeats here; a row with no sign of life for
+    ``FEDSITE_AGGREGATION_STALL_SECONDS`` is sent again (aggregation is idempotent).
+    """
+
+    round = models.OneToOneField(Round, on_delete=models.CASCADE, related_name="aggregation_outbox")
+    created_at = models.DateTimeField(auto_now_add=True)
+    sent_at = models.DateTimeField(
+        null=True, blank=True, db_index=True, help_text="Last successful publish to the broker."
+    )
+    sends = models.PositiveIntegerField(default=0, help_text="Successful publishes (1 unless re-sent).")
+    send_failures = models.PositiveIntegerField(default=0, help_text="Publishes the broker refused.")
+    last_error = models.TextField(blank=True)
+    started_at = models.DateTimeField(null=True, blank=True, help_text="When a worker last started it.")
+    runs = models.PositiveIntegerField(default=0, help_text="Times a worker started the task.")
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    completed_at = models.DateTimeField(
+        null=True, blank=True, db_index=True, help_text="When the round left aggregating (done or failed)."
+    )
+
+    def __str__(self) -> str:
+        return f"aggregation intent for {self.round_id} (sends {self.sends})"

@@ -5,11 +5,24 @@ from __future__ import annotations
 from typing import Any
 
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.db.models import QuerySet
+from django.db.models import Exists, OuterRef, QuerySet
 
+from clients.models import Agent
+from clients.selectors import agents_eligible
 from monitoring.models import Metric
 from trainings.models import Round, Task, Training
 from trainings.services import update_max_bytes
+
+
+def agents_selectable() -> QuerySet[Agent]:
+    """Agents a round may select: eligible (active, seen within FEDSITE_AGENT_TIMEOUT) and, if they let a
+    task expire, seen again since (a poll or heartbeat after the expiry). A killed agent stays "recently
+    seen" for the whole agent timeout; without this rule the next rounds would pick it and wait their full
+    deadline for it."""
+    expired_since_seen = Task.objects.filter(
+        agent=OuterRef("pk"), status=Task.Status.EXPIRED, completed_at__gte=OuterRef("last_seen_at")
+    )
+    return agents_eligible().exclude(Exists(expired_since_seen))
 
 
 def training_get(training_id: Any) -> Training | None:

@@ -25,7 +25,6 @@ from django.db.models import Count, Q
 from django.utils import timezone
 
 from clients.models import Agent
-from clients.selectors import agents_eligible
 from clients.services import agent_record_outcome
 from fedsite.errors import Conflict, Forbidden, NotFound, PayloadTooLarge, ValidationFailed
 from fedsite.logs import log_event
@@ -41,6 +40,12 @@ from privacy.models import PrivacyBudget
 from privacy.services import budget_allows, budget_create, budget_next_event, ledger_record
 from trainings.configuration import TrainingConfiguration
 from trainings.models import ClientUpdate, Round, Task, Training
+from trainings.outbox import (
+    aggregation_intent_complete,
+    aggregation_intent_record,
+    aggregation_relay,
+    aggregations_recover,
+)
 from trainings.state import lock_round, lock_training, transition_round, transition_task, transition_training
 from versioning.blobs import blob_local_path, blob_read, blob_save
 from versioning.models import ModelVersion
@@ -243,7 +248,9 @@ def _select_agents(
         .annotate(good=Count("id", filter=Q(status__in=[KS.PENDING, KS.DELIVERED, KS.COMPLETED])))
         .values_list("agent_id", "good")
     )
-    candidates = [a for a in agents_eligible().order_by("agent_id") if tasked.get(a.pk, 0) == 0]
+    from trainings.selectors import agents_selectable  # (selectors imports this module)
+
+    candidates = [a for a in agents_selectable().order_by("agent_id") if tasked.get(a.pk, 0) == 0]
     fresh = [a for a in candidates if a.pk not in tasked]
     retried = [a for a in candidates if a.pk in tasked]
     rng = np.random.default_rng([config.seed, round_.number, round_.attempt])
@@ -355,7 +362,9 @@ def _round_open_private(
     the accounting describes (``_private_round_declined`` says what happens when every sampled agent
     declines).
     """
-    eligible = list(agents_eligible().order_by("agent_id"))
+    from trainings.selectors import agents_selectable  # (selectors imports this module)
+
+    eligible = list(agents_selectable().order_by("agent_id"))
     if not eligible:
         if not Alert.objects.filter(
             training=training, round_number=round_.number, kind=Alert.Kind.TOO_FEW_AGENTS
@@ -462,6 +471,8 @@ def _round_settle(round_: Round, *, now: Any = None) -> str:
     for task in open_tasks:
         transition_task(task, KS.EXPIRED, reason="deadline passed")
         agent_record_outcome(agent_id=task.agent_id, outcome="expired")
+    if open_tasks:
+        _alert_if_agents_dropping(round_, training, tasks, open_tasks)
     private = PrivacyBudget.objects.filter(training=training).exists()
     if private and completed == 0 and any(t.attempt == round_.attempt for t in tasks):
         return _private_round_declined(round_, training, config, tasks)
@@ -469,8 +480,7 @@ def _round_settle(round_: Round, *, now: Any = None) -> str:
         if completed == 0:  # an empty Poisson sample: still a release, accounted like any other
             _alert_round_empty(round_, training)
         transition_round(round_, RS.AGGREGATING)
-        round_id = round_.pk
-        transaction.on_commit(lambda: _enqueue_aggregation(round_id))
+        aggregation_intent_record(round_)
         log_event(logger, "round_closed", training_id=training.pk, round=round_.number, updates=completed)
         return "closed"
     # Too few updates: re-open with other agents, or give up after the configured attempts.
@@ -624,7 +634,7 @@ def rounds_check_deadlines() -> dict[str, int]:
     summary = {"opened": rounds_try_open_waiting()}
     now = timezone.now()
     summary["expired_async_tasks"] = _expire_asynchronous_tasks(now)
-    summary["requeued_aggregations"] = _requeue_stalled_aggregations(now)
+    summary.update(aggregations_recover(now=now))
     due = Round.objects.filter(status=RS.COLLECTING, deadline__lte=now).values_list("pk", flat=True)
     for round_id in due:
         with transaction.atomic():
@@ -633,20 +643,39 @@ def rounds_check_deadlines() -> dict[str, int]:
     return summary
 
 
-def _requeue_stalled_aggregations(now: Any) -> int:
-    """Re-enqueue aggregations that have not finished long after their round closed (a lost worker or
-    message); aggregation is idempotent, so a duplicate is harmless."""
-    stalled = Round.objects.filter(
-        status=RS.AGGREGATING,
-        closed_at__lte=now - timedelta(seconds=settings.FEDSITE_AGGREGATION_STALL_SECONDS),
-        training__status=TS.RUNNING,
-    ).values_list("pk", flat=True)
-    count = 0
-    for round_id in stalled:
-        Round.objects.filter(pk=round_id).update(closed_at=now)  # wait a full period before the next retry
-        transaction.on_commit(lambda round_id=round_id: _enqueue_aggregation(round_id))
-        count += 1
-    return count
+def _alert_if_agents_dropping(
+    round_: Round, training: Training, tasks: list[Task], expired: list[Task]
+) -> None:
+    """Alert when the agents that let their tasks expire are more than FEDSITE_DROPOUT_ALERT_FRACTION of
+    this attempt's agents. They are not selected again until they poll or heartbeat
+    (``trainings.selectors.agents_selectable``)."""
+    issued = sum(1 for t in tasks if t.attempt == round_.attempt)
+    fraction = len(expired) / max(issued, 1)
+    threshold = settings.FEDSITE_DROPOUT_ALERT_FRACTION
+    if fraction <= threshold:
+        return
+    names = sorted(
+        Agent.objects.filter(pk__in=[t.agent_id for t in expired]).values_list("agent_id", flat=True)
+    )
+    alert_raise(
+        kind=Alert.Kind.AGENTS_DROPPING,
+        severity=Alert.Severity.WARNING,
+        training=training,
+        round_number=round_.number,
+        message=(
+            f"Round {round_.number} lost {len(expired)} of its {issued} agents ({fraction:.0%}, over the "
+            f"{threshold:.0%} threshold): {', '.join(names)} let their tasks expire. They are not selected "
+            "again until they poll or send a heartbeat; check that these agents are running."
+        ),
+        details={
+            "agents": names,
+            "expired": len(expired),
+            "issued": issued,
+            "fraction": fraction,
+            "threshold": threshold,
+            "attempt": round_.attempt,
+        },
+    )
 
 
 def _expire_asynchronous_tasks(now: Any) -> int:
@@ -676,8 +705,7 @@ def _asynchronous_round_settle(round_: Round) -> str:
     if ClientUpdate.objects.filter(round=round_).count() < buffer_size:
         return "waiting"
     transition_round(round_, RS.AGGREGATING)
-    round_id = round_.pk
-    transaction.on_commit(lambda: _enqueue_aggregation(round_id))
+    aggregation_intent_record(round_)
     if round_.number < config.max_rounds:
         locked = lock_training(training.pk)
         if locked.status == TS.RUNNING:
@@ -735,9 +763,7 @@ def _issue_asynchronous_task(agent: Agent) -> Task | None:
 
 
 def _enqueue_aggregation(round_id: int) -> None:
-    from trainings.tasks import aggregate_round
-
-    aggregate_round.delay(round_id)
+    aggregation_relay(round_id=round_id)  # never raises; the outbox row is retried by the beat check
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1167,6 +1193,7 @@ def _round_commit(
         round_.metrics = metrics
         round_.save(update_fields=["metrics"])
         transition_round(round_, RS.COMPLETED)
+        aggregation_intent_complete(round_)
         metrics_record(training=training, round_number=round_.number, values=metrics)
         training.current_version = version
         accuracy = metrics.get("accuracy", metrics.get("federated_accuracy"))
@@ -1347,6 +1374,7 @@ def round_mark_aggregation_failed(*, round_id: int, error: str) -> None:
         if round_.status != RS.AGGREGATING:
             return
         transition_round(round_, RS.FAILED, error=error[:2000])
+        aggregation_intent_complete(round_)
         alert_raise(
             kind=Alert.Kind.AGGREGATION_FAILED,
             severity=Alert.Severity.CRITICAL,

@@ -7,6 +7,7 @@ import logging
 from celery import shared_task
 
 from trainings import chunked, services
+from trainings.outbox import aggregation_drill_delay, aggregation_heartbeat
 
 logger = logging.getLogger("trainings.tasks")
 
@@ -21,7 +22,9 @@ logger = logging.getLogger("trainings.tasks")
 )
 def aggregate_round(self, round_id: int) -> str:  # type: ignore[no-untyped-def]
     try:
-        return services.round_aggregate(round_id=round_id)
+        with aggregation_heartbeat(round_id=round_id, beat=not self.request.is_eager):
+            aggregation_drill_delay()
+            return services.round_aggregate(round_id=round_id)
     except Exception as exc:
         if self.request.is_eager or self.request.retries >= self.max_retries:
             logger.exception("aggregation_failed round_id=%s", round_id)
@@ -47,7 +50,8 @@ def _fail_round(round_id: int, exc: Exception) -> None:
     ignore_result=False,
 )
 def aggregate_chunk_statistics(round_id: int, start: int, stop: int) -> list[float]:
-    return chunked.chunk_statistics(round_id=round_id, start=start, stop=stop)
+    with aggregation_heartbeat(round_id=round_id, start=False):
+        return chunked.chunk_statistics(round_id=round_id, start=start, stop=stop)
 
 
 @shared_task(name="trainings.aggregate_chunk_finalize", acks_late=True, reject_on_worker_lost=True)
@@ -55,9 +59,10 @@ def aggregate_chunk_finalize(
     parts: list[list[float]], round_id: int, chunks: list[list[int]], started: float
 ) -> None:
     try:
-        context = chunked.finalize_statistics(round_id=round_id, parts=parts)
-        ranges = [(int(a), int(b)) for a, b in chunks]
-        chunked.start_combine(round_id=round_id, chunks=ranges, context=context, started=started)
+        with aggregation_heartbeat(round_id=round_id, start=False):
+            context = chunked.finalize_statistics(round_id=round_id, parts=parts)
+            ranges = [(int(a), int(b)) for a, b in chunks]
+            chunked.start_combine(round_id=round_id, chunks=ranges, context=context, started=started)
     except Exception as exc:
         _fail_round(round_id, exc)
 
@@ -66,7 +71,8 @@ def aggregate_chunk_finalize(
     name="trainings.aggregate_chunk_combine", acks_late=True, reject_on_worker_lost=True, ignore_result=False
 )
 def aggregate_chunk_combine(round_id: int, start: int, stop: int, context: dict | None) -> str:  # type: ignore[type-arg]
-    return chunked.chunk_combine(round_id=round_id, start=start, stop=stop, context=context)
+    with aggregation_heartbeat(round_id=round_id, start=False):
+        return chunked.chunk_combine(round_id=round_id, start=start, stop=stop, context=context)
 
 
 @shared_task(name="trainings.aggregate_chunk_join", acks_late=True, reject_on_worker_lost=True)
@@ -74,10 +80,11 @@ def aggregate_chunk_join(
     blob_names: list[str], round_id: int, chunks: list[list[int]], context: dict | None, started: float
 ) -> str:  # type: ignore[type-arg]
     try:
-        ranges = [(int(a), int(b)) for a, b in chunks]
-        return chunked.join_chunks(
-            round_id=round_id, chunks=ranges, blob_names=blob_names, context=context, started=started
-        )
+        with aggregation_heartbeat(round_id=round_id, start=False):
+            ranges = [(int(a), int(b)) for a, b in chunks]
+            return chunked.join_chunks(
+                round_id=round_id, chunks=ranges, blob_names=blob_names, context=context, started=started
+            )
     except Exception as exc:
         _fail_round(round_id, exc)
         return "failed"

@@ -31,6 +31,7 @@ class AlertSerializer(serializers.ModelSerializer):
             "created_at",
             "acknowledged_at",
             "acknowledged_by",
+            "resolved_at",
         ]
         read_only_fields = fields
 

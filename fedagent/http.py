@@ -401,8 +401,7 @@ class AgentHttpClient:
             def stop(retry_state: RetryCallState) -> bool:
                 # Never fewer attempts than without a deadline (a clock behind the server's must not cost
                 # the retries), then on until the deadline.
-                past = _seconds_until(until) - retry_state.upcoming_sleep <= 0
-                return past and by_attempts(retry_state)
+                return _seconds_until(until) <= 0 and by_attempts(retry_state)
 
         retrying = Retrying(
             stop=stop,

@@ -44,13 +44,15 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _wait_for(condition: Callable[[], bool], seconds: float, what: str) -> None:
+def _wait_for(
+    condition: Callable[[], bool], seconds: float, what: str, detail: Callable[[], str] = str
+) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if condition():
             return
         time.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}")
+    pytest.fail(f"timed out waiting for {what}\n{detail()}")
 
 
 class PrivateRedis:
@@ -484,7 +486,12 @@ def test_redis_outage_while_agents_long_poll_costs_no_5xx(
         answers.add("start", started.status_code)
         assert started.status_code == 201, started.text
         # Tasks still reach the polls (database re-checks) and the uploads close the round.
-        _wait_for(lambda: len(uploads) >= 2, 30, "both agents to upload during the outage")
+        _wait_for(
+            lambda: len(uploads) >= 2,
+            30,
+            "both agents to upload during the outage",
+            lambda: f"{answers}\n{server.log()}",
+        )
         close_old_connections()
         assert ClientUpdate.objects.filter(round__training_id=started.json()["training_id"]).count() == 2
         polls_during_outage = len(answers.of("poll"))

@@ -627,9 +627,20 @@ def _issue_asynchronous_task(agent: Agent) -> Task | None:
 
 
 def _enqueue_aggregation(round_id: int) -> None:
+    from kombu.exceptions import OperationalError as BrokerUnavailable
+
     from trainings.tasks import aggregate_round
 
-    aggregate_round.delay(round_id)
+    try:
+        aggregate_round.delay(round_id)
+    except BrokerUnavailable as exc:
+        # Runs after commit: the round is already AGGREGATING, so failing the request (an agent's upload)
+        # would report a stored update as lost. The stall check of rounds_check_deadlines re-sends it.
+        logger.warning(
+            "aggregation_enqueue_failed round_id=%s error=%r; the stall check re-sends it",
+            round_id,
+            exc,
+        )
 
 
 # ---------------------------------------------------------------------------------------------------

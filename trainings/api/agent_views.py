@@ -308,6 +308,9 @@ NEXT_TASK_OPENAPI: dict[str, Any] = {
             "200": {"description": "A task", "content": {"application/json": {"schema": {"type": "object"}}}},
             "204": {"description": "No task within `wait` seconds"},
             "401": {"description": "Missing or invalid agent token"},
+            "503": {
+                "description": "The server is shutting down (`shutting_down`); poll again after Retry-After"
+            },
         },
     }
 }

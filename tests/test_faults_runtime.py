@@ -359,6 +359,59 @@ def test_long_poll_with_redis_away_is_204_then_delivers_a_task(
 
 
 # ---------------------------------------------------------------------------------------------------
+# Shutdown (in process): the long-poll races its wait against the process-wide shutdown signal
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture
+def shutdown_signal() -> Iterator[Any]:
+    from trainings.wakeup import shutdown
+
+    shutdown.clear()
+    yield shutdown
+    shutdown.clear()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_waiting_poll_is_answered_503_when_shutdown_starts(
+    client: Any, make_agent: Any, make_training: Any, shutdown_signal: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shutdown at 1 s, a task for the agent at 2.5 s: a poll that stops waiting when the shutdown starts
+    answers 503; one that noticed only at its next wake-up or re-check would find the task (200)."""
+    from trainings.api import agent_views
+
+    monkeypatch.setattr(agent_views, "RECHECK_SECONDS", 60.0)  # no database re-check inside the test
+    (_, token), _ = make_agent(), make_agent()
+
+    def start_training() -> None:
+        try:
+            make_training(min_clients_per_round=2, max_clients_per_round=2)
+        finally:
+            connection.close()
+
+    timers = [threading.Timer(1.0, shutdown_signal.set), threading.Timer(2.5, start_training)]
+    for timer in timers:
+        timer.start()
+    try:
+        response = client.get("/api/v1/agent/tasks/next?wait=20", HTTP_AUTHORIZATION=f"Bearer {token}")
+    finally:
+        for timer in timers:
+            timer.join()
+    assert response.status_code == 503, response.content
+    assert response["Retry-After"] == "2"
+    assert response.json()["error"]["code"] == "shutting_down"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_poll_that_arrives_during_shutdown_is_503(
+    client: Any, make_agent: Any, shutdown_signal: Any
+) -> None:
+    _, token = make_agent()
+    shutdown_signal.set()
+    response = client.get("/api/v1/agent/tasks/next?wait=30", HTTP_AUTHORIZATION=f"Bearer {token}")
+    assert response.status_code == 503
+    assert response["Retry-After"] == "2"
+
+
+# ---------------------------------------------------------------------------------------------------
 # Stale database connections (in process): the pool's checkout check, and the replay of a first statement
 # ---------------------------------------------------------------------------------------------------
 def _control_connection() -> psycopg.Connection[Any]:

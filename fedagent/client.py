@@ -110,9 +110,10 @@ class TaskOutcome:
         ``"failed"`` (given back with ``POST fail``), ``"rejected"`` (the server refused the update or the
         model and the task is no longer ours), or ``"abandoned"`` (the agent stopped mid-task).
     detail : str
-        Why, for anything but ``"uploaded"``.
+        Why, for anything but ``"uploaded"``; for ``"uploaded"``, set when the server already held
+        another update of this agent for the task (409 ``update_conflict``: it keeps the first).
     update_sha256 : str or None
-        SHA-256 of the uploaded safetensors body.
+        SHA-256 of the update the server holds for the task.
     num_examples : int
         Training examples used.
     metrics : dict
@@ -743,13 +744,27 @@ class FederatedClient:
         meta = {"num_examples": int(fit.num_examples), "metrics": metrics}
         digest = sha256_hex(blob)
         try:
-            receipt = self._http.upload_update(task.upload_url, blob, meta)
+            # Retried until the task's deadline: the bytes are kept until a 2xx (or a 409 that settles it).
+            receipt = self._http.upload_update(task.upload_url, blob, meta, deadline=task.deadline)
         except AgentApiError as exc:
             if exc.status == 401:
                 raise
             if exc.code == "task_closed":
                 log.info("the round closed before the update arrived; moving on")
                 return self._outcome(task, "closed", exc.message)
+            if exc.code == "update_conflict":
+                # The server already stored an update for this task (an earlier upload of this agent's):
+                # the protocol keeps the first one, so the task is done and this copy is not needed.
+                accepted = str(exc.details.get("accepted_sha256", ""))
+                log.warning("the server already holds another update for this task (sha256 %s)", accepted)
+                return TaskOutcome(
+                    task.task_id,
+                    task.training_id,
+                    task.round,
+                    "uploaded",
+                    "An update was already stored for this task; the server keeps the first.",
+                    update_sha256=accepted,
+                )
             if exc.status in {400, 413}:
                 return self._give_back(
                     task, f"The server refused the update ({exc.code}): {exc.message}", log

@@ -6,6 +6,11 @@ Blog, "Exponential Backoff And Jitter", 2015), and a ``Retry-After`` header, whe
 computed wait. Other 4xx are never retried: they raise :class:`~fedagent.errors.AgentApiError` at once,
 carrying the server's ``code`` and ``message``.
 
+An upload can instead be retried until a point in time (``retry_until``: the task's deadline) rather than
+for a fixed number of attempts, because the protocol says to keep an update's bytes until a 2xx: a
+server that is restarting for ten seconds must not cost the agent its work. It is safe because uploads
+are idempotent per task (the same body is answered 200 with the original receipt).
+
 Invariants: the bearer token is only ever sent to the configured server's origin; response bodies are
 read with a size cap; a back-off sleep ends early (raising :class:`~fedagent.errors.AgentStopped`) when
 the ``stop_event`` given at construction is set.
@@ -19,6 +24,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -125,6 +131,12 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
     if not math.isfinite(seconds):
         return None
     return max(0.0, seconds)
+
+
+def _seconds_until(when: datetime) -> float:
+    if when.tzinfo is None:  # the protocol sends offsets; a bare time is UTC
+        when = when.replace(tzinfo=UTC)
+    return (when - datetime.now(UTC)).total_seconds()
 
 
 def _error_from(status: int, headers: httpx.Headers, body: bytes, reason: str) -> AgentApiError:
@@ -323,6 +335,7 @@ class AgentHttpClient:
         max_body_bytes: int = MAX_JSON_BYTES,
         timeout: float | None = None,
         retry_read_errors: bool = True,
+        retry_until: datetime | None = None,
         **kwargs: Any,
     ) -> Reply:
         """Send one request with retries and return the reply of the first non-retryable answer.
@@ -344,6 +357,10 @@ class AgentHttpClient:
         retry_read_errors : bool
             Also retry when the request may have reached the server (read timeout, connection reset). Set
             False for requests that are not idempotent (enroll): then only failures to connect are retried.
+        retry_until : datetime, optional
+            Keep retrying until this time (UTC when naive), not only ``max_attempts`` times: no retry
+            starts after it once ``max_attempts`` attempts were made, and back-off waits (``Retry-After``
+            included) are cut so that one last attempt happens at it. Only for idempotent requests.
         **kwargs
             Passed to ``httpx.Client.build_request`` (``json``, ``params``, ``files``, ``data``).
 
@@ -370,9 +387,25 @@ class AgentHttpClient:
                 return True
             return retry_read_errors and isinstance(exc, httpx.TransportError)
 
+        by_attempts = stop_after_attempt(self.max_attempts)
+        stop: Callable[[RetryCallState], bool] = by_attempts
+        wait: Callable[[RetryCallState], float] = self._wait
+        if retry_until is not None:
+            until = retry_until
+
+            def wait(retry_state: RetryCallState) -> float:
+                computed = self._wait(retry_state)
+                remaining = _seconds_until(until)
+                return min(computed, remaining) if remaining > 0 else computed
+
+            def stop(retry_state: RetryCallState) -> bool:
+                # Never fewer attempts than without a deadline (a clock behind the server's must not cost
+                # the retries), then on until the deadline.
+                return _seconds_until(until) <= 0 and by_attempts(retry_state)
+
         retrying = Retrying(
-            stop=stop_after_attempt(self.max_attempts),
-            wait=self._wait,
+            stop=stop,
+            wait=wait,
             retry=retry_if_exception(should_retry),
             sleep=self._sleep,
             before_sleep=self._log_retry,
@@ -391,8 +424,13 @@ class AgentHttpClient:
                         **kwargs,
                     )
         except httpx.TransportError as exc:
+            tried = (
+                f"until {retry_until.isoformat()}"
+                if retry_until is not None
+                else f"after {self.max_attempts} attempt(s)"
+            )
             raise AgentConnectionError(
-                f"Could not reach {url} after {self.max_attempts} attempt(s): {exc!r}. "
+                f"Could not reach {url} {tried}: {exc!r}. "
                 "Check that the server is running and the URL is right."
             ) from exc
         raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
@@ -463,16 +501,32 @@ class AgentHttpClient:
             return None
         return reply.body
 
-    def upload_update(self, upload_url: str, update: bytes, meta: dict[str, Any]) -> UploadReceipt:
+    def upload_update(
+        self,
+        upload_url: str,
+        update: bytes,
+        meta: dict[str, Any],
+        *,
+        deadline: datetime | None = None,
+    ) -> UploadReceipt:
         """``POST tasks/<task_id>/update``: the safetensors bytes as the body, the meta JSON in a header.
 
         The raw ``application/octet-stream`` form of the protocol (the multipart form is equivalent):
         it spares the server a multipart parse and copies of a model-sized body. Safe to retry: the server
         answers 200 with the same receipt to an identical update.
+
+        Parameters
+        ----------
+        upload_url, update, meta
+            ``task.upload_url``, the safetensors bytes, ``{"num_examples", "metrics"}``.
+        deadline : datetime, optional
+            The task's deadline: retry (connection errors, 429/502/503/504, honouring ``Retry-After``)
+            until then instead of ``max_attempts`` times. After it the server refuses the update anyway.
         """
         reply = self.request(
             "POST",
             upload_url,
+            retry_until=deadline,
             content=update,
             headers={
                 "Content-Type": "application/octet-stream",

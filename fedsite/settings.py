@@ -153,7 +153,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
     }
 else:
-    DATABASES["default"]["ENGINE"] = "django_prometheus.db.backends.postgresql"
+    # django-prometheus's backend, plus one replay of a first statement that hit a dead connection
+    # (fedsite/db/base.py says when that is safe).
+    DATABASES["default"]["ENGINE"] = "fedsite.db"
     # Under ASGI each request runs in its own thread, so CONN_MAX_AGE > 0 piles up idle connections
     # until Postgres refuses new ones; a process-wide psycopg pool reuses them instead.
     if env.int("DATABASE_CONN_MAX_AGE", default=0):
@@ -162,6 +164,10 @@ else:
             "use DATABASE_POOL_MAX_SIZE to size the connection pool."
         )
     DATABASES["default"]["CONN_MAX_AGE"] = 0
+    # With a pool this makes Django create it with check=ConnectionPool.check_connection: every checkout
+    # is verified (an empty query), so a pooled connection that Postgres terminated is discarded instead
+    # of failing the request that draws it. (Passing "check" in the pool options clashes with Django's.)
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
     pool_size = env.int("DATABASE_POOL_MAX_SIZE", default=16)
     if pool_size > 0:
         DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {

@@ -26,14 +26,23 @@ from rest_framework.views import APIView
 from clients.services import agent_authenticate, agent_touch
 from fedsite.agent_auth import AgentTokenAuthentication, IsAgent
 from fedsite.api import error_response
-from fedsite.errors import Forbidden, NotFound, PayloadTooLarge, ServiceError, ValidationFailed
+from fedsite.errors import (
+    Forbidden,
+    NotFound,
+    PayloadTooLarge,
+    ServiceError,
+    ServiceUnavailable,
+    ValidationFailed,
+)
 from fedsite.throttling import client_ip
 from trainings import services
 from trainings.selectors import task_payload
-from trainings.wakeup import wait_for_wakeup
+from trainings.wakeup import shutdown, wait_for_wakeup
 from versioning.models import ModelVersion
 
 RECHECK_SECONDS = 2.0
+#: Retry-After of the 503 that answers long-polls when the server shuts down (a restart takes seconds).
+SHUTDOWN_RETRY_AFTER_SECONDS = 2
 
 
 def _parse_wait(raw: str | None) -> float:
@@ -75,28 +84,49 @@ def _release_connection() -> None:
         connection.close()
 
 
+def _shutting_down_response() -> HttpResponse:
+    response = error_response(
+        ServiceUnavailable(
+            f"The server is restarting; poll again in {SHUTDOWN_RETRY_AFTER_SECONDS} seconds.",
+            code="shutting_down",
+        )
+    )
+    response["Retry-After"] = str(SHUTDOWN_RETRY_AFTER_SECONDS)
+    return response
+
+
 @csrf_exempt
 async def next_task_view(request: HttpRequest) -> HttpResponse:
-    """``GET /api/v1/agent/tasks/next?wait=<seconds>``: 200 with a task, or 204 after ``wait`` seconds."""
+    """``GET /api/v1/agent/tasks/next?wait=<seconds>``: 200 with a task, or 204 after ``wait`` seconds.
+
+    While the server shuts down a waiting poll is answered at once: its task if one exists, else 503 with
+    ``Retry-After`` (never left to be cut off at the end of the graceful-shutdown period).
+    """
     if request.method != "GET":
         return JsonResponse(
             {"error": {"code": "method_not_allowed", "message": "Use GET.", "details": {}}}, status=405
         )
     try:
         wait = _parse_wait(request.GET.get("wait"))
+        if shutdown.is_set():
+            return _shutting_down_response()
         agent = await sync_to_async(_prepare_poll)(request.headers.get("Authorization"), client_ip(request))
         deadline = time.monotonic() + wait
         while True:
             payload = await sync_to_async(_poll_once)(agent)
             if payload is not None:
                 return JsonResponse(payload)
+            if shutdown.is_set():
+                return _shutting_down_response()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return HttpResponse(status=204)
             await wait_for_wakeup(agent.pk, min(remaining, RECHECK_SECONDS))
-            if time.monotonic() > deadline - 0.05:
+            if shutdown.is_set() or time.monotonic() > deadline - 0.05:
                 payload = await sync_to_async(_poll_once)(agent)
-                return JsonResponse(payload) if payload is not None else HttpResponse(status=204)
+                if payload is not None:
+                    return JsonResponse(payload)
+                return _shutting_down_response() if shutdown.is_set() else HttpResponse(status=204)
     except ServiceError as exc:
         response = error_response(exc)
         if exc.status_code == 401:
@@ -282,6 +312,9 @@ NEXT_TASK_OPENAPI: dict[str, Any] = {
             },
             "204": {"description": "No task within `wait` seconds"},
             "401": {"description": "Missing or invalid agent token"},
+            "503": {
+                "description": "The server is shutting down (`shutting_down`); poll again after Retry-After"
+            },
         },
     }
 }

@@ -2,7 +2,8 @@
 
 In embedded mode (no ``REDIS_URL``) there is no Celery beat, so a daemon thread here does beat's job
 of checking round deadlines every ``FEDSITE_DEADLINE_CHECK_SECONDS``. SIGINT and SIGTERM shut down
-gracefully (open requests get ``--graceful-timeout`` seconds) and the command exits 0.
+gracefully (open requests get ``--graceful-timeout`` seconds) and the command exits 0; waiting long-polls
+do not use that period: the signal sets ``trainings.wakeup.shutdown`` and they are answered at once.
 """
 
 from __future__ import annotations
@@ -33,6 +34,18 @@ def deadline_loop(stop: threading.Event, interval: float) -> None:
             logger.exception("deadline_check_failed")
         finally:
             close_old_connections()
+
+
+def _server_class(base: type[Any]) -> type[Any]:
+    """uvicorn's Server, also telling the long-polls of this process when a shutdown signal arrives."""
+    from trainings.wakeup import shutdown
+
+    class Server(base):  # type: ignore[misc, valid-type]
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            shutdown.set()
+            super().handle_exit(sig, frame)
+
+    return Server
 
 
 class Command(BaseCommand):
@@ -68,7 +81,7 @@ class Command(BaseCommand):
             log_level="warning",
             timeout_graceful_shutdown=max(1, round(options["graceful_timeout"])),
         )
-        server = uvicorn.Server(config)
+        server = _server_class(uvicorn.Server)(config)
 
         stop = threading.Event()
         thread = None

@@ -8,11 +8,8 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, Spec
 from rest_framework.routers import DefaultRouter
 
 from clients.api.views import AgentViewSet, EnrollView, HeartbeatView
-<<<<<<< HEAD
-from fedsite.operator_views import OperatorLoginView, OperatorLogoutAllView, OperatorLogoutView
-=======
 from fedsite import api_docs
->>>>>>> h-lead
+from fedsite.operator_views import OperatorLoginView, OperatorLogoutAllView, OperatorLogoutView
 from monitoring.api import views as monitoring_views
 from monitoring.prometheus import metrics_view
 from privacy.api.views import training_privacy

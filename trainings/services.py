@@ -584,7 +584,9 @@ def _private_round_declined(
     if not central:
         q = float(round_.metrics.get("privacy_sampling_probability", 1.0))
         rng = np.random.default_rng(secrets.randbits(128))
-        selected = [agent for agent in agents_eligible().order_by("agent_id") if rng.random() < q]
+        from trainings.selectors import agents_selectable  # (selectors imports this module)
+
+        selected = [agent for agent in agents_selectable().order_by("agent_id") if rng.random() < q]
         what = f"re-opened with a fresh sample of {len(selected)} agents"
     alert_raise(
         kind=Alert.Kind.ROUND_DECLINED,

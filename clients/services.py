@@ -16,6 +16,7 @@ from django.utils import timezone
 
 from clients.models import Agent, EnrollmentKey, agent_id_validator
 from fedsite.errors import AuthenticationFailed, Conflict, Forbidden, ValidationFailed
+from fedsite.parsers import json_check, text_check
 from monitoring.services import audit_record
 
 TOKEN_PREFIX = "fsa_"  # noqa: S105 - a public prefix, not a secret
@@ -44,6 +45,7 @@ def _validate_capabilities(capabilities: Any) -> dict[str, Any]:
         raise ValidationFailed(
             "capabilities must be a JSON object.", details={"capabilities": "Must be an object."}
         )
+    json_check(capabilities, field="capabilities")  # depth, NUL and lone surrogates, naming the path
     if len(json.dumps(capabilities)) > MAX_CAPABILITIES_BYTES:
         raise ValidationFailed(f"capabilities must be at most {MAX_CAPABILITIES_BYTES} bytes of JSON.")
     return capabilities
@@ -105,10 +107,15 @@ def enrollment_key_create(
     return key, secret
 
 
-def agent_enroll(*, enrollment_key: Any, agent_id: Any, capabilities: Any = None) -> tuple[Agent, str]:
-    """Self-enrolment: an agent that knows a valid key registers itself and gets a token."""
+def _validate_enrollment_key(enrollment_key: Any) -> str:
     if not isinstance(enrollment_key, str) or not enrollment_key:
         raise ValidationFailed("enrollment_key is required.", details={"enrollment_key": "Required."})
+    return text_check(enrollment_key, field="enrollment_key")
+
+
+def agent_enroll(*, enrollment_key: Any, agent_id: Any, capabilities: Any = None) -> tuple[Agent, str]:
+    """Self-enrolment: an agent that knows a valid key registers itself and gets a token."""
+    enrollment_key = _validate_enrollment_key(enrollment_key)
     agent_id = _validate_agent_id(agent_id)
     capabilities = _validate_capabilities(capabilities)
     configured = settings.FEDSITE_ENROLLMENT_KEY

@@ -14,7 +14,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from clients.models import Agent
+from clients.models import AGENT_ID_PATTERN, Agent
 from clients.selectors import agent_is_online
 from clients.services import agent_create, agent_enroll, agent_rotate_token, agent_set_status, agent_touch
 from fedsite.agent_auth import AgentTokenAuthentication, IsAgent
@@ -24,7 +24,7 @@ ENROLL_REQUEST = inline_serializer(
     "EnrollRequest",
     {
         "enrollment_key": serializers.CharField(),
-        "agent_id": serializers.RegexField(r"^[A-Za-z0-9_.-]{1,64}$"),
+        "agent_id": serializers.RegexField(AGENT_ID_PATTERN),
         "capabilities": serializers.DictField(required=False),
     },
 )
@@ -144,7 +144,7 @@ class AgentSerializer(serializers.ModelSerializer):
 
 
 class AgentCreateSerializer(serializers.Serializer):
-    agent_id = serializers.RegexField(r"^[A-Za-z0-9_.-]{1,64}$")
+    agent_id = serializers.RegexField(AGENT_ID_PATTERN)
     capabilities = serializers.DictField(required=False)
 
 

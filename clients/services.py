@@ -34,7 +34,9 @@ def _validate_agent_id(agent_id: Any) -> str:
     try:
         agent_id_validator(agent_id)
     except DjangoValidationError as exc:
-        raise ValidationFailed(exc.messages[0], details={"agent_id": exc.messages[0]}) from exc
+        raise ValidationFailed(
+            f"agent_id {agent_id!r} is not valid: {exc.messages[0]}", details={"agent_id": exc.messages[0]}
+        ) from exc
     return agent_id
 
 

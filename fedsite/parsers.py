@@ -11,6 +11,7 @@ parsed further than the first problem.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from typing import IO, Any
 
@@ -113,6 +114,47 @@ def text_check(value: str, *, field: str) -> str:
     return value
 
 
+# A JSON string literal (escapes included), or one structural character.
+_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{},:]')
+
+
+def _check_text_depth(text: str, field: str, max_depth: int) -> None:
+    """Refuse JSON text nested deeper than ``max_depth`` before the (recursive) decoder sees it.
+
+    A scan of string literals and brackets that keeps, per open container, the current key or index,
+    so the refusal names the path where the nesting went too deep.
+    """
+    stack: list[list[Any]] = []  # per open container: [kind, key or index, last string literal]
+    for match in _TOKEN.finditer(text):
+        token = match.group()
+        first = token[0]
+        if first == '"':
+            if stack and stack[-1][0] == "{":
+                stack[-1][2] = token
+        elif first == ":":
+            if stack and stack[-1][0] == "{" and stack[-1][2] is not None:
+                try:
+                    stack[-1][1] = json.loads(stack[-1][2])
+                except ValueError:
+                    stack[-1][1] = stack[-1][2]
+        elif first == ",":
+            if stack and stack[-1][0] == "[":
+                stack[-1][1] += 1
+        elif first in "[{":
+            if len(stack) >= max_depth:
+                path = field
+                for kind, key, _ in stack:
+                    path = _join(path, key if kind == "[" else str(key))
+                raise ValidationFailed(
+                    f"{path or 'body'} is nested more than {max_depth} levels deep; flatten it.",
+                    code="too_deep",
+                    details={path or "body": f"is nested more than {max_depth} levels deep"},
+                )
+            stack.append([first, 0 if first == "[" else "", None])
+        elif stack:
+            stack.pop()
+
+
 def json_parse(raw: bytes | str, *, field: str = "", max_depth: int | None = None) -> Any:
     """Decode untrusted JSON text and check it with :func:`json_check`.
 
@@ -123,6 +165,7 @@ def json_parse(raw: bytes | str, *, field: str = "", max_depth: int | None = Non
     limit = settings.FEDSITE_MAX_JSON_DEPTH if max_depth is None else max_depth
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes | bytearray) else raw
+        _check_text_depth(text, field, limit)
         value = json.loads(text, parse_constant=_refuse_constant)
     except UnicodeDecodeError as exc:
         raise ValidationFailed(

@@ -229,7 +229,13 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "fedsite.api.exception_handler",
     # One JSON parser for the whole API: size, depth, NUL and lone-surrogate checks (fedsite/parsers.py).
-    "DEFAULT_PARSER_CLASSES": ["fedsite.parsers.StrictJSONParser"],
+    # Forms stay parsed for the dashboard's session-authenticated posts (CSRF reads request.POST); the
+    # agent protocol's views take JSON only.
+    "DEFAULT_PARSER_CLASSES": [
+        "fedsite.parsers.StrictJSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
     "PAGE_SIZE": 100,
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",

@@ -19,12 +19,13 @@ from clients.selectors import agent_is_online
 from clients.services import agent_create, agent_enroll, agent_rotate_token, agent_set_status, agent_touch
 from fedsite.agent_auth import AgentTokenAuthentication, IsAgent
 from fedsite.errors import ValidationFailed
+from fedsite.parsers import StrictJSONParser
 
 ENROLL_REQUEST = inline_serializer(
     "EnrollRequest",
     {
         "enrollment_key": serializers.CharField(),
-        "agent_id": serializers.RegexField(AGENT_ID_PATTERN),
+        "agent_id": serializers.RegexField(AGENT_ID_PATTERN, trim_whitespace=False),
         "capabilities": serializers.DictField(required=False),
     },
 )
@@ -65,6 +66,7 @@ class EnrollView(APIView):
 
     authentication_classes: list[Any] = []
     permission_classes = [AllowAny]
+    parser_classes = [StrictJSONParser]
 
     @extend_schema(
         tags=["agent protocol"],
@@ -98,6 +100,7 @@ class HeartbeatView(APIView):
 
     authentication_classes = [AgentTokenAuthentication]
     permission_classes = [IsAgent]
+    parser_classes = [StrictJSONParser]
 
     @extend_schema(tags=["agent protocol"], request=HEARTBEAT_REQUEST, responses={200: HEARTBEAT_RESPONSE})
     def post(self, request: Request) -> Response:
@@ -144,7 +147,7 @@ class AgentSerializer(serializers.ModelSerializer):
 
 
 class AgentCreateSerializer(serializers.Serializer):
-    agent_id = serializers.RegexField(AGENT_ID_PATTERN)
+    agent_id = serializers.RegexField(AGENT_ID_PATTERN, trim_whitespace=False)
     capabilities = serializers.DictField(required=False)
 
 

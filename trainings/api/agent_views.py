@@ -285,6 +285,7 @@ NEXT_TASK_OPENAPI: dict[str, Any] = {
         "responses": {
             "200": {"description": "A task", "content": {"application/json": {"schema": {"type": "object"}}}},
             "204": {"description": "No task within `wait` seconds"},
+            "400": {"description": "`wait` empty, repeated, not a number or out of range"},
             "401": {"description": "Missing or invalid agent token"},
         },
     }

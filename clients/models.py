@@ -12,7 +12,8 @@ from django.conf import settings
 from django.core.validators import RegexValidator
 from django.db import models
 
-AGENT_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+# \A and \Z, not ^ and $: "$" also matches before a trailing newline, so "abc\n" would pass for "abc".
+AGENT_ID_PATTERN = r"\A[A-Za-z0-9_.-]{1,64}\Z"
 agent_id_validator = RegexValidator(
     AGENT_ID_PATTERN, "An agent id is 1 to 64 characters from letters, digits, '_', '.' and '-'."
 )

@@ -16,6 +16,7 @@ from django.utils import timezone
 
 from clients.models import Agent, EnrollmentKey, agent_id_validator
 from fedsite.errors import AuthenticationFailed, Conflict, Forbidden, ValidationFailed
+from fedsite.parsers import json_check, text_check
 from fedsite.throttling import auth_failure_guard, auth_failure_record
 from monitoring.services import audit_record
 
@@ -35,7 +36,9 @@ def _validate_agent_id(agent_id: Any) -> str:
     try:
         agent_id_validator(agent_id)
     except DjangoValidationError as exc:
-        raise ValidationFailed(exc.messages[0], details={"agent_id": exc.messages[0]}) from exc
+        raise ValidationFailed(
+            f"agent_id {agent_id!r} is not valid: {exc.messages[0]}", details={"agent_id": exc.messages[0]}
+        ) from exc
     return agent_id
 
 
@@ -46,6 +49,7 @@ def _validate_capabilities(capabilities: Any) -> dict[str, Any]:
         raise ValidationFailed(
             "capabilities must be a JSON object.", details={"capabilities": "Must be an object."}
         )
+    json_check(capabilities, field="capabilities")  # depth, NUL and lone surrogates, naming the path
     if len(json.dumps(capabilities)) > MAX_CAPABILITIES_BYTES:
         raise ValidationFailed(f"capabilities must be at most {MAX_CAPABILITIES_BYTES} bytes of JSON.")
     return capabilities
@@ -107,6 +111,12 @@ def enrollment_key_create(
     return key, secret
 
 
+def _validate_enrollment_key(enrollment_key: Any) -> str:
+    if not isinstance(enrollment_key, str) or not enrollment_key:
+        raise ValidationFailed("enrollment_key is required.", details={"enrollment_key": "Required."})
+    return text_check(enrollment_key, field="enrollment_key")
+
+
 def agent_enroll(
     *, enrollment_key: Any, agent_id: Any, capabilities: Any = None, client_ip: str | None = None
 ) -> tuple[Agent, str]:
@@ -115,8 +125,7 @@ def agent_enroll(
     ``client_ip`` (given by HTTP callers) counts wrong keys per IP; past the limit, 429 (fedsite.throttling).
     """
     auth_failure_guard(scope="enrollment", client_ip=client_ip)
-    if not isinstance(enrollment_key, str) or not enrollment_key:
-        raise ValidationFailed("enrollment_key is required.", details={"enrollment_key": "Required."})
+    enrollment_key = _validate_enrollment_key(enrollment_key)
     agent_id = _validate_agent_id(agent_id)
     capabilities = _validate_capabilities(capabilities)
     configured = settings.FEDSITE_ENROLLMENT_KEY

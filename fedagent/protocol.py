@@ -18,7 +18,7 @@ from fedagent.errors import ProtocolError
 API_PREFIX = "/api/v1/agent/"
 
 #: What an ``agent_id`` may look like (1-64 characters from ``[A-Za-z0-9_.-]``).
-AGENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+AGENT_ID_PATTERN = re.compile(r"\A[A-Za-z0-9_.-]{1,64}\Z")
 
 #: Values of a training's ``status`` after which no more tasks will come.
 TERMINAL_TRAINING_STATUSES = frozenset({"completed", "stopped", "failed", "budget_exhausted"})

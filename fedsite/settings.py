@@ -242,7 +242,21 @@ STORAGES = {
 }
 FILE_UPLOAD_MAX_MEMORY_SIZE = 8 * 1024 * 1024
 FEDSITE_MAX_UPDATE_BYTES = env.int("FEDSITE_MAX_UPDATE_BYTES", default=512 * 1024 * 1024)
-DATA_UPLOAD_MAX_MEMORY_SIZE = FEDSITE_MAX_UPDATE_BYTES + 1024 * 1024
+
+# --- Request limits (see fedsite/limits.py and docs/agent-protocol.md, "Limits") -------------------
+# Every endpoint has its own body limit, checked against Content-Length before anything is read and
+# counted while a body streams in; only the update upload takes FEDSITE_MAX_UPDATE_BYTES.
+FEDSITE_MAX_JSON_BODY_BYTES = env.int("FEDSITE_MAX_JSON_BODY_BYTES", default=64 * 1024)
+FEDSITE_MAX_FORM_BODY_BYTES = env.int("FEDSITE_MAX_FORM_BODY_BYTES", default=1024 * 1024)
+FEDSITE_MAX_JSON_DEPTH = env.int("FEDSITE_MAX_JSON_DEPTH", default=32)
+FEDSITE_MAX_HEADER_BYTES = env.int("FEDSITE_MAX_HEADER_BYTES", default=32 * 1024)
+FEDSITE_HEADER_TIMEOUT = env.float("FEDSITE_HEADER_TIMEOUT", default=10.0)
+FEDSITE_BODY_IDLE_TIMEOUT = env.float("FEDSITE_BODY_IDLE_TIMEOUT", default=15.0)
+FEDSITE_BODY_TIMEOUT = env.float("FEDSITE_BODY_TIMEOUT", default=30.0)
+FEDSITE_UPLOAD_TIMEOUT = env.float("FEDSITE_UPLOAD_TIMEOUT", default=600.0)
+FEDSITE_KEEP_ALIVE_TIMEOUT = env.float("FEDSITE_KEEP_ALIVE_TIMEOUT", default=5.0)
+# Django's own cap on bodies it reads into memory (request.body, non-file multipart fields, admin forms).
+DATA_UPLOAD_MAX_MEMORY_SIZE = FEDSITE_MAX_FORM_BODY_BYTES
 
 # --- Federation ------------------------------------------------------------------------------------
 FEDSITE_MAX_CONCURRENT_TRAININGS = FEDSITE_SEED_CONFIG.max_concurrent_trainings
@@ -296,6 +310,14 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAdminUser"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "fedsite.api.exception_handler",
+    # One JSON parser for the whole API: size, depth, NUL and lone-surrogate checks (fedsite/parsers.py).
+    # Forms stay parsed for the dashboard's session-authenticated posts (CSRF reads request.POST); the
+    # agent protocol's views take JSON only.
+    "DEFAULT_PARSER_CLASSES": [
+        "fedsite.parsers.StrictJSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
     "PAGE_SIZE": 100,
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",

@@ -14,6 +14,7 @@ from typing import Any
 from django.conf import settings
 
 from fedsite.errors import ValidationFailed
+from fedsite.parsers import json_check
 from flcore.errors import ConfigError
 from flcore.strategies import AggregationAlgorithm, NotEnoughUpdates, Strategy, build_strategy
 from privacy.configuration import parse_privacy
@@ -75,9 +76,15 @@ class TrainingConfiguration:
             raise ValidationFailed("A training configuration must be a JSON object.")
         known = {f.name for f in fields(cls)}
         errors: dict[str, str] = {}
+        for key, value in data.items():
+            # NUL characters and lone surrogates cannot be stored; too deep a value is refused too.
+            try:
+                json_check(value, field=str(key))
+            except ValidationFailed as exc:
+                errors.update(exc.details)
         unknown = sorted(set(data) - known)
         for key in unknown:
-            errors[key] = f"Unknown field. Known fields: {sorted(known)}."
+            errors.setdefault(key, f"Unknown field. Known fields: {sorted(known)}.")
         values: dict[str, Any] = {}
 
         def take(

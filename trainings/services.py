@@ -8,8 +8,6 @@ status is re-checked under a lock before anything is written).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import secrets
@@ -28,10 +26,11 @@ from clients.models import Agent
 from clients.services import agent_record_outcome
 from fedsite.errors import Conflict, Forbidden, NotFound, PayloadTooLarge, ValidationFailed
 from fedsite.logs import log_event
+from fedsite.parsers import json_check, json_parse, text_check
 from flcore.dp.central import wrap_central_dp
 from flcore.errors import FlcoreError, SerdeError
 from flcore.models import ModelSpec, build_model
-from flcore.parameters import ParameterSpec, from_bytes, iter_file_tensors, l2_norm
+from flcore.parameters import ParameterSpec, from_bytes, iter_file_tensors, l2_norm, load_file
 from flcore.strategies import Strategy
 from monitoring.events import event_broadcast_on_commit
 from monitoring.models import Alert
@@ -47,7 +46,15 @@ from trainings.outbox import (
     aggregations_recover,
 )
 from trainings.state import lock_round, lock_training, transition_round, transition_task, transition_training
-from versioning.blobs import blob_local_path, blob_read, blob_save
+from versioning.blobs import (
+    BlobTooLarge,
+    Readable,
+    SpooledBlob,
+    blob_local_path,
+    blob_read,
+    blob_save_spooled,
+    blob_spool,
+)
 from versioning.models import ModelVersion
 from versioning.services import version_create, version_read_parameters, version_read_state
 
@@ -55,6 +62,7 @@ logger = logging.getLogger("trainings")
 
 TS, RS, KS = Training.Status, Round.Status, Task.Status
 MAX_METRICS = 64
+MAX_FAIL_REASON_CHARS = 1000
 ASYNCHRONOUS_ALGORITHMS = frozenset({"fedbuff", "fedasync"})
 ADVISORY_LOCK_TRAINING_START = 7_401_001
 
@@ -812,12 +820,9 @@ def _get_agent_task(agent: Agent, task_id: Any) -> Task:
 
 def _parse_update_meta(meta: Any) -> tuple[int, dict[str, float]]:
     if isinstance(meta, bytes | str):
-        try:
-            meta = json.loads(meta)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValidationFailed(
-                f"meta is not valid JSON: {exc}.", details={"meta": "Invalid JSON."}
-            ) from exc
+        meta = json_parse(meta, field="meta")
+    else:
+        json_check(meta, field="meta")
     if not isinstance(meta, dict):
         raise ValidationFailed("meta must be a JSON object with num_examples and metrics.")
     num_examples = meta.get("num_examples")
@@ -850,22 +855,43 @@ def update_max_bytes(training: Training) -> int:
     return min(spec.nbytes + header_room, settings.FEDSITE_MAX_UPDATE_BYTES)
 
 
-def update_submit(*, agent: Agent, task_id: Any, data: bytes, meta: Any) -> tuple[ClientUpdate, bool]:
+def _update_too_large(size: int | str, limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"The update is {size} bytes; this model's updates are at most {limit} bytes.",
+        code="update_too_large",
+        details={"max_update_bytes": limit},
+    )
+
+
+def update_submit(
+    *, agent: Agent, task_id: Any, body: Readable, meta: Any, declared_bytes: int | None = None
+) -> tuple[ClientUpdate, bool]:
     """Accept an agent's update for its task. Returns ``(update, created)``.
 
-    Idempotent: the same body again returns the stored update; a different body is a 409.
+    ``body`` is read in chunks into a temporary file, hashed and counted in the same pass and cut off
+    at the task's ``max_update_bytes`` (a ``declared_bytes`` above it is refused before anything is
+    read); the safetensors are then validated from that file, which becomes the blob. Nothing is stored
+    and no file is left behind unless the update is accepted. Idempotent: the same body again returns
+    the stored update; a different body is a 409.
     """
     task = _get_agent_task(agent, task_id)
     training = task.round.training
     num_examples, metrics = _parse_update_meta(meta)
     limit = update_max_bytes(training)
-    if len(data) > limit:
-        raise PayloadTooLarge(
-            f"The update is {len(data)} bytes; this model's updates are at most {limit} bytes.",
-            code="update_too_large",
-            details={"max_update_bytes": limit},
-        )
-    sha256 = hashlib.sha256(data).hexdigest()
+    if declared_bytes is not None and declared_bytes > limit:
+        raise _update_too_large(declared_bytes, limit)
+    try:
+        with blob_spool(body, max_bytes=limit) as spooled:
+            return _update_accept(agent, task, spooled, num_examples, metrics, limit)
+    except BlobTooLarge as exc:
+        raise _update_too_large(f"more than {limit}", limit) from exc
+
+
+def _update_accept(
+    agent: Agent, task: Task, spooled: SpooledBlob, num_examples: int, metrics: dict[str, float], limit: int
+) -> tuple[ClientUpdate, bool]:
+    training = task.round.training
+    sha256 = spooled.sha256
     existing = ClientUpdate.objects.filter(task=task).first()
     if existing is not None:
         return _idempotent_update(existing, sha256, num_examples), False
@@ -879,15 +905,16 @@ def update_submit(*, agent: Agent, task_id: Any, data: bytes, meta: Any) -> tupl
         )
     spec = ParameterSpec.from_json(training.parameter_spec)
     try:
-        parameters = from_bytes(data, spec=spec, max_bytes=limit)
+        parameters = load_file(spooled.path, spec=spec, max_bytes=limit)
     except SerdeError as exc:
         raise ValidationFailed(str(exc), code=f"bad_update_{exc.code}") from exc
     norm = l2_norm(parameters)
+    del parameters
     if not math.isfinite(norm):
         raise ValidationFailed(
             "The update's norm overflows float64; send a smaller update.", code="bad_update_non_finite"
         )
-    blob_name, _ = blob_save(data)
+    blob_name = blob_save_spooled(spooled)
     try:
         with transaction.atomic():
             round_ = _collecting_round_for(task, asynchronous)
@@ -906,7 +933,7 @@ def update_submit(*, agent: Agent, task_id: Any, data: bytes, meta: Any) -> tupl
                 agent=agent,
                 blob_name=blob_name,
                 blob_sha256=sha256,
-                size_bytes=len(data),
+                size_bytes=spooled.size,
                 num_examples=num_examples,
                 metrics=metrics,
                 update_norm=norm,
@@ -960,13 +987,19 @@ def task_fail(*, agent: Agent, task_id: Any, reason: Any) -> Task:
     """The agent gives its task back; the round may re-open sooner."""
     if not isinstance(reason, str) or not reason.strip():
         raise ValidationFailed("reason must be a non-empty string.", details={"reason": "Required."})
+    reason = text_check(reason.strip(), field="reason")
+    if len(reason) > MAX_FAIL_REASON_CHARS:
+        raise ValidationFailed(
+            f"reason must be at most {MAX_FAIL_REASON_CHARS} characters. Found {len(reason)}; shorten it.",
+            details={"reason": f"At most {MAX_FAIL_REASON_CHARS} characters."},
+        )
     task = _get_agent_task(agent, task_id)
     with transaction.atomic():
         round_ = lock_round(task.round_id)
         locked = Task.objects.select_for_update().get(pk=task.pk)
         if locked.status not in Task.OPEN:
             raise Conflict(f"Task {task.pk} is already {locked.status}.", code="task_closed")
-        transition_task(locked, KS.FAILED, reason=reason.strip())
+        transition_task(locked, KS.FAILED, reason=reason)
         agent_record_outcome(agent_id=agent.pk, outcome="failed")
         _round_settle(round_)
     log_event(

@@ -3,14 +3,98 @@
 A blob's name is ``blobs/<sha[:2]>/<sha>.safetensors``: writing the same bytes twice is a no-op, so a
 retried aggregation or upload never duplicates or corrupts data. Blobs are written to a temporary
 name and moved into place by the storage, so a reader never sees half a file.
+
+Uploads are spooled (:func:`blob_spool`): copied chunk by chunk into a temporary file outside the blob
+store while they are hashed and counted, and cut off at a byte limit, so memory stays at one chunk
+whatever the size; the temporary file is always removed, whether or not it became a blob.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from typing import Protocol
 
+from django.conf import settings
+from django.core.files import File
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
+
+SPOOL_CHUNK_BYTES = 1024 * 1024
+
+
+class Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+class BlobTooLarge(Exception):
+    """The spooled stream went past its byte limit (``received`` bytes were read when it stopped)."""
+
+    def __init__(self, received: int, max_bytes: int) -> None:
+        super().__init__(f"more than {max_bytes} bytes")
+        self.received = received
+        self.max_bytes = max_bytes
+
+
+@dataclass(frozen=True)
+class SpooledBlob:
+    """A stream copied to a temporary file: its path, SHA-256 and size, measured in the same pass."""
+
+    path: str
+    sha256: str
+    size: int
+
+
+class _SpooledFile(File):  # type: ignore[type-arg]
+    """A File that names its path, so a file-system storage moves it into place instead of copying."""
+
+    def temporary_file_path(self) -> str:
+        return str(self.name)
+
+
+@contextmanager
+def blob_spool(source: Readable, *, max_bytes: int) -> Iterator[SpooledBlob]:
+    """Copy ``source`` to a temporary file, hashing and counting as it goes; stop past ``max_bytes``.
+
+    Raises :class:`BlobTooLarge` as soon as more than ``max_bytes`` bytes were read (the rest of the
+    stream is not read). The temporary file is removed when the block ends, unless
+    :func:`blob_save_spooled` moved it into the store.
+    """
+    digest = hashlib.sha256()
+    size = 0
+    descriptor, path = tempfile.mkstemp(
+        prefix="fedsite-upload-", suffix=".part", dir=settings.FILE_UPLOAD_TEMP_DIR
+    )
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            while True:
+                chunk = source.read(SPOOL_CHUNK_BYTES)
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > max_bytes:
+                    raise BlobTooLarge(size, max_bytes)
+                digest.update(chunk)
+                handle.write(chunk)
+        yield SpooledBlob(path=path, sha256=digest.hexdigest(), size=size)
+    finally:
+        with suppress(FileNotFoundError):  # moved into the store
+            os.unlink(path)
+
+
+def blob_save_spooled(spooled: SpooledBlob) -> str:
+    """Move (or copy, for a remote storage) a spooled upload into the store; return the blob's name."""
+    name = blob_name_for(spooled.sha256)
+    if not default_storage.exists(name):
+        with open(spooled.path, "rb") as handle:
+            saved = default_storage.save(name, _SpooledFile(handle, name=spooled.path))
+        if saved != name:  # a concurrent writer stored the same content first
+            default_storage.delete(saved)
+    return name
 
 
 def blob_name_for(sha256: str) -> str:

@@ -14,18 +14,19 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from clients.models import Agent
+from clients.models import AGENT_ID_PATTERN, Agent
 from clients.selectors import agent_is_online
 from clients.services import agent_create, agent_enroll, agent_rotate_token, agent_set_status, agent_touch
 from fedsite.agent_auth import AgentTokenAuthentication, IsAgent
 from fedsite.errors import ValidationFailed
+from fedsite.parsers import StrictJSONParser
 from fedsite.throttling import client_ip
 
 ENROLL_REQUEST = inline_serializer(
     "EnrollRequest",
     {
         "enrollment_key": serializers.CharField(),
-        "agent_id": serializers.RegexField(r"^[A-Za-z0-9_.-]{1,64}$"),
+        "agent_id": serializers.RegexField(AGENT_ID_PATTERN, trim_whitespace=False),
         "capabilities": serializers.DictField(required=False),
     },
 )
@@ -66,6 +67,7 @@ class EnrollView(APIView):
 
     authentication_classes: list[Any] = []
     permission_classes = [AllowAny]
+    parser_classes = [StrictJSONParser]
 
     @extend_schema(
         tags=["agent protocol"],
@@ -100,6 +102,7 @@ class HeartbeatView(APIView):
 
     authentication_classes = [AgentTokenAuthentication]
     permission_classes = [IsAgent]
+    parser_classes = [StrictJSONParser]
 
     @extend_schema(tags=["agent protocol"], request=HEARTBEAT_REQUEST, responses={200: HEARTBEAT_RESPONSE})
     def post(self, request: Request) -> Response:
@@ -146,7 +149,7 @@ class AgentSerializer(serializers.ModelSerializer):
 
 
 class AgentCreateSerializer(serializers.Serializer):
-    agent_id = serializers.RegexField(r"^[A-Za-z0-9_.-]{1,64}$")
+    agent_id = serializers.RegexField(AGENT_ID_PATTERN, trim_whitespace=False)
     capabilities = serializers.DictField(required=False)
 
 

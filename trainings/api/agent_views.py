@@ -18,7 +18,7 @@ from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import serializers, status
-from rest_framework.parsers import JSONParser, MultiPartParser
+from rest_framework.parsers import MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -29,11 +29,11 @@ from fedsite.api import error_response
 from fedsite.errors import (
     Forbidden,
     NotFound,
-    PayloadTooLarge,
     ServiceError,
     ServiceUnavailable,
     ValidationFailed,
 )
+from fedsite.parsers import StrictJSONParser
 from fedsite.throttling import client_ip
 from trainings import services
 from trainings.selectors import task_payload
@@ -45,9 +45,21 @@ RECHECK_SECONDS = 2.0
 SHUTDOWN_RETRY_AFTER_SECONDS = 2
 
 
-def _parse_wait(raw: str | None) -> float:
-    if raw in (None, ""):
+def _parse_wait(values: list[str]) -> float:
+    """``wait`` from the query string: absent means 0; empty, repeated or out of range is a 400."""
+    if not values:
         return 0.0
+    if len(values) > 1:
+        raise ValidationFailed(
+            f"wait must be given once. Found it {len(values)} times: {values!r}.",
+            details={"wait": "Repeated."},
+        )
+    raw = values[0]
+    if not raw.strip():
+        raise ValidationFailed(
+            "wait must be a number of seconds; it is empty. Omit it or send e.g. wait=30.",
+            details={"wait": "Empty."},
+        )
     try:
         wait = float(raw)
     except ValueError as exc:
@@ -107,7 +119,7 @@ async def next_task_view(request: HttpRequest) -> HttpResponse:
             {"error": {"code": "method_not_allowed", "message": "Use GET.", "details": {}}}, status=405
         )
     try:
-        wait = _parse_wait(request.GET.get("wait"))
+        wait = _parse_wait(request.GET.getlist("wait"))
         if shutdown.is_set():
             return _shutting_down_response()
         agent = await sync_to_async(_prepare_poll)(request.headers.get("Authorization"), client_ip(request))
@@ -206,18 +218,19 @@ class UpdateUploadView(APIView):
                 "A raw (application/octet-stream) update needs its JSON meta in the X-Update-Meta header.",
                 details={"meta": "Required."},
             )
-        try:
-            length = int(request.headers.get("Content-Length", "0"))
-        except ValueError as exc:
-            raise ValidationFailed("Content-Length must be an integer.") from exc
-        if length > settings.FEDSITE_MAX_UPDATE_BYTES:
-            raise PayloadTooLarge(
-                f"The update is {length} bytes; the server accepts at most "
-                f"{settings.FEDSITE_MAX_UPDATE_BYTES}.",
-                code="update_too_large",
+        declared = request.headers.get("Content-Length")
+        if declared is not None and not declared.strip().isdigit():
+            raise ValidationFailed(
+                f"Content-Length must be a non-negative integer. Found {declared!r}.",
+                details={"content_length": "Not an integer."},
             )
+        # The HttpRequest itself is the body stream: the service reads it in chunks, never whole.
         update, created = services.update_submit(
-            agent=request.auth, task_id=task_id, data=request.body, meta=meta
+            agent=request.auth,
+            task_id=task_id,
+            body=request._request,
+            meta=meta,
+            declared_bytes=int(declared) if declared is not None else None,
         )
         return Response(
             {"task_id": str(update.task_id), "status": "accepted", "sha256": update.blob_sha256},
@@ -252,14 +265,8 @@ class UpdateUploadView(APIView):
             raise ValidationFailed(
                 "The multipart body needs a part named 'meta' (JSON).", details={"meta": "Required."}
             )
-        if upload.size > settings.FEDSITE_MAX_UPDATE_BYTES:
-            raise PayloadTooLarge(
-                f"The update is {upload.size} bytes; the server accepts at most "
-                f"{settings.FEDSITE_MAX_UPDATE_BYTES}.",
-                code="update_too_large",
-            )
         update, created = services.update_submit(
-            agent=request.auth, task_id=task_id, data=upload.read(), meta=meta
+            agent=request.auth, task_id=task_id, body=upload, meta=meta, declared_bytes=upload.size
         )
         return Response(
             {"task_id": str(update.task_id), "status": "accepted", "sha256": update.blob_sha256},
@@ -272,7 +279,7 @@ class TaskFailView(APIView):
 
     authentication_classes = [AgentTokenAuthentication]
     permission_classes = [IsAgent]
-    parser_classes = [JSONParser]
+    parser_classes = [StrictJSONParser]
 
     @extend_schema(
         tags=["agent protocol"],
@@ -311,6 +318,7 @@ NEXT_TASK_OPENAPI: dict[str, Any] = {
                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Task"}}},
             },
             "204": {"description": "No task within `wait` seconds"},
+            "400": {"description": "`wait` empty, repeated, not a number or out of range"},
             "401": {"description": "Missing or invalid agent token"},
             "503": {
                 "description": "The server is shutting down (`shutting_down`); poll again after Retry-After"

@@ -72,7 +72,16 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         import uvicorn
 
+        from fedsite.http_protocol import HeaderDeadlineH11Protocol
+
         port = options["port"] or settings.FEDSITE_DASHBOARD_PORT
+        # h11 (not httptools) so request headers get a deadline and a size limit; bodies are limited by
+        # fedsite.limits, wrapped around the application in fedsite/asgi.py.
+        protocol = type(
+            "FedsiteH11Protocol",
+            (HeaderDeadlineH11Protocol,),
+            {"header_timeout": float(settings.FEDSITE_HEADER_TIMEOUT)},
+        )
         config = uvicorn.Config(
             "fedsite.asgi:application",
             host=options["host"],
@@ -80,6 +89,9 @@ class Command(BaseCommand):
             lifespan="off",
             log_level="warning",
             timeout_graceful_shutdown=max(1, round(options["graceful_timeout"])),
+            http=protocol,
+            h11_max_incomplete_event_size=settings.FEDSITE_MAX_HEADER_BYTES,
+            timeout_keep_alive=settings.FEDSITE_KEEP_ALIVE_TIMEOUT,
         )
         server = _server_class(uvicorn.Server)(config)
 

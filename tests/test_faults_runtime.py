@@ -502,14 +502,14 @@ def test_redis_outage_while_agents_long_poll_costs_no_5xx(
     live_server_factory: Callable[..., LiveServer], private_redis: PrivateRedis
 ) -> None:
     from django.contrib.auth import get_user_model
-    from rest_framework.authtoken.models import Token
 
+    from clients.services import operator_token_create
     from trainings.models import ClientUpdate
 
     server = live_server_factory(redis_url=private_redis.url)
     tokens = _agents(2, "redis-outage")
-    operator = get_user_model().objects.create_user("operator", password="operator-password", is_staff=True)
-    operator_token = Token.objects.create(user=operator).key
+    get_user_model().objects.create_user("operator", password="operator-password", is_staff=True)
+    _, operator_token = operator_token_create(username="operator", expires_in_days=1, actor="test")
     answers, stop, uploads = Answers(), threading.Event(), []
     threads = _start_threads(
         [

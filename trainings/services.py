@@ -592,9 +592,11 @@ def _private_round_declined(
     if not central:
         q = float(round_.metrics.get("privacy_sampling_probability", 1.0))
         rng = np.random.default_rng(secrets.randbits(128))
-        from trainings.selectors import agents_selectable  # (selectors imports this module)
+        # A fresh Poisson sample of every eligible agent, those who just declined or expired included: the
+        # re-draw must not depend on who answered (privacy/tests/test_sampling.py checks its rate).
+        from clients.selectors import agents_eligible
 
-        selected = [agent for agent in agents_selectable().order_by("agent_id") if rng.random() < q]
+        selected = [agent for agent in agents_eligible().order_by("agent_id") if rng.random() < q]
         what = f"re-opened with a fresh sample of {len(selected)} agents"
     alert_raise(
         kind=Alert.Kind.ROUND_DECLINED,

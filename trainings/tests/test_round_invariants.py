@@ -249,16 +249,30 @@ def test_reliability_weighted_selection_favours_reliable_agents(make_agent: Any,
 def test_reopen_never_gives_an_agent_that_completed_a_second_task(
     client: Any, make_agent: Any, make_training: Any, django_capture_on_commit_callbacks: Any
 ) -> None:
+    # Three agents for two places: the one left out at first is there for the re-open (the one whose task
+    # expires is not selectable again until it shows life: trainings.selectors.agents_selectable).
+    # The other agent gives its task back (an expired task would make it unselectable until it shows
+    # life, trainings.selectors.agents_selectable), so the re-open has two candidates in the retry pool
+    # if the completed agent were wrongly one of them: over 8 seeds it would be picked.
+    from clients.services import agent_touch
+
     agents = dict(make_agent() for _ in range(2))
     for seed in range(8):
+        for agent in agents:
+            agent_touch(agent=agent)
         training = make_training(
             seed=seed, min_clients_per_round=2, max_clients_per_round=2, max_round_attempts=3
         )
         round_ = training.rounds.get()
-        done = round_.tasks.select_related("agent").first()
+        done, other = round_.tasks.select_related("agent").order_by("pk")
         assert _upload(client, agents[done.agent], training, str(done.pk)).status_code == 201
-        _expire_round(round_)
-        assert services.rounds_check_deadlines().get("reopened") == 1
+        failed = client.post(
+            f"/api/v1/agent/tasks/{other.pk}/fail",
+            data={"reason": "out of memory"},
+            content_type="application/json",
+            HTTP_AUTHORIZATION=f"Bearer {agents[other.agent]}",
+        )
+        assert failed.status_code == 200, failed.content
         again = list(round_.tasks.filter(attempt=2).values_list("agent_id", flat=True))
         assert again and done.agent_id not in again, (seed, again)
         services.training_stop(training_id=training.pk)

@@ -103,7 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--log-format", default="text", choices=["text", "json"])
     common.add_argument("--timeout", type=float, default=30.0, help="HTTP timeout in seconds (default 30)")
     common.add_argument(
-        "--max-attempts", type=int, default=6, help="attempts per HTTP request, retries included (default 6)"
+        "--max-attempts",
+        type=int,
+        default=6,
+        help="attempts per HTTP request, retries included (default 6); uploads retry until the task deadline",
     )
 
     run = commands.add_parser("run", parents=[common], help="work on tasks until stopped")

@@ -550,7 +550,7 @@ class AgentHttpClient:
         )
 
     def training_status(self, training_id: str) -> dict[str, Any]:
-        """``GET /api/training/<id>/status`` (public): the training's status JSON."""
+        """``GET /api/training/<id>/status``: the status JSON (only trainings this agent takes part in)."""
         payload = self.request("GET", f"/api/training/{quote(training_id, safe='')}/status").json()
         if not isinstance(payload, dict):
             raise ProtocolError(f"training status answered {payload!r}, not an object.")

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from django.conf import settings
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.db import transaction
 from django.utils import timezone
@@ -199,6 +200,7 @@ class _Listener:
             return list(self.events)
 
 
+@pytest.mark.skipif(settings.EMBEDDED, reason="listens on the real Redis channel layer of another process")
 @pytest.mark.django_db(transaction=True)
 def test_events_reach_the_channel_layer_only_after_the_transaction_commits(
     make_agent: Any, make_training: Any

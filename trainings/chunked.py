@@ -50,9 +50,17 @@ def chunk_ranges(num_parameters: int, num_updates: int, workers: int) -> list[tu
 
 
 def _matrix(
-    strategy: Strategy, spec: ParameterSpec, updates: list[ClientUpdate], start: int, stop: int
+    strategy: Strategy,
+    spec: ParameterSpec,
+    updates: list[ClientUpdate],
+    start: int,
+    stop: int,
+    rows: tuple[int, ...] | None = None,
 ) -> Any:
-    """Rows = updates (scaled by the rule's update_scale), columns = coordinates [start, stop)."""
+    """Rows = updates (scaled by the rule's update_scale), columns = coordinates [start, stop).
+
+    With ``rows`` (``Strategy.combined_rows``), only those rows are read; the others are left unset.
+    """
     views = []
     for update in updates:
         path = blob_local_path(update.blob_name)
@@ -61,10 +69,11 @@ def _matrix(
         else:
             views.append(from_bytes(blob_read(update.blob_name), spec=spec, max_bytes=update.size_bytes))
     layout = FlatLayout(spec)
-    matrix = layout.stack(views, start, stop)
+    matrix = layout.stack(views, start, stop, rows=rows)
     scales = np.array([strategy.update_scale(u.update_norm) for u in updates], dtype=np.float32)
     if np.any(scales != 1.0):
-        matrix *= scales[:, None]
+        wanted = slice(None) if rows is None else list(rows)
+        matrix[wanted] *= scales[wanted, None]
     return matrix
 
 
@@ -94,8 +103,9 @@ def finalize_statistics(*, round_id: int, parts: list[list[float]]) -> dict[str,
 def chunk_combine(*, round_id: int, start: int, stop: int, context: dict[str, Any] | None) -> str:
     """Combine one chunk and store it as a blob; return the blob name."""
     _, strategy, spec, updates = _round_context(round_id)
-    matrix = _matrix(strategy, spec, updates, start, stop)
-    result = strategy.combine_chunk(matrix, _weights(strategy, updates), _context_from_json(context))
+    selection = _context_from_json(context)
+    matrix = _matrix(strategy, spec, updates, start, stop, strategy.combined_rows(selection))
+    result = strategy.combine_chunk(matrix, _weights(strategy, updates), selection)
     name, _ = blob_save(
         to_bytes(
             {"chunk": np.ascontiguousarray(result, dtype=np.float32)},

@@ -7,12 +7,12 @@ flcore calls, in the same order, on safetensors blobs in a directory:
   ``FedAvgAccumulator.add_file(path, weight, scale=..., verified=True)`` and calls ``result()``;
 - a chunked rule (Krum, Multi-Krum, median, trimmed mean): ``trainings.chunked`` cuts ``[0, P)`` with
   :func:`chunk_ranges` (the same formula) into one Celery task per range; each task maps every blob
-  (``iter_file_tensors``), gathers its ``(n, stop - start)`` matrix with ``FlatLayout.stack`` and runs
-  ``chunk_statistics`` (sent back as a JSON list of floats), the finalize step sums them and calls
-  ``finalize_statistics`` (the context travels as JSON), then each task gathers its matrix again (only the
-  rows ``combined_rows`` names) and runs ``combine_chunk`` (the result travels as a safetensors blob), and
-  the join stitches the chunks. Here the tasks of each chord run on ``workers`` threads of this process
-  (:func:`flcore.strategies.base.parallel_map`) instead of ``workers`` Celery processes: the same
+  (``iter_file_tensors``) and runs ``Strategy.range_statistics`` on its range (cache-sized chunks gathered
+  from the mappings; sent back as a JSON list of floats), the finalize step sums them and calls
+  ``finalize_statistics`` (the context travels as JSON), then each task maps the blobs again and runs
+  ``Strategy.range_combine`` (only the rows ``combined_rows`` names; the result travels as a safetensors
+  blob), and the join stitches the chunks. Here the tasks of each chord run on ``workers`` threads of this
+  process (:func:`flcore.strategies.base.parallel_map`) instead of ``workers`` Celery processes: the same
   parallelism (numpy releases the GIL), none of Celery's or Redis's overhead (measured separately in
   ``bench/round_overhead.py``).
 """
@@ -77,25 +77,23 @@ def combine_from_blobs(
     ranges = chunk_ranges(spec.num_parameters, len(paths), workers)
     layout = FlatLayout(spec)
 
-    def matrix(start: int, stop: int, rows: Sequence[int] | None = None) -> Any:
-        views = [dict(iter_file_tensors(path)) for path in paths]
-        return layout.stack(views, start, stop, rows=rows)
+    def views() -> list[dict[str, Any]]:
+        return [dict(iter_file_tensors(path)) for path in paths]  # each task maps every blob
 
     context: Any = None
     if strategy.needs_statistics:
         n = len(paths)
 
         def statistics(bounds: tuple[int, int]) -> list[float]:
-            return [float(x) for x in strategy.chunk_statistics(matrix(*bounds)).ravel()]
+            return [float(x) for x in strategy.range_statistics(layout, views(), *bounds).ravel()]
 
         parts = list(parallel_map(statistics, ranges, workers))
         total = np.sum([np.asarray(part, dtype=np.float64).reshape(n, n) for part in parts], axis=0)
         selection = strategy.finalize_statistics(total, weights)
         context = KrumSelection.from_json(selection.to_json())
-    rows = strategy.combined_rows(context)
 
     def combine(bounds: tuple[int, int]) -> bytes:
-        result = strategy.combine_chunk(matrix(*bounds, rows=rows), weights, context)
+        result = strategy.range_combine(layout, views(), *bounds, weights, context)
         return to_bytes({"chunk": np.ascontiguousarray(result, dtype=np.float32)})
 
     blobs = list(parallel_map(combine, ranges, workers))

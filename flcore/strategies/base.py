@@ -538,6 +538,21 @@ def _check_num_examples(num_examples: Sequence[int], num_updates: int) -> None:
             raise FlcoreError(f"num_examples of update {i} must be a positive integer. Found {count!r}.")
 
 
+def _gather(
+    layout: FlatLayout,
+    updates: Sequence[Mapping[str, npt.NDArray[Any]]],
+    start: int,
+    stop: int,
+    scales: npt.NDArray[np.float32] | None,
+    rows: Sequence[int] | None,
+) -> npt.NDArray[np.float32]:
+    matrix = layout.stack(updates, start, stop, rows=rows)
+    if scales is not None and bool(np.any(scales != 1.0)):
+        wanted = slice(None) if rows is None else list(rows)
+        matrix[wanted] *= np.asarray(scales, dtype=np.float32)[wanted, None]
+    return matrix
+
+
 def _check_threads(threads: int | None) -> int:
     if threads is None:
         return available_threads()
@@ -722,6 +737,50 @@ class Strategy(abc.ABC):
         weights64 = np.asarray(weights, dtype=np.float64)
         mean = weights64 @ np.asarray(matrix, dtype=np.float64) / weights64.sum()
         return np.asarray(mean, dtype=np.float32)
+
+    def range_statistics(
+        self,
+        layout: FlatLayout,
+        updates: Sequence[Mapping[str, npt.NDArray[Any]]],
+        start: int,
+        stop: int,
+        scales: npt.NDArray[np.float32] | None = None,
+    ) -> npt.NDArray[np.float64]:
+        """Return the statistics of coordinates ``[start, stop)``, gathered cache-sized chunk by chunk.
+
+        What a server task runs on its range of memory-mapped blobs: each chunk of
+        :func:`default_chunk_size` coordinates is gathered (rows scaled by ``scales``), its
+        :meth:`chunk_statistics` added in float64, so no matrix larger than a cache is ever built.
+        """
+        total: npt.NDArray[np.float64] | None = None
+        for begin, end in coordinate_chunks(stop - start, default_chunk_size(len(updates))):
+            matrix = _gather(layout, updates, start + begin, start + end, scales, None)
+            part = self.chunk_statistics(matrix)
+            total = part if total is None else total + part
+        if total is None:
+            total = self.chunk_statistics(np.zeros((len(updates), 0), dtype=np.float32))
+        return total
+
+    def range_combine(
+        self,
+        layout: FlatLayout,
+        updates: Sequence[Mapping[str, npt.NDArray[Any]]],
+        start: int,
+        stop: int,
+        weights: npt.NDArray[np.float64],
+        context: Any = None,
+        scales: npt.NDArray[np.float32] | None = None,
+    ) -> npt.NDArray[np.float32]:
+        """Return coordinates ``[start, stop)`` of the combination, gathered cache-sized chunk by chunk.
+
+        Only the rows :meth:`combined_rows` names are read.
+        """
+        rows = self.combined_rows(context)
+        out = np.empty(stop - start, dtype=np.float32)
+        for begin, end in coordinate_chunks(stop - start, default_chunk_size(len(updates))):
+            matrix = _gather(layout, updates, start + begin, start + end, scales, rows)
+            out[begin:end] = self.combine_chunk(matrix, weights, context)
+        return out
 
     def combined_rows(self, context: Any) -> tuple[int, ...] | None:
         """Return the rows :meth:`combine_chunk` reads given ``context`` (``None``: all of them).

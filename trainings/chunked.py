@@ -49,10 +49,8 @@ def chunk_ranges(num_parameters: int, num_updates: int, workers: int) -> list[tu
     return list(coordinate_chunks(num_parameters, target))
 
 
-def _matrix(
-    strategy: Strategy, spec: ParameterSpec, updates: list[ClientUpdate], start: int, stop: int
-) -> Any:
-    """Rows = updates (scaled by the rule's update_scale), columns = coordinates [start, stop)."""
+def _views(spec: ParameterSpec, updates: list[ClientUpdate]) -> list[dict[str, Any]]:
+    """Every update's tensors: zero-copy views of the memory-mapped blob when it is a local file."""
     views = []
     for update in updates:
         path = blob_local_path(update.blob_name)
@@ -60,12 +58,11 @@ def _matrix(
             views.append(dict(iter_file_tensors(path)))
         else:
             views.append(from_bytes(blob_read(update.blob_name), spec=spec, max_bytes=update.size_bytes))
-    layout = FlatLayout(spec)
-    matrix = layout.stack(views, start, stop)
-    scales = np.array([strategy.update_scale(u.update_norm) for u in updates], dtype=np.float32)
-    if np.any(scales != 1.0):
-        matrix *= scales[:, None]
-    return matrix
+    return views
+
+
+def _scales(strategy: Strategy, updates: list[ClientUpdate]) -> Any:
+    return np.array([strategy.update_scale(u.update_norm) for u in updates], dtype=np.float32)
 
 
 def _weights(strategy: Strategy, updates: list[ClientUpdate]) -> Any:
@@ -77,9 +74,11 @@ def _weights(strategy: Strategy, updates: list[ClientUpdate]) -> Any:
 def chunk_statistics(*, round_id: int, start: int, stop: int) -> list[float]:
     """This chunk's share of the rule's global statistic (Krum: a partial Gram matrix), flattened."""
     _, strategy, spec, updates = _round_context(round_id)
-    return [
-        float(x) for x in strategy.chunk_statistics(_matrix(strategy, spec, updates, start, stop)).ravel()
-    ]
+    # Gathered from the mapped blobs one cache-sized chunk at a time (Strategy.range_statistics).
+    statistics = strategy.range_statistics(
+        FlatLayout(spec), _views(spec, updates), start, stop, _scales(strategy, updates)
+    )
+    return [float(x) for x in statistics.ravel()]
 
 
 def finalize_statistics(*, round_id: int, parts: list[list[float]]) -> dict[str, Any] | None:
@@ -94,8 +93,16 @@ def finalize_statistics(*, round_id: int, parts: list[list[float]]) -> dict[str,
 def chunk_combine(*, round_id: int, start: int, stop: int, context: dict[str, Any] | None) -> str:
     """Combine one chunk and store it as a blob; return the blob name."""
     _, strategy, spec, updates = _round_context(round_id)
-    matrix = _matrix(strategy, spec, updates, start, stop)
-    result = strategy.combine_chunk(matrix, _weights(strategy, updates), _context_from_json(context))
+    # Cache-sized chunks of the mapped blobs, only the rows the rule reads (Strategy.range_combine).
+    result = strategy.range_combine(
+        FlatLayout(spec),
+        _views(spec, updates),
+        start,
+        stop,
+        _weights(strategy, updates),
+        _context_from_json(context),
+        _scales(strategy, updates),
+    )
     name, _ = blob_save(
         to_bytes(
             {"chunk": np.ascontiguousarray(result, dtype=np.float32)},

@@ -26,12 +26,16 @@ Invariants:
 from __future__ import annotations
 
 import abc
+import contextlib
 import enum
+import functools
 import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -62,9 +66,13 @@ __all__ = [
     "NotEnoughUpdates",
     "ServerState",
     "Strategy",
+    "available_threads",
     "coordinate_chunks",
     "default_chunk_size",
+    "first_non_finite",
+    "parallel_map",
     "sgd_step",
+    "single_threaded_blas",
 ]
 
 STREAMING_CHUNK_SIZE = 65536
@@ -360,6 +368,90 @@ def default_chunk_size(num_updates: int) -> int:
     return int(min(65536, max(1024, CHUNK_TARGET_BYTES // (4 * max(num_updates, 1)))))
 
 
+def available_threads() -> int:
+    """Return the CPUs this process may run on (its affinity mask), the default thread count of combine."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - platforms without sched_getaffinity
+        return max(1, os.cpu_count() or 1)
+
+
+@functools.cache
+def _blas_controller() -> Any:
+    # threadpoolctl sees only the libraries loaded when it scans: load scipy's BLAS (a second OpenBLAS,
+    # the one FedAvgAccumulator's saxpy uses) first, then scan once.
+    with contextlib.suppress(ImportError):
+        import scipy.linalg.blas  # noqa: F401
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+@contextlib.contextmanager
+def single_threaded_blas() -> Iterator[None]:
+    """Run the block with one BLAS thread (and restore the count after it).
+
+    So that our own threads do not multiply BLAS's own, and because OpenBLAS's threaded level-1 routines
+    (``saxpy``, ``sdot``) are slower than one thread on vectors of this size, and erratic on a busy
+    machine (measured: 1 ms to 160 ms for the same 10 additions of 100k elements with 2 threads). Two
+    library calls per BLAS library, about a microsecond (threadpoolctl's own ``limit`` costs 20 us).
+    """
+    libraries = [c for c in _blas_controller().lib_controllers if c.user_api == "blas"]
+    previous = [c.num_threads for c in libraries]
+    for library, count in zip(libraries, previous, strict=True):
+        if count != 1:
+            library.set_num_threads(1)
+    try:
+        yield
+    finally:
+        for library, count in zip(libraries, previous, strict=True):
+            if count != 1:
+                library.set_num_threads(count)
+
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+def parallel_map(func: Callable[[_T], _R], items: Iterable[_T], threads: int) -> Iterator[_R]:
+    """Yield ``func(item)`` for every item, in order, computed by up to ``threads`` threads at once.
+
+    numpy releases the GIL in the copies, sorts, partitions and matrix products the strategies run, so
+    threads share the work of one combination. BLAS is limited to one thread meanwhile (see
+    :func:`single_threaded_blas`), also when ``threads == 1``, so the results do not depend on the count.
+    """
+    with single_threaded_blas():
+        if threads <= 1:
+            for item in items:
+                yield func(item)
+            return
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="flcore") as pool:
+            yield from pool.map(func, items)
+
+
+def _all_finite(array: npt.NDArray[Any]) -> bool:
+    """Whether every value is finite, in one BLAS dot product (exact check only if the dot is not finite).
+
+    ``x . x`` is finite when every value is, unless the sum of squares overflows; then the exact check runs.
+    """
+    flat = np.asarray(array).reshape(-1)
+    if flat.size == 0:
+        return True
+    with np.errstate(over="ignore", invalid="ignore"):
+        if math.isfinite(float(np.dot(flat, flat))):
+            return True
+    return bool(np.isfinite(flat).all())
+
+
+def first_non_finite(updates: Sequence[Mapping[str, npt.NDArray[Any]]], threads: int = 1) -> int | None:
+    """Return the index of the first update holding NaN or Inf, or ``None``; one read of every update."""
+    flags = parallel_map(lambda update: all(_all_finite(a) for a in update.values()), updates, threads)
+    for index, finite in enumerate(flags):
+        if not finite:
+            return index
+    return None
+
+
 class FlatLayout:
     """Offsets of a model's tensors in the flat C-order vector, to gather coordinate chunks without copies.
 
@@ -389,12 +481,32 @@ class FlatLayout:
             out[lo - start : hi - start] = flat[lo - begin : hi - begin]
 
     def stack(
-        self, updates: Sequence[Mapping[str, npt.NDArray[Any]]], start: int, stop: int
+        self,
+        updates: Sequence[Mapping[str, npt.NDArray[Any]]],
+        start: int,
+        stop: int,
+        rows: Sequence[int] | None = None,
     ) -> npt.NDArray[np.float32]:
-        """Return the ``(n, stop - start)`` matrix of coordinates ``[start, stop)`` of the updates."""
+        """Return the ``(n, stop - start)`` matrix of coordinates ``[start, stop)`` of the updates.
+
+        One ``np.stack`` (a single C loop over the rows) per tensor the range crosses. With ``rows``, only
+        those rows are filled (the others are left uninitialised: the caller reads only these).
+        """
         matrix = np.empty((len(updates), stop - start), dtype=np.float32)
-        for row, update in enumerate(updates):
-            self.read_inplace(update, start, stop, matrix[row])
+        wanted = range(len(updates)) if rows is None else list(rows)
+        if not wanted:
+            return matrix
+        for name, begin, end in self._ranges:
+            if end <= start or begin >= stop:
+                continue
+            lo, hi = max(begin, start) - begin, min(end, stop) - begin
+            pieces = [np.asarray(updates[i][name]).reshape(-1)[lo:hi] for i in wanted]
+            columns = slice(lo + begin - start, hi + begin - start)
+            if rows is None:
+                np.stack(pieces, out=matrix[:, columns], casting="same_kind")
+            else:
+                for i, piece in zip(wanted, pieces, strict=True):
+                    matrix[i, columns] = piece
         return matrix
 
 
@@ -424,6 +536,35 @@ def _check_num_examples(num_examples: Sequence[int], num_updates: int) -> None:
     for i, count in enumerate(num_examples):
         if not _is_int(count) or count < 1:
             raise FlcoreError(f"num_examples of update {i} must be a positive integer. Found {count!r}.")
+
+
+def _gather(
+    layout: FlatLayout,
+    updates: Sequence[Mapping[str, npt.NDArray[Any]]],
+    start: int,
+    stop: int,
+    scales: npt.NDArray[np.float32] | None,
+    rows: Sequence[int] | None,
+) -> npt.NDArray[np.float32]:
+    matrix = layout.stack(updates, start, stop, rows=rows)
+    if scales is not None and bool(np.any(scales != 1.0)):
+        wanted = slice(None) if rows is None else list(rows)
+        matrix[wanted] *= np.asarray(scales, dtype=np.float32)[wanted, None]
+    return matrix
+
+
+def _check_threads(threads: int | None) -> int:
+    if threads is None:
+        return available_threads()
+    if not _is_int(threads) or threads < 1:
+        raise FlcoreError(f"threads must be a positive integer. Found {threads!r}.")
+    return int(threads)
+
+
+def _raise_if_non_finite(deltas: Sequence[Mapping[str, npt.NDArray[Any]]], threads: int) -> None:
+    bad = first_non_finite(deltas, threads)
+    if bad is not None:
+        raise FlcoreError(f"Update {bad} contains NaN or Inf; every value must be finite.")
 
 
 class Strategy(abc.ABC):
@@ -597,6 +738,58 @@ class Strategy(abc.ABC):
         mean = weights64 @ np.asarray(matrix, dtype=np.float64) / weights64.sum()
         return np.asarray(mean, dtype=np.float32)
 
+    def range_statistics(
+        self,
+        layout: FlatLayout,
+        updates: Sequence[Mapping[str, npt.NDArray[Any]]],
+        start: int,
+        stop: int,
+        scales: npt.NDArray[np.float32] | None = None,
+    ) -> npt.NDArray[np.float64]:
+        """Return the statistics of coordinates ``[start, stop)``, gathered cache-sized chunk by chunk.
+
+        What a server task runs on its range of memory-mapped blobs: each chunk of
+        :func:`default_chunk_size` coordinates is gathered (rows scaled by ``scales``), its
+        :meth:`chunk_statistics` added in float64, so no matrix larger than a cache is ever built.
+        """
+        total: npt.NDArray[np.float64] | None = None
+        for begin, end in coordinate_chunks(stop - start, default_chunk_size(len(updates))):
+            matrix = _gather(layout, updates, start + begin, start + end, scales, None)
+            part = self.chunk_statistics(matrix)
+            total = part if total is None else total + part
+        if total is None:
+            total = self.chunk_statistics(np.zeros((len(updates), 0), dtype=np.float32))
+        return total
+
+    def range_combine(
+        self,
+        layout: FlatLayout,
+        updates: Sequence[Mapping[str, npt.NDArray[Any]]],
+        start: int,
+        stop: int,
+        weights: npt.NDArray[np.float64],
+        context: Any = None,
+        scales: npt.NDArray[np.float32] | None = None,
+    ) -> npt.NDArray[np.float32]:
+        """Return coordinates ``[start, stop)`` of the combination, gathered cache-sized chunk by chunk.
+
+        Only the rows :meth:`combined_rows` names are read.
+        """
+        rows = self.combined_rows(context)
+        out = np.empty(stop - start, dtype=np.float32)
+        for begin, end in coordinate_chunks(stop - start, default_chunk_size(len(updates))):
+            matrix = _gather(layout, updates, start + begin, start + end, scales, rows)
+            out[begin:end] = self.combine_chunk(matrix, weights, context)
+        return out
+
+    def combined_rows(self, context: Any) -> tuple[int, ...] | None:
+        """Return the rows :meth:`combine_chunk` reads given ``context`` (``None``: all of them).
+
+        The in-process chunked path gathers only these rows (Krum: the selected ones); the others are
+        left uninitialised in the matrix it passes.
+        """
+        return None
+
     def combination_metrics(
         self, weights: npt.NDArray[np.float64], scales: npt.NDArray[np.float64], context: Any
     ) -> dict[str, float]:
@@ -610,6 +803,7 @@ class Strategy(abc.ABC):
         *,
         chunk_size: int | None = None,
         streaming: bool | None = None,
+        threads: int | None = None,
     ) -> tuple[Parameters, dict[str, float]]:
         """Combine client deltas into one pseudo-gradient, in process, streaming or chunk by chunk.
 
@@ -624,6 +818,9 @@ class Strategy(abc.ABC):
             :func:`default_chunk_size` or :data:`STREAMING_CHUNK_SIZE` when omitted.
         streaming : bool, optional
             Force the chunked path for a streaming rule (``False``); defaults to :attr:`streaming`.
+        threads : int, optional
+            Threads the chunked path spreads its chunks over (:func:`parallel_map`); defaults to
+            :func:`available_threads`. The result does not depend on it.
 
         Returns
         -------
@@ -646,10 +843,14 @@ class Strategy(abc.ABC):
         spec = ParameterSpec.from_parameters(deltas[0])
         for delta in deltas[1:]:
             spec.validate(delta)
-        norms = [l2_norm(d) for d in deltas]
-        for i, norm in enumerate(norms):
-            if not math.isfinite(norm):
-                raise FlcoreError(f"Update {i} contains NaN or Inf; every value must be finite.")
+        workers = _check_threads(threads)
+        if self.needs_norms:
+            norms = [l2_norm(d) for d in deltas]  # float64: clipping depends on them
+            for i, norm in enumerate(norms):
+                if not math.isfinite(norm):
+                    raise FlcoreError(f"Update {i} contains NaN or Inf; every value must be finite.")
+        else:
+            norms = [0.0] * num_updates  # update_weight and update_scale ignore them
         weights = np.array([self.update_weight(k, s) for k, s in zip(num_examples, norms, strict=True)])
         scales = np.array([self.update_scale(s) for s in norms], dtype=np.float64)
         use_streaming = self.streaming if streaming is None else streaming
@@ -657,12 +858,22 @@ class Strategy(abc.ABC):
             raise FlcoreError(f"{self.algorithm.value} needs all updates at once; it cannot stream them.")
         context: Any = None
         if use_streaming:
+            # Without norms, finiteness is checked on the sum (one read of every update in all): with
+            # positive finite weights a NaN or Inf anywhere makes the sum non-finite; only then are the
+            # updates read again to name the culprit.
             accumulator = self.accumulator(spec, chunk_size=chunk_size or STREAMING_CHUNK_SIZE)
-            for delta, weight, factor in zip(deltas, weights, scales, strict=True):
-                accumulator.add(delta, float(weight), scale=float(factor))
-            combined = accumulator.result()
+            with single_threaded_blas():
+                for delta, weight, factor in zip(deltas, weights, scales, strict=True):
+                    accumulator.add(delta, float(weight), scale=float(factor), verified=not self.needs_norms)
+            try:
+                combined = accumulator.result()
+            except FlcoreError:
+                _raise_if_non_finite(deltas, workers)
+                raise
         else:
-            combined, context = self._combine_chunked(spec, deltas, weights, scales, chunk_size)
+            if not self.needs_norms:
+                _raise_if_non_finite(deltas, workers)
+            combined, context = self._combine_chunked(spec, deltas, weights, scales, chunk_size, workers)
         metrics = {"num_updates": float(num_updates), **self.combination_metrics(weights, scales, context)}
         return combined, metrics
 
@@ -673,30 +884,42 @@ class Strategy(abc.ABC):
         weights: npt.NDArray[np.float64],
         scales: npt.NDArray[np.float64],
         chunk_size: int | None,
+        threads: int = 1,
     ) -> tuple[Parameters, Any]:
+        """Both passes over cache-sized coordinate chunks, spread over ``threads`` (:func:`parallel_map`).
+
+        The statistics are summed in chunk order whatever the thread count, so the result is deterministic.
+        """
         layout = FlatLayout(spec)
         size = chunk_size or default_chunk_size(len(deltas))
         total = spec.num_parameters
         scaled = bool(np.any(scales != 1.0))
+        ranges = list(coordinate_chunks(total, size))
+        workers = min(threads, len(ranges))
 
-        def chunk(start: int, stop: int) -> npt.NDArray[np.float32]:
-            matrix = layout.stack(deltas, start, stop)
+        def chunk(bounds: tuple[int, int], rows: Sequence[int] | None = None) -> npt.NDArray[np.float32]:
+            matrix = layout.stack(deltas, *bounds, rows=rows)
             if scaled:
-                matrix *= scales.astype(np.float32)[:, None]
+                wanted = slice(None) if rows is None else list(rows)
+                matrix[wanted] *= scales.astype(np.float32)[wanted, None]
             return matrix
 
         context: Any = None
         if self.needs_statistics:
             statistics: npt.NDArray[np.float64] | None = None
-            for start, stop in coordinate_chunks(total, size):
-                part = self.chunk_statistics(chunk(start, stop))
+            for part in parallel_map(lambda bounds: self.chunk_statistics(chunk(bounds)), ranges, workers):
                 statistics = part if statistics is None else statistics + part
             if statistics is None:  # a model whose tensors are all empty
                 statistics = self.chunk_statistics(np.zeros((len(deltas), 0), dtype=np.float32))
             context = self.finalize_statistics(statistics, weights)
         flat = np.empty(total, dtype=np.float32)
-        for start, stop in coordinate_chunks(total, size):
-            flat[start:stop] = self.combine_chunk(chunk(start, stop), weights, context)
+        rows = self.combined_rows(context)
+
+        def combine_range(bounds: tuple[int, int]) -> None:
+            flat[bounds[0] : bounds[1]] = self.combine_chunk(chunk(bounds, rows), weights, context)
+
+        for _ in parallel_map(combine_range, ranges, workers):
+            pass
         return unflatten(flat, spec), context
 
     def aggregate(

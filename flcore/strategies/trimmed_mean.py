@@ -33,7 +33,7 @@ from flcore.strategies.base import (
     Strategy,
     sgd_step,
 )
-from flcore.strategies.median import sort_coordinates
+from flcore.strategies.median import by_column_blocks, sort_coordinates
 
 __all__ = ["TrimmedMean"]
 
@@ -98,8 +98,12 @@ class TrimmedMean(Strategy):
         k = self.num_trimmed(n)
         if k == 0:
             return np.asarray(matrix.mean(axis=0, dtype=np.float64), dtype=np.float32)
-        kept = sort_coordinates(matrix)[:, k : n - k]
-        return np.asarray(kept.mean(axis=1, dtype=np.float64), dtype=np.float32)
+
+        def trimmed(block: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+            kept = sort_coordinates(block)[:, k : n - k]
+            return np.asarray(kept.mean(axis=1, dtype=np.float64))
+
+        return by_column_blocks(matrix, trimmed)
 
     def combination_metrics(
         self, weights: npt.NDArray[np.float64], scales: npt.NDArray[np.float64], context: Any

@@ -214,3 +214,82 @@ def test_statistics_summed_in_any_chunk_order_give_the_same_selection() -> None:
         strategy.finalize_statistics(forward, weights).selected
         == strategy.finalize_statistics(backward, weights).selected
     )
+
+
+# ---- threads, ranges and finiteness of the combination -------------------------------------------------
+
+CHUNKED_RULES = [
+    ("krum", {"num_malicious": 2}),
+    ("multikrum", {"num_malicious": 2, "weighting": "num_examples"}),
+    ("median", {}),
+    ("trimmed_mean", {"trim_fraction": 0.2}),
+    (
+        "norm_bounded",
+        {"clip_norm": 1.0, "inner": "krum", "inner_hyperparameters": {"num_malicious": 2}},
+    ),
+]
+
+
+@pytest.mark.parametrize(("algorithm", "hyperparameters"), CHUNKED_RULES)
+def test_the_thread_count_does_not_change_the_result(algorithm: str, hyperparameters: dict) -> None:
+    rng = np.random.default_rng(21)
+    updates = [random_params(rng, 0.5 + i % 3) for i in range(10)]
+    counts = [int(c) for c in rng.integers(1, 100, size=10)]
+    strategy = build_strategy(algorithm, hyperparameters)
+
+    alone, _ = strategy.combine(updates, counts, chunk_size=9, threads=1)
+    shared, _ = strategy.combine(updates, counts, chunk_size=9, threads=3)
+
+    for name in alone:
+        np.testing.assert_array_equal(alone[name], shared[name], err_msg=name)
+
+
+@pytest.mark.parametrize(("algorithm", "hyperparameters"), CHUNKED_RULES[:4])
+def test_a_worker_range_gathered_chunk_by_chunk_equals_the_in_process_result(
+    algorithm: str, hyperparameters: dict
+) -> None:
+    # What a server task runs: range_statistics / range_combine over [start, stop) of the updates.
+    rng = np.random.default_rng(22)
+    updates = [random_params(rng, 1.0 + i % 2) for i in range(10)]
+    counts = [int(c) for c in rng.integers(1, 100, size=10)]
+    strategy = build_strategy(algorithm, hyperparameters)
+    weights = np.array([strategy.update_weight(k, 0.0) for k in counts])
+    layout = FlatLayout(SPEC)
+    ranges = list(coordinate_chunks(SPEC.num_parameters, 40))
+
+    context = None
+    if strategy.needs_statistics:
+        gram = sum(strategy.range_statistics(layout, updates, a, b) for a, b in ranges)
+        context = strategy.finalize_statistics(gram, weights)
+    flat = np.concatenate(
+        [strategy.range_combine(layout, updates, a, b, weights, context) for a, b in ranges]
+    )
+    expected, _ = strategy.combine(updates, counts)
+
+    np.testing.assert_allclose(flat, flatten(expected), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "median", "krum"])
+def test_a_non_finite_update_is_named_by_its_index(algorithm: str) -> None:
+    rng = np.random.default_rng(23)
+    updates = [random_params(rng) for _ in range(5)]
+    updates[3]["layer0.weight"][1, 2, 0] = np.inf
+    hyperparameters = {"num_malicious": 1} if algorithm == "krum" else {}
+
+    with pytest.raises(FlcoreError, match="Update 3 contains NaN or Inf"):
+        build_strategy(algorithm, hyperparameters).combine(updates, [1] * 5)
+
+
+def test_fedavg_refuses_a_sum_that_overflows_float32() -> None:
+    # Every value finite, the weighted sum is not: the in-memory FedAvg checks the sum, not only the inputs.
+    huge = {t.name: np.full(t.shape, 3e38, dtype=np.float32) for t in SPEC.tensors}
+
+    with pytest.raises(FlcoreError, match="overflowed float32"):
+        build_strategy("fedavg", {}).combine([huge, huge], [1, 1])
+
+
+def test_threads_must_be_a_positive_integer() -> None:
+    rng = np.random.default_rng(24)
+
+    with pytest.raises(FlcoreError, match=r"threads must be a positive integer\. Found 0"):
+        build_strategy("median", {}).combine([random_params(rng)] * 3, [1] * 3, threads=0)

@@ -141,3 +141,19 @@ def test_chunk_matrix_is_not_modified() -> None:
 
     np.testing.assert_array_equal(matrix, saved)
     assert SPEC.num_parameters == 94
+
+
+@pytest.mark.parametrize("n", [7, 8])
+def test_a_chunk_wider_than_a_cache_is_combined_block_by_block(n: int) -> None:
+    # A server task's chunk is P / (4 * workers) wide; median and trimmed mean sort it in cache-sized blocks.
+    rng = np.random.default_rng(30 + n)
+    matrix = rng.standard_normal((n, 200_003)).astype(np.float32)  # > 2 MiB / (4 n) columns: several blocks
+    weights = np.ones(n)
+
+    median = CoordinateMedian().combine_chunk(matrix, weights)
+    trimmed = TrimmedMean(trim_fraction=0.25).combine_chunk(matrix, weights)
+
+    np.testing.assert_array_equal(median, np.median(matrix.astype(np.float64), axis=0).astype(np.float32))
+    k = n // 4
+    expected = np.sort(matrix, axis=0)[k : n - k].astype(np.float64).mean(axis=0)
+    np.testing.assert_allclose(trimmed, expected, atol=1e-6, rtol=0)

@@ -160,5 +160,48 @@ def test_a_huge_attacker_does_not_blur_honest_distances() -> None:
     gram = strategy.chunk_statistics(np.stack([flatten(u) for u in updates]))
     selection = strategy.finalize_statistics(gram, np.ones(7))
 
-    np.testing.assert_allclose(selection.scores[1:], scores[1:], rtol=1e-9)
+    # float32 Gram blocks: honest scores to float32 precision (a mean centre would be off by ~1e30 here).
+    np.testing.assert_allclose(selection.scores[1:], scores[1:], rtol=1e-6)
     assert list(selection.selected) == selected and selected != [0]
+
+
+def test_a_block_whose_float32_gram_overflows_is_redone_in_float64() -> None:
+    # |x| = 1e25 is a finite float32 whose square is not: that block's Gram is computed in float64.
+    rng = np.random.default_rng(12)
+    honest = [random_params(rng, 1.0) for _ in range(6)]
+    attacker = {k: np.full_like(v, 1e25) for k, v in honest[0].items()}
+    updates = [*honest[:3], attacker, *honest[3:]]
+
+    scores, selected, _ = brute_force_krum(updates, 1, 1)
+    strategy = Krum(num_malicious=1)
+    gram = strategy.chunk_statistics(np.stack([flatten(u) for u in updates]))
+    selection = strategy.finalize_statistics(gram, np.ones(7))
+
+    assert np.isfinite(gram).all()
+    assert list(selection.selected) == selected and selected != [3]
+    np.testing.assert_allclose(selection.scores, scores, rtol=1e-6)
+
+
+def test_krum_agrees_with_float64_brute_force_at_a_realistic_size() -> None:
+    # 30 updates of 20,000 coordinates, a shared component 10x the spread, 6 attackers: the float32 blocks
+    # give the brute force's selection, scores to 1e-5 and the aggregate to 1e-5.
+    rng = np.random.default_rng(13)
+    spec = scalar_spec(20_000)
+    common = 10.0 * rng.standard_normal(20_000)
+    updates = []
+    for i in range(30):
+        noise = rng.standard_normal(20_000) * (0.5 + i / 30)
+        if i % 5 == 0:
+            noise += 3.0
+        updates.append({"w": (common + noise).astype(np.float32)})
+    assert spec.num_parameters == 20_000
+
+    for strategy, m in [(Krum(num_malicious=6), 1), (MultiKrum(num_malicious=6), 24)]:
+        scores, selected, mean = brute_force_krum(updates, 6, m)
+        combined, _ = strategy.combine(updates, [1] * 30)
+        gram = strategy.chunk_statistics(np.stack([u["w"] for u in updates]))
+        selection = strategy.finalize_statistics(gram, np.ones(30))
+
+        assert list(selection.selected) == selected
+        np.testing.assert_allclose(selection.scores, scores, rtol=1e-5)
+        np.testing.assert_allclose(combined["w"], mean, atol=1e-5)

@@ -1,0 +1,253 @@
+"""Updates: what happens when an agent uploads its result, or gives its task back.
+
+Invariants:
+
+- The body is spooled to a temporary file, hashed and counted in one pass and cut off at the model's
+  ``update_max_bytes``; nothing is stored, and no file is left behind, unless the update is accepted.
+- An update is validated against the training's parameter spec and must have a finite norm before its
+  blob is saved; blobs are content-addressed, so a retried upload writes the same blob.
+- Accepting is idempotent: the same body for the same task returns the stored update; a different body
+  is a 409. The task and its round are re-checked under row locks before the update row is written, and
+  the round is settled in the same transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from clients.models import Agent
+from clients.services import agent_record_outcome
+from fedsite.errors import Conflict, PayloadTooLarge, ValidationFailed
+from fedsite.logs import log_event
+from fedsite.parsers import json_check, json_parse, text_check
+from flcore.errors import SerdeError
+from flcore.parameters import ParameterSpec, from_bytes, iter_file_tensors, l2_norm, load_file
+from trainings.models import ClientUpdate, Round, Task, Training
+from trainings.services.rounds import _round_settle
+from trainings.services.tasks import _get_agent_task
+from trainings.services.trainings import is_asynchronous
+from trainings.state import lock_round, transition_task
+from versioning.blobs import (
+    BlobTooLarge,
+    Readable,
+    SpooledBlob,
+    blob_local_path,
+    blob_read,
+    blob_save_spooled,
+    blob_spool,
+)
+
+logger = logging.getLogger("trainings")
+
+RS, KS = Round.Status, Task.Status
+MAX_METRICS = 64
+MAX_FAIL_REASON_CHARS = 1000
+
+
+def _parse_update_meta(meta: Any) -> tuple[int, dict[str, float]]:
+    if isinstance(meta, bytes | str):
+        meta = json_parse(meta, field="meta")
+    else:
+        json_check(meta, field="meta")
+    if not isinstance(meta, dict):
+        raise ValidationFailed("meta must be a JSON object with num_examples and metrics.")
+    num_examples = meta.get("num_examples")
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or not 1 <= num_examples <= 10**9:
+        raise ValidationFailed(
+            f"num_examples must be an integer between 1 and 10^9. Found {num_examples!r}.",
+            details={"num_examples": "Out of range or not an integer."},
+        )
+    metrics = meta.get("metrics", {})
+    if not isinstance(metrics, dict) or len(metrics) > MAX_METRICS:
+        raise ValidationFailed(f"metrics must be an object with at most {MAX_METRICS} numeric entries.")
+    clean: dict[str, float] = {}
+    for key, value in metrics.items():
+        if not isinstance(key, str) or len(key) > 64:
+            raise ValidationFailed("metric names must be strings of at most 64 characters.")
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValidationFailed(
+                f"metric {key!r} must be a finite number. Found {value!r}.", details={"metrics": key}
+            )
+        clean[key] = float(value)
+    return num_examples, clean
+
+
+def update_max_bytes(training: Training) -> int:
+    """Largest acceptable update body: the model's float32 size plus header room, capped by settings."""
+    spec = ParameterSpec.from_json(training.parameter_spec)
+    header_room = 1024 + 128 * len(spec.tensors)
+    return min(spec.nbytes + header_room, settings.FEDSITE_MAX_UPDATE_BYTES)
+
+
+def _update_too_large(size: int | str, limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"The update is {size} bytes; this model's updates are at most {limit} bytes.",
+        code="update_too_large",
+        details={"max_update_bytes": limit},
+    )
+
+
+def update_submit(
+    *, agent: Agent, task_id: Any, body: Readable, meta: Any, declared_bytes: int | None = None
+) -> tuple[ClientUpdate, bool]:
+    """Accept an agent's update for its task. Returns ``(update, created)``.
+
+    ``body`` is read in chunks into a temporary file, hashed and counted in the same pass and cut off
+    at the task's ``max_update_bytes`` (a ``declared_bytes`` above it is refused before anything is
+    read); the safetensors are then validated from that file, which becomes the blob. Nothing is stored
+    and no file is left behind unless the update is accepted. Idempotent: the same body again returns
+    the stored update; a different body is a 409.
+    """
+    task = _get_agent_task(agent, task_id)
+    training = task.round.training
+    num_examples, metrics = _parse_update_meta(meta)
+    limit = update_max_bytes(training)
+    if declared_bytes is not None and declared_bytes > limit:
+        raise _update_too_large(declared_bytes, limit)
+    try:
+        with blob_spool(body, max_bytes=limit) as spooled:
+            return _update_accept(agent, task, spooled, num_examples, metrics, limit)
+    except BlobTooLarge as exc:
+        raise _update_too_large(f"more than {limit}", limit) from exc
+
+
+def _update_accept(
+    agent: Agent, task: Task, spooled: SpooledBlob, num_examples: int, metrics: dict[str, float], limit: int
+) -> tuple[ClientUpdate, bool]:
+    training = task.round.training
+    sha256 = spooled.sha256
+    existing = ClientUpdate.objects.filter(task=task).first()
+    if existing is not None:
+        return _idempotent_update(existing, sha256, num_examples), False
+    asynchronous = is_asynchronous(training)
+    round_closed = task.round.status != RS.COLLECTING and not asynchronous
+    if task.status not in Task.OPEN or round_closed or task.deadline <= timezone.now():
+        raise Conflict(
+            f"Task {task.pk} is closed (task {task.status}, round {task.round.status}); "
+            "drop it and poll again.",
+            code="task_closed",
+        )
+    spec = ParameterSpec.from_json(training.parameter_spec)
+    try:
+        parameters = load_file(spooled.path, spec=spec, max_bytes=limit)
+    except SerdeError as exc:
+        raise ValidationFailed(str(exc), code=f"bad_update_{exc.code}") from exc
+    norm = l2_norm(parameters)
+    del parameters
+    if not math.isfinite(norm):
+        raise ValidationFailed(
+            "The update's norm overflows float64; send a smaller update.", code="bad_update_non_finite"
+        )
+    blob_name = blob_save_spooled(spooled)
+    try:
+        with transaction.atomic():
+            round_ = _collecting_round_for(task, asynchronous)
+            locked = Task.objects.select_for_update().get(pk=task.pk)
+            existing = ClientUpdate.objects.filter(task=locked).first()
+            if existing is not None:
+                return _idempotent_update(existing, sha256, num_examples), False
+            if locked.status not in Task.OPEN or round_.status != RS.COLLECTING:
+                raise Conflict(
+                    f"Task {task.pk} closed while the update was being checked; poll again.",
+                    code="task_closed",
+                )
+            update = ClientUpdate.objects.create(
+                task=locked,
+                round=round_,
+                agent=agent,
+                blob_name=blob_name,
+                blob_sha256=sha256,
+                size_bytes=spooled.size,
+                num_examples=num_examples,
+                metrics=metrics,
+                update_norm=norm,
+            )
+            transition_task(locked, KS.COMPLETED)
+            agent_record_outcome(agent_id=agent.pk, outcome="completed")
+            _round_settle(round_)
+    except IntegrityError:
+        existing = ClientUpdate.objects.get(task=task)
+        return _idempotent_update(existing, sha256, num_examples), False
+    log_event(
+        logger,
+        "update_accepted",
+        training_id=training.pk,
+        round=task.round.number,
+        agent_id=agent.agent_id,
+        num_examples=num_examples,
+        norm=f"{norm:.4g}",
+    )
+    return update, True
+
+
+def _collecting_round_for(task: Task, asynchronous: bool) -> Round:
+    """The round an update joins, locked: the task's own round, or for asynchronous trainings the one
+    collecting now (a task may outlive the round it was issued in)."""
+    if not asynchronous:
+        return lock_round(task.round_id)
+    round_ = (
+        Round.objects.select_for_update()
+        .select_related("training")
+        .filter(training_id=task.round.training_id, status=RS.COLLECTING)
+        .order_by("-number")
+        .first()
+    )
+    if round_ is None:
+        raise Conflict("The training is not collecting updates any more; poll again.", code="task_closed")
+    return round_
+
+
+def _idempotent_update(existing: ClientUpdate, sha256: str, num_examples: int) -> ClientUpdate:
+    if existing.blob_sha256 == sha256 and existing.num_examples == num_examples:
+        return existing
+    raise Conflict(
+        "An update with different content was already accepted for this task; updates cannot be replaced.",
+        code="update_conflict",
+        details={"accepted_sha256": existing.blob_sha256},
+    )
+
+
+def task_fail(*, agent: Agent, task_id: Any, reason: Any) -> Task:
+    """The agent gives its task back; the round may re-open sooner."""
+    if not isinstance(reason, str) or not reason.strip():
+        raise ValidationFailed("reason must be a non-empty string.", details={"reason": "Required."})
+    reason = text_check(reason.strip(), field="reason")
+    if len(reason) > MAX_FAIL_REASON_CHARS:
+        raise ValidationFailed(
+            f"reason must be at most {MAX_FAIL_REASON_CHARS} characters. Found {len(reason)}; shorten it.",
+            details={"reason": f"At most {MAX_FAIL_REASON_CHARS} characters."},
+        )
+    task = _get_agent_task(agent, task_id)
+    with transaction.atomic():
+        round_ = lock_round(task.round_id)
+        locked = Task.objects.select_for_update().get(pk=task.pk)
+        if locked.status not in Task.OPEN:
+            raise Conflict(f"Task {task.pk} is already {locked.status}.", code="task_closed")
+        transition_task(locked, KS.FAILED, reason=reason)
+        agent_record_outcome(agent_id=agent.pk, outcome="failed")
+        _round_settle(round_)
+    log_event(
+        logger,
+        "task_failed",
+        training_id=round_.training_id,
+        round=round_.number,
+        agent_id=agent.agent_id,
+        reason=repr(reason[:200]),
+    )
+    return locked
+
+
+def _update_views(update: ClientUpdate, spec: ParameterSpec) -> Any:
+    """The stored delta of an update: zero-copy memory-mapped views when the blob store is local."""
+    path = blob_local_path(update.blob_name)
+    if path is not None:
+        return dict(iter_file_tensors(path))
+    return from_bytes(blob_read(update.blob_name), spec=spec, max_bytes=update.size_bytes)

@@ -56,7 +56,12 @@ from versioning.blobs import (
     blob_spool,
 )
 from versioning.models import ModelVersion
-from versioning.services import version_create, version_read_parameters, version_read_state
+from versioning.services import (
+    rollback_policy_check,
+    version_create,
+    version_read_parameters,
+    version_read_state,
+)
 
 logger = logging.getLogger("trainings")
 
@@ -1248,6 +1253,7 @@ def _round_commit(
             updates=len(updates),
             accuracy=accuracy,
         )
+        rollback_policy_check(training=training, round_number=round_.number)
         if asynchronous:
             for update in updates:
                 ClientUpdate.objects.filter(pk=update.pk).update(staleness=update.staleness)

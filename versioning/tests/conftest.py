@@ -54,3 +54,10 @@ def run_round(
         return payloads
 
     return run
+
+
+@pytest.fixture(autouse=True)
+def _own_blob_store(settings: Any, tmp_path: Any) -> None:
+    """Each test its own blob store: content-addressed blobs (version 0 of a seed) are shared otherwise,
+    and the corruption tests damage files on disk."""
+    settings.MEDIA_ROOT = str(tmp_path / "media")

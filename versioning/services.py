@@ -311,8 +311,9 @@ def _version_summary(version: ModelVersion) -> dict[str, Any]:
 def _rollback_apply(*, training: Any, rollback: Rollback) -> ModelVersion:
     """Write the rollback version (the target's blobs) and make it current; ``training`` is locked.
 
-    The new version takes the next free number. On a running training the round counter moves to it
-    too, so the next round (``current_round + 1``) writes the number after it: round n writes version n.
+    The new version takes the next free number. On a running (or pending) training the round counter
+    moves to it too, so the next round (``current_round + 1``) writes the number after it: round n writes
+    version n.
     """
     from monitoring.events import event_broadcast_on_commit
     from monitoring.services import audit_record
@@ -335,7 +336,7 @@ def _rollback_apply(*, training: Any, rollback: Rollback) -> ModelVersion:
     )
     training.current_version = version
     fields = ["current_version"]
-    if training.status == Training.Status.RUNNING:
+    if training.status in (Training.Status.PENDING, Training.Status.RUNNING):  # rounds still to come
         training.current_round = max(training.current_round, number)
         fields.append("current_round")
     training.save(update_fields=fields)
@@ -699,3 +700,52 @@ def version_export(*, version: ModelVersion, actor: Any) -> IO[bytes]:
     archive.seek(0)
     audit_record(actor=actor, action="version.export", obj=version)
     return archive
+
+
+def version_create_from_parameters(
+    *, training_id: Any, parameters: Any, metrics: dict[str, Any] | None = None, actor: Any = "system"
+) -> ModelVersion:
+    """Store operator-supplied weights as the next version (origin ``upload``) and make it current.
+
+    Refused (409) while the training runs: the round in flight owns the next number. The tensors are
+    checked against the training's parameter spec (names, shapes, finite float32).
+    """
+    from monitoring.services import audit_record
+    from trainings.models import Training
+
+    if metrics is not None and not isinstance(metrics, dict):
+        raise ValidationFailed("metrics must be a JSON object.", details={"metrics": "Must be an object."})
+    with transaction.atomic():
+        training = _training(training_id, lock=True)
+        if training.status == Training.Status.RUNNING:
+            raise Conflict(
+                f"Training {training.pk} is running; its rounds write its versions. Stop it first, or roll "
+                "back to an existing version.",
+                code="training_running",
+            )
+        spec = ParameterSpec.from_json(training.parameter_spec)
+        try:
+            data = to_bytes(dict(parameters))
+            checked = from_bytes(data, spec=spec, max_bytes=settings.FEDSITE_MAX_UPDATE_BYTES * 4)
+        except Exception as exc:
+            raise ValidationFailed(
+                f"parameters do not fit the training's model: {exc}",
+                details={"parameters": "Must map every tensor of the model to a finite array."},
+            ) from exc
+        number = (ModelVersion.objects.filter(training=training).aggregate(n=Max("number"))["n"] or 0) + 1
+        version = version_create(
+            training=training,
+            number=number,
+            parameters=checked,
+            origin=ModelVersion.Origin.UPLOAD,
+            parent=training.current_version,
+            metrics=metrics or {},
+        )
+        training.current_version = version
+        fields = ["current_version"]
+        if training.status == Training.Status.PENDING:
+            training.current_round = number
+            fields.append("current_round")
+        training.save(update_fields=fields)
+        audit_record(actor=actor, action="version.create", obj=version, details={"number": number})
+    return version

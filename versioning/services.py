@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import tempfile
 import zipfile
 from collections.abc import Iterator
@@ -35,6 +36,7 @@ from versioning.blobs import SPOOL_CHUNK_BYTES, blob_local_path, blob_read, blob
 from versioning.models import ModelVersion, Rollback
 
 logger = logging.getLogger("versioning")
+MAX_VERSION_NUMBER = 2**31 - 1  # the column's range
 
 
 def version_create(
@@ -109,9 +111,9 @@ def _training(training_id: Any, *, lock: bool = False) -> Any:
 
 
 def _version_number(value: Any, field: str) -> int:
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and re.fullmatch(r"[0-9]{1,10}", value.strip()):
         value = int(value.strip())
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_VERSION_NUMBER:
         raise ValidationFailed(
             f"{field} must be a version number (an integer at least 0). Found {value!r}.",
             details={field: "Must be an integer version number of this training."},

@@ -91,6 +91,8 @@ def test_same_version_is_identical(staff_client: Any, trained: Any) -> None:
         ("a=x&b=1", 400, "a"),
         ("a=0&b=-1", 400, "b"),
         ("a=0&b=99", 404, "b"),
+        ("a=%C2%B3&b=1", 400, "a"),  # a superscript digit is not a number
+        ("a=0&b=99999999999999999999", 400, "b"),
     ],
 )
 def test_bad_version_numbers_are_clear_4xx(

@@ -130,6 +130,7 @@ def test_rollback_after_completion_sets_the_current_version(
         ({"version": True}, 400, "version"),
         ({"version": -1}, 400, "version"),
         ({"version": 42}, 404, "version"),
+        ({"version": 10**30}, 400, "version"),
         ({"version": 0, "force": True}, 400, "force"),
         ({"version": 0, "reason": 5}, 400, "reason"),
     ],

@@ -15,6 +15,7 @@ from monitoring.prometheus import metrics_view
 from privacy.api.views import training_privacy
 from trainings.api import agent_views
 from trainings.api import views as training_views
+from versioning.api import views as versioning_views
 from versioning.api.views import ModelVersionViewSet
 
 router = DefaultRouter(trailing_slash=True)
@@ -55,6 +56,16 @@ urlpatterns = [
     path("api/", include(seed_api)),
     path("api/v1/agent/", include(agent_protocol)),
     path("api/v1/auth/", include(operator_auth)),
+    path(
+        "api/v1/trainings/<str:training_id>/versions/compare",
+        versioning_views.training_versions_compare,
+        name="training-versions-compare",
+    ),
+    path(
+        "api/v1/trainings/<str:training_id>/rollback",
+        versioning_views.training_rollback_view,
+        name="training-rollback",
+    ),
     path("api/v1/", include(router.urls)),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),

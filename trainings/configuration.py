@@ -18,6 +18,7 @@ from fedsite.parsers import json_check
 from flcore.errors import ConfigError
 from flcore.strategies import AggregationAlgorithm, NotEnoughUpdates, Strategy, build_strategy
 from privacy.configuration import parse_privacy
+from versioning.policy import rollback_parse
 
 MODEL_TYPES = {"logreg": "logreg", "mlp": "mlp", "neural_network": "mlp"}
 SELECTION_POLICIES = ("random", "reliability")
@@ -67,6 +68,7 @@ class TrainingConfiguration:
     evaluation_dataset: str | None = None
     seed: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)
+    rollback: dict[str, Any] | None = None  # the automatic rollback policy (versioning/policy.py)
 
     # ------------------------------------------------------------------------------------------
     @classmethod
@@ -205,6 +207,16 @@ class TrainingConfiguration:
                 )
             except ConfigError as exc:
                 errors["hyperparameters"] = str(exc)
+        if "rollback" in data:
+            rollback, rollback_errors = rollback_parse(data["rollback"])
+            errors.update(rollback_errors)
+            if rollback and rollback["enabled"] and data.get("algorithm") in ("fedbuff", "fedasync"):
+                errors["rollback"] = (
+                    "An asynchronous training (fedbuff, fedasync) cannot use the rollback policy: its next "
+                    "step is open before a round's metrics are known. Disable rollback or pick a "
+                    "synchronous algorithm."
+                )
+            values["rollback"] = rollback
         if errors:
             raise ValidationFailed(
                 "The training configuration is invalid: "

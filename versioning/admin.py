@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from django.contrib import admin
+from typing import Any
 
+from django.contrib import admin, messages
+from django.http import HttpRequest
+
+from fedsite.errors import ServiceError
 from monitoring.admin import ViewOnlyAdmin, pretty_json, short_hash
-from versioning.models import ModelVersion
+from versioning.models import ModelVersion, Rollback
+from versioning.services import training_rollback
 
 
 @admin.register(ModelVersion)
@@ -37,6 +42,26 @@ class ModelVersionAdmin(ViewOnlyAdmin):
         "created_at",
     ]
     exclude = ["metrics"]
+    actions = ["rollback_to_this_version"]
+
+    @admin.action(description="Roll its training back to this version")
+    def rollback_to_this_version(self, request: HttpRequest, queryset: Any) -> None:
+        if queryset.count() != 1:
+            self.message_user(request, "Select exactly one version to roll back to.", messages.ERROR)
+            return
+        version = queryset.get()
+        try:
+            rollback = training_rollback(
+                training_id=version.training_id, version=version.number, actor=request.user, reason="admin"
+            )
+        except ServiceError as exc:
+            self.message_user(request, exc.message, messages.ERROR)
+            return
+        if rollback.status == Rollback.Status.APPLIED:
+            text = f"Version {rollback.version.number} (a copy of version {version.number}) is now current."
+        else:
+            text = f"The training is running: its next round starts from version {version.number}."
+        self.message_user(request, text, messages.SUCCESS)
 
     @admin.display(description="accuracy")
     def accuracy(self, obj: ModelVersion) -> str:
@@ -51,3 +76,11 @@ class ModelVersionAdmin(ViewOnlyAdmin):
     @admin.display(description="metrics")
     def metrics_pretty(self, obj: ModelVersion) -> str:
         return pretty_json(obj.metrics)
+
+
+@admin.register(Rollback)
+class RollbackAdmin(ViewOnlyAdmin):
+    list_display = ["training", "target", "version", "trigger", "status", "actor", "created_at", "applied_at"]
+    list_filter = ["trigger", "status"]
+    search_fields = ["training__name", "=training__id", "reason"]
+    list_select_related = ["training", "target", "version"]

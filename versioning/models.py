@@ -44,3 +44,45 @@ class ModelVersion(models.Model):
 
     def __str__(self) -> str:
         return f"v{self.number} of {self.training_id}"
+
+
+class Rollback(models.Model):
+    """An operator's or the rollback policy's request to make an earlier version current again.
+
+    On a finished (or not yet started) training it is applied at once. On a running training it is
+    ``pending`` until the round in flight commits; then a new version of origin ``rollback`` (the target's
+    weights and server-optimizer state, ``parent`` = the target) becomes current, so the next round starts
+    from it. A newer request supersedes a pending one.
+    """
+
+    class Trigger(models.TextChoices):
+        MANUAL = "manual", "manual"
+        AUTOMATIC = "automatic", "automatic (rollback policy)"
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "pending (next round)"
+        APPLIED = "applied", "applied"
+        SUPERSEDED = "superseded", "superseded by a newer request"
+
+    training = models.ForeignKey("trainings.Training", on_delete=models.CASCADE, related_name="rollbacks")
+    target = models.ForeignKey(ModelVersion, on_delete=models.CASCADE, related_name="rollbacks_to")
+    version = models.OneToOneField(
+        ModelVersion,
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="rollback",
+        help_text="The version of origin rollback this request created (empty while pending).",
+    )
+    trigger = models.CharField(max_length=16, choices=Trigger.choices, default=Trigger.MANUAL)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)
+    actor = models.CharField(max_length=150, blank=True)
+    reason = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    applied_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["training", "created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.trigger} rollback of {self.training_id} to v{self.target.number} ({self.status})"

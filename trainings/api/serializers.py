@@ -6,6 +6,7 @@ from rest_framework import serializers
 
 from trainings.configuration import SERVER_ALGORITHMS
 from trainings.models import Round, Training
+from versioning.api.serializers import RollbackSectionSerializer
 
 
 class TrainingSerializer(serializers.ModelSerializer):
@@ -125,3 +126,4 @@ class TrainingConfigurationSerializer(serializers.Serializer):
     evaluation_dataset = serializers.ChoiceField(["digits", "mnist"], required=False, allow_null=True)
     seed = serializers.IntegerField(required=False)
     metadata = serializers.DictField(required=False)
+    rollback = RollbackSectionSerializer(required=False, allow_null=True)

@@ -50,7 +50,12 @@ from trainings.services.updates import _update_views
 from trainings.state import lock_round, lock_training, transition_round, transition_training
 from versioning.blobs import blob_local_path
 from versioning.models import ModelVersion
-from versioning.services import version_create, version_read_parameters, version_read_state
+from versioning.services import (
+    rollback_policy_check,
+    version_create,
+    version_read_parameters,
+    version_read_state,
+)
 
 logger = logging.getLogger("trainings")
 
@@ -284,6 +289,7 @@ def _round_commit(
             updates=len(updates),
             accuracy=accuracy,
         )
+        rollback_policy_check(training=training, round_number=round_.number)
         if asynchronous:
             for update in updates:
                 ClientUpdate.objects.filter(pk=update.pk).update(staleness=update.staleness)

@@ -1,19 +1,21 @@
-"""Operator API for model versions: list, inspect, download (safetensors)."""
+"""Operator API for model versions: list, inspect, download (safetensors), export (zip with a model
+card), compare two versions, roll a training back. Views only parse and call services."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from django.core.files.storage import default_storage
 from django.http import FileResponse
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import mixins, serializers, viewsets
-from rest_framework.decorators import action
+from rest_framework.decorators import action, api_view
 from rest_framework.request import Request
+from rest_framework.response import Response
 
-from fedsite.errors import NotFound
-from monitoring.services import audit_record
+from fedsite.errors import NotFound, ValidationFailed
 from versioning.models import ModelVersion
+from versioning.services import training_rollback, version_compare, version_export, version_open_verified
 
 
 class ModelVersionSerializer(serializers.ModelSerializer):
@@ -56,13 +58,99 @@ class ModelVersionViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, view
     @extend_schema(responses={(200, "application/octet-stream"): bytes})
     @action(detail=True, methods=["get"])
     def download(self, request: Request, pk: str | None = None) -> FileResponse:
+        """The weights as safetensors, checked against their sha256 (409 ``blob_corrupted`` if not)."""
         version = self.get_object()
-        audit_record(actor=request.user, action="version.download", obj=version)
         response = FileResponse(
-            default_storage.open(version.blob_name, "rb"),
+            version_open_verified(version=version, actor=request.user),
             content_type="application/octet-stream",
             as_attachment=True,
             filename=f"{version.training_id}-v{version.number}.safetensors",
         )
         response["ETag"] = f'"{version.blob_sha256}"'
         return response
+
+    @extend_schema(responses={(200, "application/zip"): bytes})
+    @action(detail=True, methods=["get"])
+    def export(self, request: Request, pk: str | None = None) -> FileResponse:
+        """A zip of ``weights.safetensors`` and ``model_card.json`` (409 ``blob_corrupted`` if the blob
+        does not match its sha256)."""
+        version = self.get_object()
+        response = FileResponse(
+            version_export(version=version, actor=request.user),
+            content_type="application/zip",
+            as_attachment=True,
+            filename=f"{version.training_id}-v{version.number}.zip",
+        )
+        response["ETag"] = f'"{version.blob_sha256}"'
+        return response
+
+
+@extend_schema(
+    tags=["versions"],
+    parameters=[
+        OpenApiParameter("a", int, required=True, description="The first version number."),
+        OpenApiParameter("b", int, required=True, description="The second version number."),
+    ],
+    responses={200: OpenApiTypes.OBJECT},
+)
+@api_view(["GET"])
+def training_versions_compare(request: Request, training_id: str) -> Response:
+    """Per-tensor L2 distance, relative change, cosine similarity, max |difference|, metric deltas."""
+    missing = [name for name in ("a", "b") if name not in request.query_params]
+    if missing:
+        raise ValidationFailed(
+            f"Pass both version numbers as ?a=<n>&b=<m>; missing: {', '.join(missing)}.",
+            details={name: "Required." for name in missing},
+        )
+    return Response(
+        version_compare(
+            training_id=training_id,
+            a=request.query_params["a"],
+            b=request.query_params["b"],
+            actor=request.user,
+        )
+    )
+
+
+ROLLBACK_REQUEST = inline_serializer(
+    "RollbackRequest",
+    {"version": serializers.IntegerField(), "reason": serializers.CharField(required=False)},
+)
+ROLLBACK_RESPONSE = inline_serializer(
+    "RollbackResult",
+    {
+        "training_id": serializers.UUIDField(),
+        "target_version": serializers.IntegerField(),
+        "status": serializers.CharField(),
+        "version": serializers.IntegerField(allow_null=True),
+    },
+)
+
+
+@extend_schema(tags=["versions"], request=ROLLBACK_REQUEST, responses={200: ROLLBACK_RESPONSE})
+@api_view(["POST"])
+def training_rollback_view(request: Request, training_id: str) -> Response:
+    """Roll a training back to a version: now if it is finished, at the next round if it is running."""
+    body = request.data
+    if not isinstance(body, dict) or "version" not in body:
+        raise ValidationFailed(
+            'Send a JSON object {"version": <number>} naming the version to roll back to.',
+            details={"version": "Required."},
+        )
+    unknown = sorted(set(body) - {"version", "reason"})
+    if unknown:
+        raise ValidationFailed(
+            f"Unknown fields {unknown}; send only version and reason.",
+            details=dict.fromkeys(unknown, "Unknown field."),
+        )
+    rollback = training_rollback(
+        training_id=training_id, version=body["version"], actor=request.user, reason=body.get("reason", "")
+    )
+    return Response(
+        {
+            "training_id": str(rollback.training_id),
+            "target_version": rollback.target.number,
+            "status": rollback.status,
+            "version": rollback.version.number if rollback.version_id else None,
+        }
+    )

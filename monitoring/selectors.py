@@ -115,3 +115,55 @@ def alerts_query(
     if open_only:
         queryset = queryset.filter(resolved_at__isnull=True)
     return queryset
+
+
+PROGRESS_METRICS = ("accuracy", "federated_accuracy", "loss", "federated_loss")
+
+
+def training_progress(*, training: Any, metric: str | None = None) -> dict[str, Any]:
+    """Rounds done, every metric's series, and the convergence status of ``metric``.
+
+    ``metric`` defaults to the first of accuracy, federated_accuracy, loss, federated_loss that the
+    training has recorded. The status is :func:`monitoring.analytics.convergence_status` over the last
+    ``FEDSITE_CONVERGENCE_WINDOW`` rounds.
+    """
+    from monitoring import analytics
+    from monitoring.models import Metric
+
+    series: dict[str, list[dict[str, Any]]] = {}
+    for name, round_number, value in (
+        Metric.objects.filter(training=training)
+        .order_by("name", "round_number")
+        .values_list("name", "round_number", "value")
+    ):
+        series.setdefault(name, []).append({"round": round_number, "value": value})
+    chosen = metric or next((name for name in PROGRESS_METRICS if name in series), None)
+    values = [point["value"] for point in series.get(chosen or "", [])]
+    window = settings.FEDSITE_CONVERGENCE_WINDOW
+    if chosen is None or not values:
+        status = analytics.INSUFFICIENT
+        best = latest = None
+    else:
+        status = analytics.convergence_status(
+            values, metric_name=chosen, window=window, tolerance=settings.FEDSITE_CONVERGENCE_TOLERANCE
+        )
+        latest = values[-1]
+        best = max(values) if analytics.higher_is_better(chosen) else min(values)
+    max_rounds = (training.config or {}).get("max_rounds")
+    return {
+        "training_id": str(training.pk),
+        "name": training.name,
+        "status": training.status,
+        "current_round": training.current_round,
+        "max_rounds": max_rounds,
+        "progress": min(1.0, training.current_round / max_rounds) if max_rounds else None,
+        "metrics": series,
+        "convergence": {
+            "metric": chosen,
+            "status": status,
+            "window": window,
+            "tolerance": settings.FEDSITE_CONVERGENCE_TOLERANCE,
+            "latest": latest,
+            "best": best,
+        },
+    }

@@ -78,8 +78,12 @@ def system_health_history_view(request: Request) -> Response:
             raise ValidationFailed(
                 f"since must be an ISO 8601 date and time such as 2026-12-01T09:00:00Z. Found {since_text!r}."
             )
-        if timezone.is_naive(since):
-            since = timezone.make_aware(since, datetime.UTC)
+        try:
+            if timezone.is_naive(since):
+                since = timezone.make_aware(since, datetime.UTC)
+            since = since.astimezone(datetime.UTC)
+        except (OverflowError, ValueError) as exc:
+            raise ValidationFailed(f"since is out of the range of dates. Found {since_text!r}.") from exc
     limit = _limit(request, default=1000, maximum=10000)
     samples = health_history(since=since, limit=limit)
     return Response(
@@ -134,7 +138,9 @@ def alerts_view(request: Request) -> Response:
     return Response({"alerts": AlertSerializer(alerts, many=True).data})
 
 
-@extend_schema(tags=["monitoring"], request=None, responses={200: AlertSerializer})
+@extend_schema(
+    tags=["monitoring"], operation_id="alert_acknowledge", request=None, responses={200: AlertSerializer}
+)
 @api_view(["POST"])
 @permission_classes([IsAdminUser])
 def alert_acknowledge_view(request: Request, alert_id: int) -> Response:
@@ -152,6 +158,7 @@ MAX_BULK_ACKNOWLEDGE = 1000
 
 @extend_schema(
     tags=["monitoring"],
+    operation_id="alerts_acknowledge_bulk",
     request=inline_serializer("AlertIds", {"ids": serializers.ListField(child=serializers.IntegerField())}),
     responses={200: OpenApiTypes.OBJECT},
 )

@@ -7,7 +7,6 @@ writes (rounds, metrics, alerts) are created directly, as test data.
 from __future__ import annotations
 
 import uuid
-
 from datetime import timedelta
 from typing import Any
 

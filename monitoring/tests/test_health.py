@@ -214,3 +214,59 @@ def test_prometheus_exports_the_newest_sample(staff_client: Any) -> None:
     assert 'fedsite_queue_depth{queue="aggregation"} 4.0' in text
     assert 'fedsite_process_rss_bytes{process="w:9",role="worker"} 1.0' in text
     assert "fedsite_open_long_polls 0.0" in text
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_real_worker_runs_the_beat_task_and_reports_its_own_process(settings: Any) -> None:
+    """A ``celery worker`` process (solo pool: the task runs in the process we started) stores its RSS."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from django.db import close_old_connections
+
+    queue = f"monitoring-test-{uuid.uuid4().hex}"
+    db = connection.settings_dict
+    host = f"{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}"
+    env = {
+        **os.environ,
+        "DATABASE_URL": f"postgres://{db['USER'] or 'postgres'}@{host}/{db['NAME']}",
+        "FEDSITE_MEDIA_ROOT": str(settings.MEDIA_ROOT),
+        "FEDSITE_HEALTH_CPU_INTERVAL_SECONDS": "0.2",
+        "FEDSITE_HEALTH_WORKER_PING_SECONDS": "0.2",
+        "PYTHONUNBUFFERED": "1",
+    }
+    celery = Path(sys.executable).parent / "celery"
+    args = [str(celery), "-A", "fedsite", "worker", "-Q", queue, "--pool", "solo", "-l", "warning"]
+    args += ["--without-gossip", "--without-mingle", "--without-heartbeat", "-n", f"{queue}@%h"]
+    worker = subprocess.Popen(
+        args,
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        sample_system_health.apply_async(queue=queue)
+        sample = None
+        for _ in range(600):
+            close_old_connections()
+            sample = SystemHealthSample.objects.filter(role="worker").first()
+            if sample is not None or worker.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert sample is not None, "the worker stored no sample"
+        assert sample.process.endswith(f":{worker.pid}")  # its own process, not this test's
+        rss = psutil.Process(worker.pid).memory_info().rss
+        assert 0.5 * rss < sample.process_rss_bytes < 2 * rss
+        assert sample.cpu_interval_seconds == 0.2
+    finally:
+        worker.terminate()
+        try:
+            output = worker.communicate(timeout=20)[0]
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            output = worker.communicate()[0]
+        redis.Redis.from_url(settings.CELERY_BROKER_URL).delete(queue)
+    assert b"Traceback" not in output, output.decode()[-2000:]

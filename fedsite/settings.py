@@ -218,6 +218,7 @@ CELERY_TASK_ROUTES = {
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
 FEDSITE_DEADLINE_CHECK_SECONDS = env.float("FEDSITE_DEADLINE_CHECK_SECONDS", default=5.0)
+FEDSITE_HEALTH_SAMPLE_SECONDS = env.float("FEDSITE_HEALTH_SAMPLE_SECONDS", default=60.0)
 CELERY_BEAT_SCHEDULE = {
     "check-round-deadlines": {
         "task": "trainings.check_deadlines",
@@ -225,7 +226,7 @@ CELERY_BEAT_SCHEDULE = {
     },
     "sample-system-health": {
         "task": "monitoring.sample_system_health",
-        "schedule": env.float("FEDSITE_HEALTH_SAMPLE_SECONDS", default=60.0),
+        "schedule": FEDSITE_HEALTH_SAMPLE_SECONDS,
     },
 }
 
@@ -295,6 +296,51 @@ if not 0 <= FEDSITE_DROPOUT_ALERT_FRACTION < 1:
         f"FEDSITE_DROPOUT_ALERT_FRACTION must be in [0, 1). Found {FEDSITE_DROPOUT_ALERT_FRACTION}."
     )
 FEDSITE_PUBLIC_BASE_URL = env.str("FEDSITE_PUBLIC_BASE_URL", default="")
+
+# --- System health and alerts (docs/monitoring.md) ----------------------------------------------------
+# Every FEDSITE_HEALTH_SAMPLE_SECONDS a worker samples the machine (CPU measured over CPU_INTERVAL seconds),
+# keeps at most MAX_SAMPLES samples and none older than RETENTION_HOURS.
+FEDSITE_HEALTH_CPU_INTERVAL_SECONDS = env.float("FEDSITE_HEALTH_CPU_INTERVAL_SECONDS", default=1.0)
+FEDSITE_HEALTH_WORKER_PING_SECONDS = env.float("FEDSITE_HEALTH_WORKER_PING_SECONDS", default=1.0)
+FEDSITE_HEALTH_RETENTION_HOURS = env.float("FEDSITE_HEALTH_RETENTION_HOURS", default=168.0)
+FEDSITE_HEALTH_MAX_SAMPLES = env.int("FEDSITE_HEALTH_MAX_SAMPLES", default=50_000)
+FEDSITE_HEALTH_QUEUES = env.list("FEDSITE_HEALTH_QUEUES", default=["aggregation", "privacy", "default"])
+for _name, _value in (
+    ("FEDSITE_HEALTH_SAMPLE_SECONDS", FEDSITE_HEALTH_SAMPLE_SECONDS),
+    ("FEDSITE_HEALTH_CPU_INTERVAL_SECONDS", FEDSITE_HEALTH_CPU_INTERVAL_SECONDS),
+    ("FEDSITE_HEALTH_RETENTION_HOURS", FEDSITE_HEALTH_RETENTION_HOURS),
+    ("FEDSITE_HEALTH_MAX_SAMPLES", FEDSITE_HEALTH_MAX_SAMPLES),
+):
+    if not _value > 0:
+        raise ImproperlyConfigured(f"{_name} must be positive. Found {_value}.")
+# resource_exhausted: a figure past its threshold in every sample for SUSTAINED_SECONDS.
+FEDSITE_ALERT_CPU_PERCENT = env.float("FEDSITE_ALERT_CPU_PERCENT", default=95.0)
+FEDSITE_ALERT_MEMORY_PERCENT = env.float("FEDSITE_ALERT_MEMORY_PERCENT", default=90.0)
+FEDSITE_ALERT_DISK_FREE_PERCENT = env.float("FEDSITE_ALERT_DISK_FREE_PERCENT", default=5.0)
+FEDSITE_ALERT_QUEUE_DEPTH = env.int("FEDSITE_ALERT_QUEUE_DEPTH", default=100)
+FEDSITE_ALERT_SUSTAINED_SECONDS = env.float("FEDSITE_ALERT_SUSTAINED_SECONDS", default=300.0)
+# performance_degraded and convergence_stalled, evaluated on these metrics whenever a round's are stored.
+FEDSITE_ALERT_METRICS = env.list(
+    "FEDSITE_ALERT_METRICS", default=["accuracy", "federated_accuracy", "loss", "federated_loss"]
+)
+FEDSITE_ALERT_DEGRADATION_FRACTION = env.float("FEDSITE_ALERT_DEGRADATION_FRACTION", default=0.1)
+FEDSITE_ALERT_DEGRADATION_WINDOW = env.int("FEDSITE_ALERT_DEGRADATION_WINDOW", default=10)
+FEDSITE_ALERT_STALL_ROUNDS = env.int("FEDSITE_ALERT_STALL_ROUNDS", default=10)
+FEDSITE_ALERT_STALL_MIN_DELTA = env.float("FEDSITE_ALERT_STALL_MIN_DELTA", default=0.001)
+# Convergence status of GET training progress: the trend of the last WINDOW values, flat within TOLERANCE.
+FEDSITE_CONVERGENCE_WINDOW = env.int("FEDSITE_CONVERGENCE_WINDOW", default=5)
+FEDSITE_CONVERGENCE_TOLERANCE = env.float("FEDSITE_CONVERGENCE_TOLERANCE", default=0.001)
+for _name, _value in (
+    ("FEDSITE_ALERT_DEGRADATION_WINDOW", FEDSITE_ALERT_DEGRADATION_WINDOW),
+    ("FEDSITE_ALERT_STALL_ROUNDS", FEDSITE_ALERT_STALL_ROUNDS),
+    ("FEDSITE_CONVERGENCE_WINDOW", FEDSITE_CONVERGENCE_WINDOW),
+):
+    if _value < 2:
+        raise ImproperlyConfigured(f"{_name} must be at least 2 rounds. Found {_value}.")
+if not 0 < FEDSITE_ALERT_DEGRADATION_FRACTION < 1:
+    raise ImproperlyConfigured(
+        f"FEDSITE_ALERT_DEGRADATION_FRACTION must be in (0, 1). Found {FEDSITE_ALERT_DEGRADATION_FRACTION}."
+    )
 
 # --- REST API --------------------------------------------------------------------------------------
 REST_FRAMEWORK = {

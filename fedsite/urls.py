@@ -42,7 +42,12 @@ seed_api = [
     path("training/<str:training_id>/stop", training_views.training_stop, name="seed-training-stop"),
     path("training/<str:training_id>/metrics", training_views.training_metrics, name="seed-training-metrics"),
     path("system/health", monitoring_views.system_health_view, name="seed-system-health"),
+    path("system/health/history", monitoring_views.system_health_history_view, name="system-health-history"),
     path("alerts", monitoring_views.alerts_view, name="seed-alerts"),
+    path("alerts/acknowledge", monitoring_views.alerts_acknowledge_view, name="alerts-acknowledge"),
+    path(
+        "alerts/<int:alert_id>/acknowledge", monitoring_views.alert_acknowledge_view, name="alert-acknowledge"
+    ),
     path("trainings/<str:training_id>/privacy", training_privacy, name="training-privacy"),
 ]
 

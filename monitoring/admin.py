@@ -22,7 +22,7 @@ from django.urls import reverse
 from django.utils.html import format_html
 
 from fedsite.errors import ServiceError
-from monitoring.models import Alert, AuditLog, Metric
+from monitoring.models import Alert, AuditLog, Metric, SystemHealthSample
 from monitoring.services import alert_acknowledge
 
 
@@ -168,8 +168,10 @@ class AlertAdmin(ActionsOnlyAdmin):
         "training",
         "round_number",
         "short_message",
+        "count",
         "is_acknowledged",
         "acknowledged_by",
+        "resolved_at",
     ]
     list_filter = [AcknowledgedFilter, "severity", "kind"]
     search_fields = ["message", "training__name", "=training__id"]
@@ -186,6 +188,10 @@ class AlertAdmin(ActionsOnlyAdmin):
         "acknowledged_at",
         "acknowledged_by",
         "resolved_at",
+        "resolution",
+        "subject",
+        "count",
+        "last_seen_at",
     ]
     exclude = ["details"]
     actions = ["acknowledge"]
@@ -212,6 +218,26 @@ class AlertAdmin(ActionsOnlyAdmin):
         self.message_user(request, f"Acknowledged {done} alert(s).", messages.SUCCESS)
         if skipped:
             self.message_user(request, f"{skipped} alert(s) were already acknowledged.", messages.INFO)
+
+
+@admin.register(SystemHealthSample)
+class SystemHealthSampleAdmin(ViewOnlyAdmin):
+    list_display = [
+        "created_at",
+        "role",
+        "process",
+        "health_status",
+        "cpu_percent",
+        "memory_percent",
+        "disk_free_percent",
+        "process_rss_bytes",
+        "workers_alive",
+        "open_long_polls",
+    ]
+    list_filter = ["role", "health_status"]
+    search_fields = ["process"]
+    date_hierarchy = "created_at"
+    readonly_fields = [field.name for field in SystemHealthSample._meta.fields]
 
 
 @admin.register(AuditLog)

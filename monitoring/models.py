@@ -40,8 +40,9 @@ class Alert(models.Model):
         SYSTEM = "system", "system"
         AGGREGATION_STALLED = "aggregation_stalled", "aggregation stalled"
         AGENTS_DROPPING = "agents_dropping", "agents dropping out"
-        ROUND_EMPTY = "round_empty", "round empty"
-        ROUND_DECLINED = "round_declined", "round declined"
+        RESOURCE_EXHAUSTED = "resource_exhausted", "resource exhausted"
+        PERFORMANCE_DEGRADED = "performance_degraded", "performance degraded"
+        CONVERGENCE_STALLED = "convergence_stalled", "convergence stalled"
 
     training = models.ForeignKey(
         "trainings.Training", null=True, blank=True, on_delete=models.CASCADE, related_name="alerts"
@@ -59,12 +60,69 @@ class Alert(models.Model):
         blank=True,
         help_text="When the condition ended by itself (e.g. a stalled round completed).",
     )
+    subject = models.CharField(
+        max_length=200,
+        default="",
+        blank=True,
+        help_text="What the alert is about (e.g. training:<id>/round:3, disk, queue:aggregation); "
+        "at most one open alert exists per (kind, subject).",
+    )
+    count = models.PositiveIntegerField(default=1, help_text="How many times the condition was raised.")
+    last_seen_at = models.DateTimeField(null=True, blank=True, help_text="When it was last raised.")
+    resolution = models.TextField(blank=True, help_text="Why the alert resolved itself.")
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["kind", "subject"],
+                condition=models.Q(resolved_at__isnull=True),
+                name="one_open_alert_per_kind_subject",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"[{self.severity}] {self.kind}: {self.message[:60]}"
+
+
+class SystemHealthSample(models.Model):
+    """One sample of the machine and of the process that took it (a bounded time series, see retention).
+
+    System-wide figures (CPU, memory, disk, network) are the same whoever samples them; ``process_rss_bytes``
+    and ``open_long_polls`` belong to the sampling process (``role``/``process``): a worker samples in the
+    beat task, a web process on each ``GET /api/system/health``.
+    """
+
+    class Role(models.TextChoices):
+        WEB = "web", "web"
+        WORKER = "worker", "worker"
+
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    role = models.CharField(max_length=8, choices=Role.choices)
+    process = models.CharField(max_length=200, help_text="host:pid of the sampling process.")
+    health_status = models.CharField(max_length=16)
+    cpu_percent = models.FloatField()
+    cpu_per_core = models.JSONField(default=list)
+    cpu_interval_seconds = models.FloatField()
+    memory_percent = models.FloatField()
+    memory_available_bytes = models.BigIntegerField()
+    disk_free_bytes = models.BigIntegerField()
+    disk_total_bytes = models.BigIntegerField()
+    disk_free_percent = models.FloatField()
+    network_bytes_sent = models.BigIntegerField()
+    network_bytes_received = models.BigIntegerField()
+    process_rss_bytes = models.BigIntegerField()
+    database_latency_ms = models.FloatField(null=True, blank=True)
+    redis_latency_ms = models.FloatField(null=True, blank=True)
+    workers_alive = models.IntegerField(null=True, blank=True)
+    queue_depths = models.JSONField(default=dict, blank=True)
+    open_long_polls = models.IntegerField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at"]
 
     def __str__(self) -> str:
-        return f"[{self.severity}] {self.kind}: {self.message[:60]}"
+        return f"{self.role} {self.process} at {self.created_at:%Y-%m-%d %H:%M:%S}: {self.health_status}"
 
 
 class AuditLog(models.Model):

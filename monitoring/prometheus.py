@@ -4,7 +4,11 @@
 unless ``FEDSITE_METRICS_ALLOW_ANONYMOUS`` says so.
 
 Invariants: nothing is counted in process memory, so every ASGI process and worker reports the same
-values; a scrape runs a handful of aggregate queries; a database error yields ``fedsite_collector_up 0``
+values (the one exception is ``fedsite_open_long_polls``: the polls open in the process that answers the
+scrape; the other processes' figures are in ``fedsite_process_open_long_polls`` from their samples).
+System gauges come from the newest stored health sample (``monitoring.sample_system_health``), never
+from a measurement at scrape time, so a scrape does not block on the CPU interval. A scrape runs a
+handful of aggregate queries; a database error yields ``fedsite_collector_up 0``
 instead of failing the whole scrape. ``register_collector`` is idempotent: ``MonitoringConfig.ready``
 may run (and this module may be imported) more than once.
 """
@@ -55,7 +59,78 @@ def _families() -> dict[str, GaugeMetricFamily]:
             "Current round number per running training.",
             labels=["training_id", "training_name"],
         ),
+        **_health_families(),
     }
+
+
+def _health_families() -> dict[str, GaugeMetricFamily]:
+    return {
+        "health_age": GaugeMetricFamily(
+            "fedsite_health_sample_age_seconds", "Seconds since the newest system-health sample."
+        ),
+        "cpu": GaugeMetricFamily(
+            "fedsite_system_cpu_percent", "System CPU use over the sample's interval.", labels=["core"]
+        ),
+        "memory": GaugeMetricFamily("fedsite_system_memory_percent", "System memory in use."),
+        "disk_free": GaugeMetricFamily(
+            "fedsite_blob_store_free_bytes", "Free bytes of the blob store's disk."
+        ),
+        "network": GaugeMetricFamily(
+            "fedsite_system_network_bytes", "Network bytes since boot.", labels=["direction"]
+        ),
+        "rss": GaugeMetricFamily(
+            "fedsite_process_rss_bytes",
+            "Resident memory per process (newest sample).",
+            labels=["role", "process"],
+        ),
+        "process_polls": GaugeMetricFamily(
+            "fedsite_process_open_long_polls",
+            "Open agent long-polls per web process (newest sample).",
+            labels=["process"],
+        ),
+        "open_polls": GaugeMetricFamily(
+            "fedsite_open_long_polls", "Agent long-polls open now in the process answering this scrape."
+        ),
+        "latency": GaugeMetricFamily(
+            "fedsite_component_latency_ms", "Round-trip of a trivial call.", labels=["component"]
+        ),
+        "workers": GaugeMetricFamily("fedsite_celery_workers_alive", "Celery workers that answered a ping."),
+        "queues": GaugeMetricFamily(
+            "fedsite_queue_depth", "Messages waiting per Celery queue.", labels=["queue"]
+        ),
+    }
+
+
+def _fill_health(families: dict[str, GaugeMetricFamily]) -> None:
+    from django.utils import timezone
+
+    from monitoring.health import open_long_polls
+    from monitoring.models import SystemHealthSample
+    from monitoring.selectors import processes_latest
+
+    families["open_polls"].add_metric([], open_long_polls.value)
+    newest = SystemHealthSample.objects.order_by("-created_at", "-pk").first()
+    if newest is None:
+        return
+    families["health_age"].add_metric([], (timezone.now() - newest.created_at).total_seconds())
+    families["cpu"].add_metric(["total"], newest.cpu_percent)
+    for core, value in enumerate(newest.cpu_per_core):
+        families["cpu"].add_metric([str(core)], value)
+    families["memory"].add_metric([], newest.memory_percent)
+    families["disk_free"].add_metric([], newest.disk_free_bytes)
+    families["network"].add_metric(["sent"], newest.network_bytes_sent)
+    families["network"].add_metric(["received"], newest.network_bytes_received)
+    for component, value in (("database", newest.database_latency_ms), ("redis", newest.redis_latency_ms)):
+        if value is not None:
+            families["latency"].add_metric([component], value)
+    if newest.workers_alive is not None:
+        families["workers"].add_metric([], newest.workers_alive)
+    for queue, depth in sorted(newest.queue_depths.items()):
+        families["queues"].add_metric([queue], depth)
+    for sample in processes_latest():
+        families["rss"].add_metric([sample.role, sample.process], sample.process_rss_bytes)
+        if sample.open_long_polls is not None:
+            families["process_polls"].add_metric([sample.process], sample.open_long_polls)
 
 
 class FedsiteCollector(Collector):
@@ -120,6 +195,7 @@ class FedsiteCollector(Collector):
             latest[(training_id, metric_name)] = value  # ascending rounds: the last one wins
         for (training_id, metric_name), value in sorted(latest.items(), key=lambda item: str(item[0])):
             families["accuracy"].add_metric([str(training_id), running[training_id], metric_name], value)
+        _fill_health(families)
 
 
 _lock = threading.Lock()

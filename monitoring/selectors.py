@@ -2,88 +2,108 @@
 
 from __future__ import annotations
 
-import time
+from datetime import datetime, timedelta
 from typing import Any
 
 import psutil
 from django.conf import settings
-from django.db import connection
 from django.db.models import QuerySet
+from django.utils import timezone
 
-from monitoring.models import Alert
-
-
-def _check_database() -> dict[str, Any]:
-    started = time.perf_counter()
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT 1")
-        return {
-            "status": "ok",
-            "vendor": connection.vendor,
-            "latency_ms": (time.perf_counter() - started) * 1000,
-        }
-    except Exception as exc:
-        return {"status": "down", "vendor": connection.vendor, "error": str(exc)[:200]}
+from monitoring.health import HealthReading
+from monitoring.models import Alert, SystemHealthSample
 
 
-def _check_redis() -> dict[str, Any]:
-    if settings.EMBEDDED:
-        return {"status": "embedded", "detail": "no REDIS_URL: in-memory channel layer and eager Celery"}
-    import redis
-
-    started = time.perf_counter()
-    try:
-        client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
-        client.ping()
-        return {"status": "ok", "latency_ms": (time.perf_counter() - started) * 1000}
-    except Exception as exc:
-        return {"status": "down", "error": str(exc)[:200]}
-
-
-def _check_workers() -> dict[str, Any]:
-    if settings.EMBEDDED:
-        return {"status": "embedded", "workers": 0}
-    from fedsite.celery import app
-
-    try:
-        replies = app.control.ping(timeout=1.0) or []
-    except Exception as exc:
-        return {"status": "down", "error": str(exc)[:200], "workers": 0}
-    return {"status": "ok" if replies else "down", "workers": len(replies)}
-
-
-def system_health(*, include_workers: bool = True) -> dict[str, Any]:
-    """Components and resources; ``health_status`` is ``healthy``, ``degraded`` or ``unhealthy``."""
-    components = {"database": _check_database(), "redis": _check_redis()}
-    if include_workers:
-        components["celery"] = _check_workers()
-    memory = psutil.virtual_memory()
-    resources = {
-        "cpu_percent": psutil.cpu_percent(interval=None),
-        "cpu_count": psutil.cpu_count(),
-        "cpu_cores_configured": settings.FEDSITE_CPU_CORES,
-        "memory_percent": memory.percent,
-        "memory_available_bytes": memory.available,
-        "load_average": list(psutil.getloadavg()),
-    }
-    states = [c["status"] for c in components.values()]
-    if components["database"]["status"] != "ok":
-        overall = "unhealthy"
-    elif any(s == "down" for s in states):
-        overall = "degraded"
-    else:
-        overall = "healthy"
+def health_sample_to_dict(sample: SystemHealthSample) -> dict[str, Any]:
     return {
-        "health_status": overall,
-        "components": components,
-        "resources": resources,
+        "id": sample.pk,
+        "created_at": sample.created_at.isoformat(),
+        "role": sample.role,
+        "process": sample.process,
+        "health_status": sample.health_status,
+        "cpu_percent": sample.cpu_percent,
+        "cpu_per_core": sample.cpu_per_core,
+        "cpu_interval_seconds": sample.cpu_interval_seconds,
+        "memory_percent": sample.memory_percent,
+        "memory_available_bytes": sample.memory_available_bytes,
+        "disk_free_bytes": sample.disk_free_bytes,
+        "disk_total_bytes": sample.disk_total_bytes,
+        "disk_free_percent": sample.disk_free_percent,
+        "network_bytes_sent": sample.network_bytes_sent,
+        "network_bytes_received": sample.network_bytes_received,
+        "process_rss_bytes": sample.process_rss_bytes,
+        "database_latency_ms": sample.database_latency_ms,
+        "redis_latency_ms": sample.redis_latency_ms,
+        "workers_alive": sample.workers_alive,
+        "queue_depths": sample.queue_depths,
+        "open_long_polls": sample.open_long_polls,
+    }
+
+
+def processes_latest() -> list[SystemHealthSample]:
+    """The newest sample of each process seen within three sampling periods (its RSS, its long-polls)."""
+    since = timezone.now() - timedelta(seconds=3 * settings.FEDSITE_HEALTH_SAMPLE_SECONDS)
+    latest: dict[str, SystemHealthSample] = {}
+    for sample in SystemHealthSample.objects.filter(created_at__gte=since).order_by("-created_at", "-pk"):
+        latest.setdefault(sample.process, sample)
+    return sorted(latest.values(), key=lambda sample: (sample.role, sample.process))
+
+
+def system_health(*, reading: HealthReading) -> dict[str, Any]:
+    """The ``/api/system/health`` document from a fresh reading (``health_status`` as in the seed)."""
+    processes = processes_latest()
+    return {
+        "health_status": reading.health_status,
+        "components": reading.components,
+        "resources": {
+            "cpu_percent": reading.cpu_percent,
+            "cpu_per_core": reading.cpu_per_core,
+            "cpu_interval_seconds": reading.cpu_interval_seconds,
+            "cpu_count": psutil.cpu_count(),
+            "cpu_cores_configured": settings.FEDSITE_CPU_CORES,
+            "memory_percent": reading.memory_percent,
+            "memory_available_bytes": reading.memory_available_bytes,
+            "disk_free_bytes": reading.disk_free_bytes,
+            "disk_total_bytes": reading.disk_total_bytes,
+            "disk_free_percent": reading.disk_free_percent,
+            "network_bytes_sent": reading.network_bytes_sent,
+            "network_bytes_received": reading.network_bytes_received,
+            "load_average": list(psutil.getloadavg()),
+        },
+        "database_latency_ms": reading.database_latency_ms,
+        "redis_latency_ms": reading.redis_latency_ms,
+        "workers_alive": reading.workers_alive,
+        "queue_depths": reading.queue_depths,
+        "open_long_polls": sum(sample.open_long_polls or 0 for sample in processes if sample.role == "web"),
+        "processes": [
+            {
+                "role": sample.role,
+                "process": sample.process,
+                "rss_bytes": sample.process_rss_bytes,
+                "open_long_polls": sample.open_long_polls,
+                "sampled_at": sample.created_at.isoformat(),
+            }
+            for sample in processes
+        ],
+        "open_alerts": Alert.objects.filter(resolved_at__isnull=True, acknowledged_at__isnull=True).count(),
         "embedded": settings.EMBEDDED,
     }
 
 
+def health_history(*, since: datetime | None, limit: int) -> list[SystemHealthSample]:
+    """Samples from ``since`` on, oldest first, at most ``limit`` (the newest ones when more)."""
+    queryset = SystemHealthSample.objects.all()
+    if since is not None:
+        queryset = queryset.filter(created_at__gte=since)
+    return list(reversed(queryset.order_by("-created_at", "-pk")[:limit]))
+
+
 def alerts_query(
-    *, training_id: str | None = None, severity: str | None = None, unacknowledged: bool = False
+    *,
+    training_id: str | None = None,
+    severity: str | None = None,
+    unacknowledged: bool = False,
+    open_only: bool = False,
 ) -> QuerySet[Alert]:
     queryset = Alert.objects.all()
     if training_id:
@@ -92,4 +112,58 @@ def alerts_query(
         queryset = queryset.filter(severity=severity)
     if unacknowledged:
         queryset = queryset.filter(acknowledged_at__isnull=True)
+    if open_only:
+        queryset = queryset.filter(resolved_at__isnull=True)
     return queryset
+
+
+PROGRESS_METRICS = ("accuracy", "federated_accuracy", "loss", "federated_loss")
+
+
+def training_progress(*, training: Any, metric: str | None = None) -> dict[str, Any]:
+    """Rounds done, every metric's series, and the convergence status of ``metric``.
+
+    ``metric`` defaults to the first of accuracy, federated_accuracy, loss, federated_loss that the
+    training has recorded. The status is :func:`monitoring.analytics.convergence_status` over the last
+    ``FEDSITE_CONVERGENCE_WINDOW`` rounds.
+    """
+    from monitoring import analytics
+    from monitoring.models import Metric
+
+    series: dict[str, list[dict[str, Any]]] = {}
+    for name, round_number, value in (
+        Metric.objects.filter(training=training)
+        .order_by("name", "round_number")
+        .values_list("name", "round_number", "value")
+    ):
+        series.setdefault(name, []).append({"round": round_number, "value": value})
+    chosen = metric or next((name for name in PROGRESS_METRICS if name in series), None)
+    values = [point["value"] for point in series.get(chosen or "", [])]
+    window = settings.FEDSITE_CONVERGENCE_WINDOW
+    if chosen is None or not values:
+        status = analytics.INSUFFICIENT
+        best = latest = None
+    else:
+        status = analytics.convergence_status(
+            values, metric_name=chosen, window=window, tolerance=settings.FEDSITE_CONVERGENCE_TOLERANCE
+        )
+        latest = values[-1]
+        best = max(values) if analytics.higher_is_better(chosen) else min(values)
+    max_rounds = (training.config or {}).get("max_rounds")
+    return {
+        "training_id": str(training.pk),
+        "name": training.name,
+        "status": training.status,
+        "current_round": training.current_round,
+        "max_rounds": max_rounds,
+        "progress": min(1.0, training.current_round / max_rounds) if max_rounds else None,
+        "metrics": series,
+        "convergence": {
+            "metric": chosen,
+            "status": status,
+            "window": window,
+            "tolerance": settings.FEDSITE_CONVERGENCE_TOLERANCE,
+            "latest": latest,
+            "best": best,
+        },
+    }

@@ -5,14 +5,18 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
+from datetime import timedelta
 from typing import Any
 
-from django.db import models, transaction
+from django.conf import settings
+from django.db import IntegrityError, models, transaction
 from django.utils import timezone
 
+from fedsite.errors import NotFound
 from fedsite.logs import log_event
 from monitoring.events import event_broadcast_on_commit
-from monitoring.models import Alert, AuditLog, Metric
+from monitoring.health import HealthReading
+from monitoring.models import Alert, AuditLog, Metric, SystemHealthSample
 
 logger = logging.getLogger("monitoring")
 
@@ -58,6 +62,46 @@ def audit_record(
     )
 
 
+SEVERITY_RANK = {Alert.Severity.INFO: 0, Alert.Severity.WARNING: 1, Alert.Severity.CRITICAL: 2}
+
+
+def alert_subject(*, training: Any = None, round_number: int | None = None) -> str:
+    """The default subject: the training and round it is about, or ``system``."""
+    if training is None:
+        return "system" if round_number is None else f"system/round:{round_number}"
+    subject = f"training:{training.pk}"
+    return subject if round_number is None else f"{subject}/round:{round_number}"
+
+
+def _alert_payload(alert: Alert, action: str) -> dict[str, Any]:
+    return {
+        "action": action,
+        "alert": {
+            "id": alert.pk,
+            "kind": alert.kind,
+            "severity": alert.severity,
+            "message": alert.message,
+            "round": alert.round_number,
+            "subject": alert.subject,
+            "count": alert.count,
+            "created_at": alert.created_at.isoformat(),
+            "last_seen_at": alert.last_seen_at.isoformat() if alert.last_seen_at else None,
+            "resolved_at": alert.resolved_at.isoformat() if alert.resolved_at else None,
+            "resolution": alert.resolution,
+            "acknowledged_at": alert.acknowledged_at.isoformat() if alert.acknowledged_at else None,
+            "acknowledged_by": alert.acknowledged_by,
+        },
+    }
+
+
+def _alert_broadcast(alert: Alert, action: str) -> None:
+    """``alert`` event to the training's subscribers after commit (system alerts have no group)."""
+    if alert.training_id is not None:
+        event_broadcast_on_commit(
+            training_id=alert.training_id, event="alert", payload=_alert_payload(alert, action)
+        )
+
+
 def alert_raise(
     *,
     kind: str,
@@ -66,63 +110,131 @@ def alert_raise(
     training: Any = None,
     round_number: int | None = None,
     details: dict[str, Any] | None = None,
+    subject: str | None = None,
 ) -> Alert:
-    """Create an alert and push it to the training's subscribers after commit."""
-    alert = Alert.objects.create(
-        training=training,
-        round_number=round_number,
-        kind=kind,
-        severity=severity,
-        message=message,
-        details=details or {},
-    )
+    """Raise an alert, or count a repeat of the open one of the same (kind, subject); broadcast either.
+
+    A repeat updates ``count``, ``last_seen_at``, the message and details (the newest figures), and raises
+    the severity if the new one is higher (an escalation is shown again: its acknowledgement is cleared).
+    The row lock on the open alert and the partial unique constraint keep one open alert per pair even
+    when two processes raise at once.
+    """
+    subject = subject if subject is not None else alert_subject(training=training, round_number=round_number)
+    now = timezone.now()
+    with transaction.atomic():
+        alert = (
+            Alert.objects.select_for_update()
+            .filter(kind=kind, subject=subject, resolved_at__isnull=True)
+            .first()
+        )
+        if alert is None:
+            try:
+                with transaction.atomic():
+                    alert = Alert.objects.create(
+                        training=training,
+                        round_number=round_number,
+                        kind=kind,
+                        severity=severity,
+                        message=message,
+                        details=details or {},
+                        subject=subject,
+                        last_seen_at=now,
+                    )
+                action = "raised"
+            except IntegrityError:  # another process raised it between our read and our insert
+                alert = Alert.objects.select_for_update().get(
+                    kind=kind, subject=subject, resolved_at__isnull=True
+                )
+                action = "updated"
+        else:
+            action = "updated"
+        if action == "updated":
+            alert.count += 1
+            alert.last_seen_at = now
+            alert.message = message
+            alert.details = details or {}
+            if SEVERITY_RANK.get(severity, 1) > SEVERITY_RANK.get(alert.severity, 1):
+                alert.severity = severity
+                alert.acknowledged_at, alert.acknowledged_by = None, ""
+            alert.save(
+                update_fields=[
+                    "count",
+                    "last_seen_at",
+                    "message",
+                    "details",
+                    "severity",
+                    "acknowledged_at",
+                    "acknowledged_by",
+                ]
+            )
     log_event(
         logger,
-        "alert",
+        "alert" if action == "raised" else "alert_repeated",
         level=logging.WARNING,
         kind=kind,
-        severity=severity,
+        severity=alert.severity,
+        subject=subject,
+        count=alert.count,
         training_id=getattr(training, "pk", None),
         round=round_number,
         message=repr(message),
     )
-    if training is not None:
-        event_broadcast_on_commit(
-            training_id=training.pk,
-            event="alert",
-            payload={
-                "alert": {
-                    "id": alert.pk,
-                    "kind": kind,
-                    "severity": severity,
-                    "message": message,
-                    "round": round_number,
-                    "created_at": alert.created_at.isoformat(),
-                }
-            },
-        )
+    _alert_broadcast(alert, action)
     return alert
 
 
-def alert_resolve(*, kind: str, training: Any, round_number: int | None = None) -> int:
-    """Mark open alerts of ``kind`` for a training (and round) resolved: the condition ended by itself.
+def alert_resolve(
+    *,
+    kind: str,
+    training: Any = None,
+    round_number: int | None = None,
+    subject: str | None = None,
+    resolution: str = "",
+) -> int:
+    """Mark open alerts of ``kind`` resolved: the condition ended by itself (``resolution`` says how).
 
-    Returns how many were resolved. Resolved alerts stay in the list (and stay unacknowledged until an
-    operator acknowledges them), so a stall that healed by itself is still visible afterwards.
+    Matches ``subject`` when given, else the training (and round when given). Returns how many were
+    resolved. Resolved alerts stay in the list (and stay unacknowledged until an operator acknowledges
+    them), so a condition that healed by itself is still visible afterwards.
     """
-    open_alerts = Alert.objects.filter(kind=kind, training=training, resolved_at__isnull=True)
-    if round_number is not None:
-        open_alerts = open_alerts.filter(round_number=round_number)
-    resolved = open_alerts.update(resolved_at=timezone.now())
+    open_alerts = Alert.objects.filter(kind=kind, resolved_at__isnull=True)
+    if subject is not None:
+        open_alerts = open_alerts.filter(subject=subject)
+    else:
+        open_alerts = open_alerts.filter(training=training)
+        if round_number is not None:
+            open_alerts = open_alerts.filter(round_number=round_number)
+    now = timezone.now()
+    resolution = resolution or "The condition cleared."
+    resolved = 0
+    with transaction.atomic():
+        for alert in open_alerts.select_for_update():
+            alert.resolved_at = now
+            alert.resolution = resolution
+            alert.save(update_fields=["resolved_at", "resolution"])
+            _alert_broadcast(alert, "resolved")
+            resolved += 1
     if resolved:
         log_event(
-            logger, "alert_resolved", kind=kind, training_id=getattr(training, "pk", None), round=round_number
+            logger,
+            "alert_resolved",
+            kind=kind,
+            subject=subject,
+            training_id=getattr(training, "pk", None),
+            round=round_number,
+            resolution=repr(resolution),
         )
     return resolved
 
 
-def metrics_record(*, training: Any, round_number: int, values: Mapping[str, float]) -> list[Metric]:
-    """Store finite metric values for a round (idempotent: a retry overwrites) and broadcast them."""
+def metrics_record(
+    *, training: Any, round_number: int, values: Mapping[str, float], round_completed: bool = True
+) -> list[Metric]:
+    """Store finite metric values for a round (idempotent: a retry overwrites) and broadcast them.
+
+    Then evaluate the metric alerts (degradation, stalled convergence); with ``round_completed`` (the
+    aggregation's call) the round's ``round_failed`` and ``too_few_agents`` alerts resolve themselves.
+    """
     stored: list[Metric] = []
     with transaction.atomic():
         for name, value in values.items():
@@ -132,6 +244,20 @@ def metrics_record(*, training: Any, round_number: int, values: Mapping[str, flo
                 training=training, round_number=round_number, name=name, defaults={"value": float(value)}
             )
             stored.append(metric)
+        if round_completed:
+            alert_resolve(
+                kind=Alert.Kind.ROUND_FAILED,
+                training=training,
+                round_number=round_number,
+                resolution=f"Round {round_number} completed.",
+            )
+            alert_resolve(
+                kind=Alert.Kind.TOO_FEW_AGENTS,
+                training=training,
+                round_number=round_number,
+                resolution=f"Round {round_number} completed.",
+            )
+        metrics_evaluate(training=training, names={metric.name for metric in stored})
     for metric in stored:
         event_broadcast_on_commit(
             training_id=training.pk,
@@ -145,11 +271,242 @@ def metrics_record(*, training: Any, round_number: int, values: Mapping[str, flo
 
 
 def alert_acknowledge(*, alert: Alert, actor: Any) -> bool:
-    """Mark an open alert acknowledged (audited). Returns False if it already was."""
+    """Mark an alert acknowledged by ``actor`` (audited, broadcast). Returns False if it already was."""
     name = actor.get_username() if hasattr(actor, "get_username") else str(actor)
-    updated = Alert.objects.filter(pk=alert.pk, acknowledged_at__isnull=True).update(
-        acknowledged_at=timezone.now(), acknowledged_by=name[:150]
-    )
-    if updated:
-        audit_record(actor=actor, action="alert.acknowledge", obj=alert)
+    with transaction.atomic():
+        updated = Alert.objects.filter(pk=alert.pk, acknowledged_at__isnull=True).update(
+            acknowledged_at=timezone.now(), acknowledged_by=name[:150]
+        )
+        if updated:
+            alert.refresh_from_db()
+            audit_record(
+                actor=actor,
+                action="alert.acknowledge",
+                obj=alert,
+                details={"kind": alert.kind, "subject": alert.subject},
+            )
+            _alert_broadcast(alert, "acknowledged")
     return bool(updated)
+
+
+def alerts_acknowledge(*, alert_ids: list[int], actor: Any) -> dict[str, list[int]]:
+    """Acknowledge several alerts at once; every id must exist (else nothing changes)."""
+    with transaction.atomic():
+        alerts = list(Alert.objects.filter(pk__in=alert_ids).order_by("pk"))
+        missing = sorted(set(alert_ids) - {alert.pk for alert in alerts})
+        if missing:
+            raise NotFound(
+                f"No alert with id {missing}: acknowledge existing alerts only.", code="alert_not_found"
+            )
+        acknowledged = [alert.pk for alert in alerts if alert_acknowledge(alert=alert, actor=actor)]
+    already = [pk for pk in sorted(set(alert_ids)) if pk not in acknowledged]
+    return {"acknowledged": acknowledged, "already_acknowledged": already}
+
+
+def _metric_subject(training: Any, name: str) -> str:
+    return f"training:{training.pk}/metric:{name}"
+
+
+def metrics_evaluate(*, training: Any, names: Any = None) -> None:
+    """Raise or resolve ``performance_degraded`` and ``convergence_stalled`` for a training's metrics.
+
+    Runs on every ``metrics_record``: the series of each watched metric (``FEDSITE_ALERT_METRICS``) is
+    read in round order and checked against the thresholds in settings.
+    """
+    from monitoring import analytics
+
+    watched = [name for name in settings.FEDSITE_ALERT_METRICS if names is None or name in names]
+    for name in watched:
+        rows = list(
+            Metric.objects.filter(training=training, name=name)
+            .order_by("round_number")
+            .values_list("round_number", "value")
+        )
+        if not rows:
+            continue
+        values = [value for _, value in rows]
+        latest_round = rows[-1][0]
+        subject = _metric_subject(training, name)
+        window = settings.FEDSITE_ALERT_DEGRADATION_WINDOW
+        drop = analytics.degradation(values, metric_name=name, window=window)
+        threshold = settings.FEDSITE_ALERT_DEGRADATION_FRACTION
+        if drop is not None and drop[0] > threshold:
+            alert_raise(
+                kind=Alert.Kind.PERFORMANCE_DEGRADED,
+                severity=Alert.Severity.WARNING,
+                training=training,
+                round_number=latest_round,
+                subject=subject,
+                message=(
+                    f"{name} fell to {values[-1]:.4g} in round {latest_round}, {drop[0]:.1%} worse than "
+                    f"the best ({drop[1]:.4g}) of the last {window} rounds (threshold {threshold:.1%}, "
+                    "FEDSITE_ALERT_DEGRADATION_FRACTION). Check the latest agents' updates and the learning "
+                    "rate; a rollback to the best version is possible."
+                ),
+                details={
+                    "metric": name,
+                    "value": values[-1],
+                    "best": drop[1],
+                    "drop": drop[0],
+                    "window": window,
+                },
+            )
+        elif drop is not None:
+            alert_resolve(
+                kind=Alert.Kind.PERFORMANCE_DEGRADED,
+                subject=subject,
+                resolution=f"{name} is back within {threshold:.1%} of its best in round {latest_round}.",
+            )
+        rounds = settings.FEDSITE_ALERT_STALL_ROUNDS
+        min_delta = settings.FEDSITE_ALERT_STALL_MIN_DELTA
+        stall = analytics.stalled(values, metric_name=name, rounds=rounds, min_delta=min_delta)
+        if stall:
+            alert_raise(
+                kind=Alert.Kind.CONVERGENCE_STALLED,
+                severity=Alert.Severity.INFO,
+                training=training,
+                round_number=latest_round,
+                subject=subject,
+                message=(
+                    f"{name} has not improved by more than {min_delta:.2%} over the last {rounds} rounds "
+                    f"(up to round {latest_round}; FEDSITE_ALERT_STALL_ROUNDS, "
+                    "FEDSITE_ALERT_STALL_MIN_DELTA). "
+                    "The training may have converged: consider stopping it or changing its learning rate."
+                ),
+                details={"metric": name, "rounds": rounds, "min_delta": min_delta, "value": values[-1]},
+            )
+        elif stall is False:
+            alert_resolve(
+                kind=Alert.Kind.CONVERGENCE_STALLED,
+                subject=subject,
+                resolution=f"{name} improved again by round {latest_round}.",
+            )
+
+
+def health_sample_record(*, reading: HealthReading) -> SystemHealthSample:
+    """Store one sample of the system-health time series."""
+    return SystemHealthSample.objects.create(**reading.fields())
+
+
+def health_samples_prune(*, now: Any = None) -> int:
+    """Delete samples older than ``FEDSITE_HEALTH_RETENTION_HOURS`` and beyond the newest
+    ``FEDSITE_HEALTH_MAX_SAMPLES``. Returns how many were deleted."""
+    now = now or timezone.now()
+    cutoff = now - timedelta(hours=settings.FEDSITE_HEALTH_RETENTION_HOURS)
+    deleted, _ = SystemHealthSample.objects.filter(created_at__lt=cutoff).delete()
+    keep = settings.FEDSITE_HEALTH_MAX_SAMPLES
+    boundary = SystemHealthSample.objects.order_by("-created_at", "-pk").values_list("created_at", "pk")[
+        keep : keep + 1
+    ]
+    if boundary:
+        created_at, pk = boundary[0]
+        more, _ = SystemHealthSample.objects.filter(
+            models.Q(created_at__lt=created_at) | models.Q(created_at=created_at, pk__lte=pk)
+        ).delete()
+        deleted += more
+    return deleted
+
+
+def _resource_checks() -> list[tuple[str, str, Any, float, str]]:
+    """(subject, what, figure of a sample or None, threshold, comparison) per watched resource."""
+    checks: list[tuple[str, str, Any, float, str]] = [
+        ("cpu", "CPU use", lambda s: s.cpu_percent, settings.FEDSITE_ALERT_CPU_PERCENT, ">="),
+        ("memory", "memory use", lambda s: s.memory_percent, settings.FEDSITE_ALERT_MEMORY_PERCENT, ">="),
+        (
+            "disk",
+            "free disk of the blob store",
+            lambda s: s.disk_free_percent,
+            settings.FEDSITE_ALERT_DISK_FREE_PERCENT,
+            "<",
+        ),
+    ]
+    for queue in settings.FEDSITE_HEALTH_QUEUES:
+        checks.append(
+            (
+                f"queue:{queue}",
+                f"depth of the {queue} queue",
+                lambda s, q=queue: s.queue_depths.get(q),
+                float(settings.FEDSITE_ALERT_QUEUE_DEPTH),
+                ">=",
+            )
+        )
+    return checks
+
+
+_SETTING_OF = {
+    "cpu": "FEDSITE_ALERT_CPU_PERCENT",
+    "memory": "FEDSITE_ALERT_MEMORY_PERCENT",
+    "disk": "FEDSITE_ALERT_DISK_FREE_PERCENT",
+}
+
+
+def _is_over(value: float, threshold: float, comparison: str) -> bool:
+    return value >= threshold if comparison == ">=" else value < threshold
+
+
+def resources_evaluate(*, now: Any = None) -> dict[str, str]:
+    """Raise ``resource_exhausted`` for a resource over its threshold in every sample of the last
+    ``FEDSITE_ALERT_SUSTAINED_SECONDS``; resolve it when the newest sample is back under.
+
+    Returns ``{subject: "raised" | "resolved" | "ok" | "pending"}`` (pending: over, not for long enough).
+    """
+    now = now or timezone.now()
+    sustained = settings.FEDSITE_ALERT_SUSTAINED_SECONDS
+    lookback = now - timedelta(seconds=sustained + 3 * settings.FEDSITE_HEALTH_SAMPLE_SECONDS)
+    samples = list(SystemHealthSample.objects.filter(created_at__gte=lookback).order_by("-created_at", "-pk"))
+    outcome: dict[str, str] = {}
+    for subject, what, figure, threshold, comparison in _resource_checks():
+        readings = [
+            (sample, _is_over(figure(sample), threshold, comparison))
+            for sample in samples
+            if figure(sample) is not None
+        ]
+        if not readings:
+            continue
+        newest, newest_over = readings[0]
+        if not newest_over:
+            resolved = alert_resolve(
+                kind=Alert.Kind.RESOURCE_EXHAUSTED,
+                subject=subject,
+                resolution=f"{what} is back at {figure(newest):.4g} (threshold {threshold:g}).",
+            )
+            outcome[subject] = "resolved" if resolved else "ok"
+            continue
+        oldest_over = newest
+        for sample, flag in readings:
+            if not flag:
+                break
+            oldest_over = sample
+        duration = (newest.created_at - oldest_over.created_at).total_seconds()
+        if duration < sustained:
+            outcome[subject] = "pending"
+            continue
+        setting = _SETTING_OF.get(subject, "FEDSITE_ALERT_QUEUE_DEPTH")
+        alert_raise(
+            kind=Alert.Kind.RESOURCE_EXHAUSTED,
+            severity=Alert.Severity.CRITICAL if subject == "disk" else Alert.Severity.WARNING,
+            subject=subject,
+            message=(
+                f"{what} is {figure(newest):.4g} ({'below' if comparison == '<' else 'at or above'} the "
+                f"threshold {threshold:g}, {setting}) for {duration:.0f} s on {newest.process}."
+            ),
+            details={
+                "resource": subject,
+                "value": figure(newest),
+                "threshold": threshold,
+                "sustained_seconds": duration,
+                "sample_id": newest.pk,
+            },
+        )
+        outcome[subject] = "raised"
+    return outcome
+
+
+def health_sample_take(*, role: str, cpu_interval: float | None = None) -> SystemHealthSample:
+    """Measure, store, prune, then evaluate the resource alerts (the beat task's whole job)."""
+    from monitoring.health import health_read
+
+    sample = health_sample_record(reading=health_read(role=role, cpu_interval=cpu_interval))
+    health_samples_prune()
+    resources_evaluate()
+    return sample

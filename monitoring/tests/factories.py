@@ -6,6 +6,7 @@ writes (rounds, metrics, alerts) are created directly, as test data.
 
 from __future__ import annotations
 
+import uuid
 from datetime import timedelta
 from typing import Any
 
@@ -74,4 +75,5 @@ def make_alert(
         message=message,
         acknowledged_at=timezone.now() if acknowledged else None,
         acknowledged_by="someone" if acknowledged else "",
+        subject=f"test:{uuid.uuid4().hex}",  # distinct alerts, not repeats of one (kind, subject)
     )

@@ -35,6 +35,7 @@ from fedsite.errors import (
 )
 from fedsite.parsers import StrictJSONParser
 from fedsite.throttling import client_ip
+from monitoring.health import open_long_polls
 from trainings import services
 from trainings.selectors import task_payload
 from trainings.wakeup import shutdown, wait_for_wakeup
@@ -124,21 +125,22 @@ async def next_task_view(request: HttpRequest) -> HttpResponse:
             return _shutting_down_response()
         agent = await sync_to_async(_prepare_poll)(request.headers.get("Authorization"), client_ip(request))
         deadline = time.monotonic() + wait
-        while True:
-            payload = await sync_to_async(_poll_once)(agent)
-            if payload is not None:
-                return JsonResponse(payload)
-            if shutdown.is_set():
-                return _shutting_down_response()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return HttpResponse(status=204)
-            await wait_for_wakeup(agent.pk, min(remaining, RECHECK_SECONDS))
-            if shutdown.is_set() or time.monotonic() > deadline - 0.05:
+        with open_long_polls.track():  # the gauge of /api/system/health and /metrics
+            while True:
                 payload = await sync_to_async(_poll_once)(agent)
                 if payload is not None:
                     return JsonResponse(payload)
-                return _shutting_down_response() if shutdown.is_set() else HttpResponse(status=204)
+                if shutdown.is_set():
+                    return _shutting_down_response()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return HttpResponse(status=204)
+                await wait_for_wakeup(agent.pk, min(remaining, RECHECK_SECONDS))
+                if shutdown.is_set() or time.monotonic() > deadline - 0.05:
+                    payload = await sync_to_async(_poll_once)(agent)
+                    if payload is not None:
+                        return JsonResponse(payload)
+                    return _shutting_down_response() if shutdown.is_set() else HttpResponse(status=204)
     except ServiceError as exc:
         response = error_response(exc)
         if exc.status_code == 401:

@@ -37,6 +37,8 @@ class Alert(models.Model):
         AGGREGATION_FAILED = "aggregation_failed", "aggregation failed"
         TRAINING_FAILED = "training_failed", "training failed"
         PRIVACY_BUDGET = "privacy_budget", "privacy budget"
+        ROUND_EMPTY = "round_empty", "round released with no update"
+        ROUND_DECLINED = "round_declined", "every agent of a round declined"
         SYSTEM = "system", "system"
         AGGREGATION_STALLED = "aggregation_stalled", "aggregation stalled"
         AGENTS_DROPPING = "agents_dropping", "agents dropping out"

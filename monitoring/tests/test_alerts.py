@@ -21,6 +21,10 @@ from monitoring.tests.factories import make_training
 
 pytestmark = pytest.mark.django_db
 
+from django.conf import settings as django_settings  # noqa: E402
+
+EMBEDDED = django_settings.EMBEDDED
+
 
 @pytest.fixture
 def fast_samples(settings: Any) -> Any:
@@ -217,6 +221,9 @@ def test_a_sample_under_the_threshold_breaks_the_sustained_run(fast_samples: Any
     assert not Alert.objects.filter(kind=Alert.Kind.RESOURCE_EXHAUSTED, subject="disk").exists()
 
 
+@pytest.mark.skipif(
+    EMBEDDED, reason="the embedded mode has no broker queues and no worker processes (eager Celery)"
+)
 def test_a_deep_queue_raises_resource_exhausted(fast_samples: Any) -> None:
     queue = f"monitoring-test-{uuid.uuid4().hex}"
     fast_samples.FEDSITE_HEALTH_QUEUES = [queue]

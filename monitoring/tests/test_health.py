@@ -22,6 +22,10 @@ from monitoring.tasks import sample_system_health
 
 pytestmark = pytest.mark.django_db
 
+from django.conf import settings as django_settings  # noqa: E402
+
+EMBEDDED = django_settings.EMBEDDED
+
 
 def test_every_beat_entry_names_a_registered_celery_task() -> None:
     from fedsite.celery import app
@@ -57,6 +61,9 @@ def test_cpu_is_measured_over_a_real_interval_and_sees_a_busy_thread() -> None:
         cpu_measure(0)
 
 
+@pytest.mark.skipif(
+    EMBEDDED, reason="the embedded mode has no broker queues and no worker processes (eager Celery)"
+)
 def test_sample_task_stores_measured_figures(settings: Any) -> None:
     queue = f"monitoring-test-{uuid.uuid4().hex}"
     settings.FEDSITE_HEALTH_QUEUES = ["default", queue]
@@ -139,6 +146,9 @@ def test_sample_task_prunes(settings: Any) -> None:
     assert not SystemHealthSample.objects.filter(pk=old.pk).exists()
 
 
+@pytest.mark.skipif(
+    EMBEDDED, reason="the embedded mode has no broker queues and no worker processes (eager Celery)"
+)
 def test_system_health_now_records_the_web_process(staff_client: Any, settings: Any) -> None:
     settings.FEDSITE_HEALTH_CPU_INTERVAL_SECONDS = 0.1
     body = staff_client.get("/api/system/health").json()
@@ -216,6 +226,9 @@ def test_prometheus_exports_the_newest_sample(staff_client: Any) -> None:
     assert "fedsite_open_long_polls 0.0" in text
 
 
+@pytest.mark.skipif(
+    EMBEDDED, reason="the embedded mode has no broker queues and no worker processes (eager Celery)"
+)
 @pytest.mark.django_db(transaction=True)
 def test_a_real_worker_runs_the_beat_task_and_reports_its_own_process(settings: Any) -> None:
     """A ``celery worker`` process (solo pool: the task runs in the process we started) stores its RSS."""

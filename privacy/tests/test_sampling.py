@@ -98,8 +98,14 @@ def test_a_redrawn_local_dp_round_is_a_fresh_poisson_sample_at_the_same_q(
     n, expected, draws = 20, 5, 40
     for _ in range(n):
         make_agent()
+    from clients.models import Agent
+
     counts: list[int] = []
     while len(counts) < draws:
+        # Every agent shows life again: an agent whose task expired is not selected for a new training's
+        # first round until it does (trainings.selectors.agents_selectable), and without this the agents
+        # run out after a few trainings and the loop never collects its draws.
+        Agent.objects.update(last_seen_at=timezone.now())
         training = make_training(
             min_clients_per_round=1,
             max_clients_per_round=expected,

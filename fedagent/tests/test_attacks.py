@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedagent import FederatedClient, task_rng
+from fedagent import task_rng
 from fedagent.attacks import (
     AttackConfig,
     AttackKind,
@@ -30,6 +30,7 @@ from fedagent.attacks import (
 )
 from fedagent.cli import build_parser, main
 from fedagent.errors import AgentError
+from fedagent.tests.clients import make_client
 from fedagent.tests.conftest import DIGITS_SPEC
 from fedagent.tests.fake_server import FakeAgentServer
 from fedagent.trainer import FitConfig, ZooTrainer
@@ -41,24 +42,6 @@ DELTA: Parameters = {
     "w": np.array([[1.0, -2.0], [0.5, 0.0]], dtype=np.float32),
     "b": np.array([3.0, -0.25], dtype=np.float32),
 }
-
-
-def make_client(server: FakeAgentServer, data: Digits, **kwargs: Any) -> FederatedClient:
-    options: dict[str, Any] = {
-        "agent_id": "agent_001",
-        "server": server.url,
-        "token": "good-token",
-        "poll_wait": 0,
-        "backoff_base": 0.01,
-        "backoff_max": 0.05,
-        "timeout": 5.0,
-    }
-    options.update(kwargs)
-    client = FederatedClient(**options)
-    x, y = data
-    client.add_dataset("digits", x[:300], y[:300], split="train")
-    client.add_dataset("digits", x[300:], y[300:], split="eval")
-    return client
 
 
 def honest_delta(global_params: Parameters, data: Digits, task: dict[str, Any]) -> Parameters:

@@ -12,30 +12,13 @@ import numpy as np
 import pytest
 
 from fedagent import AgentApiError, FederatedClient, enroll, task_rng
+from fedagent.tests.clients import make_client
 from fedagent.tests.conftest import DIGITS_SPEC
 from fedagent.tests.fake_server import FakeAgentServer, Scripted, error_body
 from fedagent.trainer import EvalResult, FitConfig, FitResult, Trainer, ZooTrainer
 from flcore.parameters import Parameters, sha256_hex, subtract
 
 Digits = tuple[np.ndarray, np.ndarray]
-
-
-def make_client(server: FakeAgentServer, data: Digits, **kwargs: Any) -> FederatedClient:
-    options: dict[str, Any] = {
-        "agent_id": "agent_001",
-        "server": server.url,
-        "token": "good-token",
-        "poll_wait": 0,
-        "backoff_base": 0.01,
-        "backoff_max": 0.05,
-        "timeout": 5.0,
-    }
-    options.update(kwargs)
-    client = FederatedClient(**options)
-    x, y = data
-    client.add_dataset("digits", x[:300], y[:300], split="train")
-    client.add_dataset("digits", x[300:], y[300:], split="eval")
-    return client
 
 
 def expected_delta(

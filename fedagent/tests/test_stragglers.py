@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 import pytest
 
-from fedagent import FederatedClient
 from fedagent.stragglers import StragglerPolicy, straggler_rng
+from fedagent.tests.clients import make_client
 from fedagent.tests.conftest import DIGITS_SPEC
 from fedagent.tests.fake_server import FakeAgentServer
 from fedagent.trainer import FitConfig, ZooTrainer
@@ -25,24 +24,6 @@ CONFIG = {
     "proximal_mu": 0.0,
     "max_steps": None,
 }
-
-
-def make_client(server: FakeAgentServer, data: Digits, **kwargs: Any) -> FederatedClient:
-    options: dict[str, Any] = {
-        "agent_id": "agent_001",
-        "server": server.url,
-        "token": "good-token",
-        "poll_wait": 0,
-        "backoff_base": 0.01,
-        "backoff_max": 0.05,
-        "timeout": 5.0,
-    }
-    options.update(kwargs)
-    client = FederatedClient(**options)
-    x, y = data
-    client.add_dataset("digits", x[:300], y[:300], split="train")
-    client.add_dataset("digits", x[300:], y[300:], split="eval")
-    return client
 
 
 def test_policy_validates() -> None:

@@ -16,6 +16,7 @@ import pytest
 from fedagent import FederatedClient
 from fedagent.errors import AgentApiError, AgentConnectionError
 from fedagent.http import AgentHttpClient
+from fedagent.tests import clients
 from fedagent.tests.conftest import DIGITS_SPEC
 from fedagent.tests.fake_server import FakeAgentServer, Scripted, error_body
 from flcore.parameters import Parameters
@@ -24,22 +25,8 @@ Digits = tuple[np.ndarray, np.ndarray]
 
 
 def make_client(server: FakeAgentServer, data: Digits, **kwargs: object) -> FederatedClient:
-    options: dict[str, object] = {
-        "agent_id": "agent_001",
-        "server": server.url,
-        "token": "good-token",
-        "poll_wait": 0,
-        "backoff_base": 0.01,
-        "backoff_max": 0.05,
-        "timeout": 5.0,
-        "max_attempts": 2,
-    }
-    options.update(kwargs)
-    client = FederatedClient(**options)  # type: ignore[arg-type]
-    x, y = data
-    client.add_dataset("digits", x[:300], y[:300], split="train")
-    client.add_dataset("digits", x[300:], y[300:], split="eval")
-    return client
+    """Two attempts per request unless a test says otherwise: the upload must outlast them."""
+    return clients.make_client(server, data, **{"max_attempts": 2, **kwargs})
 
 
 def errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:

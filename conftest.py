@@ -48,6 +48,17 @@ def make_training(db: Any):
 
 
 @pytest.fixture
+def eager_celery() -> Any:
+    """Celery tasks run in the calling process for the test (the embedded default runs them so anyway)."""
+    from fedsite.celery import app as celery_app
+
+    previous = celery_app.conf.task_always_eager
+    celery_app.conf.task_always_eager = True
+    yield
+    celery_app.conf.task_always_eager = previous
+
+
+@pytest.fixture
 def staff_client(db: Any, client: Any):
     from django.contrib.auth import get_user_model
 

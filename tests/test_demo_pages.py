@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,15 +21,9 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.live import ROOT, free_port
 
 pytestmark = pytest.mark.e2e
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class _Links(HTMLParser):
@@ -105,7 +98,7 @@ def _crawl(client: httpx.Client, base: str) -> dict[str, int]:
 
 
 def test_make_demo_runs_embedded_and_every_dashboard_page_it_links_opens(tmp_path):
-    port = _free_port()
+    port = free_port()
     out = tmp_path / "demo"
     log = open(tmp_path / "demo.log", "wb")  # noqa: SIM115 - closed below
     demo = subprocess.Popen(

@@ -23,60 +23,17 @@ import numpy as np
 import pytest
 from django.db import close_old_connections
 
-from tests.test_end_to_end import BIN, ROOT, _child_env, _free_port, _spawn_agents, _stop
+from tests.live import BIN, ROOT, PrivateRedis, child_env, free_port, spawn_agents, stop, wait_healthy
 
 pytestmark = pytest.mark.e2e
 
 RECOVERY_SECONDS = 60  # the promise of docs/operations.md: a lost aggregation is re-sent within a minute
 
 
-class RedisServer:
-    """A private, non-persistent ``redis-server`` that a test can stop and start again on the same port."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.port = _free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._log = open(tmp / "redis.log", "ab")  # noqa: SIM115 - closed in stop()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--daemonize",
-                "no",
-            ],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        import redis
-
-        client = redis.Redis.from_url(self.url, socket_connect_timeout=1)
-        for _ in range(100):
-            try:
-                if client.ping():
-                    return
-            except redis.ConnectionError:
-                time.sleep(0.1)
-        pytest.fail("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.wait(timeout=10)
-        self.process = None
-
-
 def _spawn(
     name: str, args: list[str], stack: dict[str, Any], *, group: bool = False
 ) -> subprocess.Popen[bytes]:
-    log = open(stack["tmp"] / f"{name}.log", "ab")  # noqa: SIM115 - closed in _stop
+    log = open(stack["tmp"] / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
     process = subprocess.Popen(
         args, cwd=ROOT, env=stack["env"], stdout=log, stderr=subprocess.STDOUT, start_new_session=group
     )
@@ -121,9 +78,9 @@ def _wait_for(condition: Callable[[], Any], seconds: float, stack: dict[str, Any
 @pytest.fixture
 def fault_stack(transactional_db: Any, tmp_path: Path) -> Iterator[dict[str, Any]]:
     """A private Redis, the ASGI server, and the environment for workers the test starts itself."""
-    redis_server = RedisServer(tmp_path)
+    redis_server = PrivateRedis(tmp_path)
     redis_server.start()
-    env = _child_env()
+    env = child_env()
     env.update(
         {
             "REDIS_URL": redis_server.url,
@@ -133,7 +90,7 @@ def fault_stack(transactional_db: Any, tmp_path: Path) -> Iterator[dict[str, Any
             "FEDSITE_CHANNEL_PREFIX": f"faults{redis_server.port}",
         }
     )
-    port = _free_port()
+    port = free_port()
     stack: dict[str, Any] = {
         "env": env,
         "tmp": tmp_path,
@@ -145,21 +102,14 @@ def fault_stack(transactional_db: Any, tmp_path: Path) -> Iterator[dict[str, Any
     try:
         yield stack
     finally:
-        _stop(stack["processes"])
+        stop(stack["processes"])
         redis_server.stop()
 
 
 def _start_server(stack: dict[str, Any]) -> None:
     uvicorn = [str(BIN / "uvicorn"), "fedsite.asgi:application", "--host", "127.0.0.1", "--port"]
-    _spawn("server", [*uvicorn, str(stack["port"]), "--lifespan", "off", "--log-level", "warning"], stack)
-    for _ in range(120):
-        try:
-            if httpx.get(f"{stack['base']}/api/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    pytest.fail("server did not start:\n" + _logs(stack))
+    args = [*uvicorn, str(stack["port"]), "--lifespan", "off", "--log-level", "warning"]
+    wait_healthy(stack["base"], process=_spawn("server", args, stack), log=stack["tmp"] / "server.log")
 
 
 def _digits_training(name: str, *, rounds: int, seed: int) -> Any:
@@ -213,7 +163,7 @@ def test_worker_killed_mid_aggregation_is_recovered_within_a_minute(fault_stack:
     doomed = _worker(stack, "doomed", beat=False)
     tokens = {f"kill-agent-{i}": agent_create(agent_id=f"kill-agent-{i}")[1] for i in range(2)}
     training = _digits_training("worker killed", rounds=3, seed=4)
-    _spawn_agents(stack, tokens, training.pk, partition=("--partition", "iid"), seed="4", poll_wait="5")
+    spawn_agents(stack, tokens, training.pk, partition=("--partition", "iid"), seed="4", poll_wait="5")
 
     def round_one_running() -> Any:
         return AggregationOutbox.objects.filter(

@@ -12,9 +12,7 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,77 +29,13 @@ from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.db import OperationalError, close_old_connections, connection, transaction
 
-ROOT = Path(__file__).resolve().parents[1]
-PYTHON = sys.executable
+from tests.live import PYTHON, ROOT, PrivateRedis, database_url, free_port, wait_for, wait_healthy
+
 LIVE_APPLICATION_NAME = "fedsite-live-test"
 # The embedded run of `make test` is on SQLite: the pool and the replay belong to the Postgres backend.
 POSTGRES = settings.DATABASES["default"]["ENGINE"] != "django.db.backends.sqlite3"
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_for(
-    condition: Callable[[], bool], seconds: float, what: str, detail: Callable[[], str] = str
-) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}\n{detail()}")
-
-
-class PrivateRedis:
-    """A ``redis-server`` of this test alone, on its own port, that the test stops and starts."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.port = _free_port()
-        self.tmp_path = tmp_path
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> PrivateRedis:
-        self.process = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--bind",
-                "127.0.0.1",
-            ],
-            cwd=self.tmp_path,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        _wait_for(self._answers, 10, "redis-server to start")
-        return self
-
-    def _answers(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-        self.process = None
 
 
 @pytest.fixture
@@ -117,15 +51,11 @@ class LiveServer:
     """``manage.py serve`` on the test database, as a subprocess that can be stopped and started again."""
 
     def __init__(self, tmp_path: Path, *, redis_url: str | None = None, graceful_timeout: float = 10) -> None:
-        db = connection.settings_dict
-        self.port = _free_port()
+        self.port = free_port()
         self.log_path = tmp_path / "server.log"
         self.graceful_timeout = graceful_timeout
         self.env = dict(os.environ)
-        self.env["DATABASE_URL"] = (
-            f"postgres://{db['USER'] or 'postgres'}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/"
-            f"{db['NAME']}?application_name={LIVE_APPLICATION_NAME}"
-        )
+        self.env["DATABASE_URL"] = database_url(application_name=LIVE_APPLICATION_NAME)
         if redis_url is not None:
             self.env["REDIS_URL"] = redis_url
         self.env["FEDSITE_MEDIA_ROOT"] = str(settings.MEDIA_ROOT)
@@ -155,16 +85,8 @@ class LiveServer:
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
-        _wait_for(self._healthy, 60, "the server to start:\n" + self.log())
+        wait_healthy(self.base, process=self.process, log=self.log_path)
         return self
-
-    def _healthy(self) -> bool:
-        if self.process is not None and self.process.poll() is not None:
-            pytest.fail("the server exited:\n" + self.log())
-        try:
-            return httpx.get(f"{self.base}/api/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
 
     def stop(self, timeout: float = 30) -> int:
         """SIGTERM and wait; returns the exit code."""
@@ -435,7 +357,7 @@ def _terminate(pids: list[int]) -> None:
             ).fetchone()
             return row is not None and row[0] == 0
 
-        _wait_for(gone, 10, f"backends {pids} to exit")
+        wait_for(gone, 10, f"backends {pids} to exit")
 
 
 @pytest.mark.skipif(not POSTGRES, reason="the psycopg pool and its replay are the Postgres backend's")
@@ -545,7 +467,7 @@ def test_redis_outage_while_agents_long_poll_costs_no_5xx(
         answers.add("start", started.status_code)
         assert started.status_code == 201, started.text
         # Tasks still reach the polls (database re-checks) and the uploads close the round.
-        _wait_for(
+        wait_for(
             lambda: len(uploads) >= 2,
             30,
             "both agents to upload during the outage",
@@ -556,7 +478,7 @@ def test_redis_outage_while_agents_long_poll_costs_no_5xx(
         polls_during_outage = len(answers.of("poll"))
 
         private_redis.start()
-        _wait_for(lambda: len(answers.of("poll")) >= polls_during_outage + 4, 30, "polls after Redis is back")
+        wait_for(lambda: len(answers.of("poll")) >= polls_during_outage + 4, 30, "polls after Redis is back")
     finally:
         stop.set()
         for thread in threads:
@@ -658,7 +580,7 @@ def test_sigterm_answers_waiting_polls_at_once_and_exits_0(
         touched = Agent.objects.filter(agent_id__in=list(tokens), last_seen_at__gt=_aware(since)).count()
         return touched == len(tokens)
 
-    _wait_for(all_waiting, 30, "the polls to start waiting")
+    wait_for(all_waiting, 30, "the polls to start waiting")
     time.sleep(0.5)
     # The polls would wait 60 s and the grace period is 20 s: the server must answer them itself, at
     # once, and exit long before the grace period would have run out.

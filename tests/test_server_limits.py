@@ -26,9 +26,9 @@ import httpx
 import numpy as np
 import psutil
 import pytest
-from django.db import connection
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.live import ROOT, database_url, free_port, wait_healthy
+
 MiB = 1024 * 1024
 GLOBAL_UPDATE_CAP = 4 * MiB  # FEDSITE_MAX_UPDATE_BYTES of the server under test
 BIG = 100 * MiB  # what each hostile client tries to send
@@ -36,20 +36,12 @@ RSS_BUDGET = 96 * MiB  # growth allowed over the idle server; without limits one
 SOCKET_TIMEOUT = 30.0  # a client gives up (and the test fails) if the server never answers
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def server(transactional_db: Any, tmp_path: Path) -> Iterator[dict[str, Any]]:
-    db = connection.settings_dict
     env = dict(os.environ)
     env.update(
         {
-            "DATABASE_URL": f"postgres://{db['USER'] or 'postgres'}@{db['HOST'] or '127.0.0.1'}:"
-            f"{db['PORT'] or 5432}/{db['NAME']}",
+            "DATABASE_URL": database_url(),
             "FEDSITE_MEDIA_ROOT": str(tmp_path / "media"),
             "FEDSITE_MAX_UPDATE_BYTES": str(GLOBAL_UPDATE_CAP),
             "FEDSITE_HEADER_TIMEOUT": "2",
@@ -60,7 +52,7 @@ def server(transactional_db: Any, tmp_path: Path) -> Iterator[dict[str, Any]]:
             "PYTHONUNBUFFERED": "1",
         }
     )
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed below
     process = subprocess.Popen(
         [sys.executable, "manage.py", "serve", "--port", str(port), "--graceful-timeout", "2"],
@@ -71,19 +63,7 @@ def server(transactional_db: Any, tmp_path: Path) -> Iterator[dict[str, Any]]:
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(120):
-            try:
-                if httpx.get(f"{base}/api/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if process.poll() is not None:
-                break
-            time.sleep(0.5)
-        else:
-            pytest.fail("server did not start:\n" + (tmp_path / "server.log").read_text())
-        if process.poll() is not None:
-            pytest.fail("server exited:\n" + (tmp_path / "server.log").read_text())
+        wait_healthy(base, process=process, log=tmp_path / "server.log")
         yield {"base": base, "port": port, "pid": process.pid, "log": tmp_path / "server.log"}
     finally:
         if process.poll() is None:

@@ -7,26 +7,16 @@ formulas in the test (FedBuff: Nguyen et al. 2022, Algorithm 1; FedAsync: Xie et
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
 import numpy as np
 import pytest
-from django.core.files.uploadedfile import SimpleUploadedFile
 
-from fedsite.celery import app as celery_app
-from flcore.parameters import ParameterSpec, to_bytes
+from flcore.parameters import ParameterSpec
 from trainings.models import ClientUpdate, Round, Task, Training
+from trainings.tests.agent_rest import post_update
 from versioning.services import version_read_parameters
-
-
-@pytest.fixture
-def eager_celery():
-    previous = celery_app.conf.task_always_eager
-    celery_app.conf.task_always_eager = True
-    yield
-    celery_app.conf.task_always_eager = previous
 
 
 def _poll(client: Any, token: str) -> dict[str, Any]:
@@ -43,11 +33,7 @@ def _upload(
     client: Any, token: str, task: dict[str, Any], delta: dict[str, np.ndarray], capture: Any
 ) -> None:
     with capture(execute=True):
-        response = client.post(
-            task["upload_url"],
-            {"update": SimpleUploadedFile("u", to_bytes(delta)), "meta": json.dumps({"num_examples": 7})},
-            HTTP_AUTHORIZATION=f"Bearer {token}",
-        )
+        response = post_update(client, token, task, delta, num_examples=7)
     assert response.status_code == 201, response.content
 
 

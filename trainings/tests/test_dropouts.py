@@ -6,48 +6,22 @@ so the next two rounds picked them again and each waited its full deadline.
 
 from __future__ import annotations
 
-import json
 from datetime import timedelta
 from typing import Any
 
-import numpy as np
 import pytest
 from django.test import override_settings
 from django.utils import timezone
 
-from fedsite.celery import app as celery_app
-from flcore.parameters import ParameterSpec, to_bytes
 from monitoring.models import Alert
 from trainings import services
 from trainings.models import Round, Task, Training
 from trainings.selectors import agents_selectable
-
-
-@pytest.fixture
-def eager_celery():
-    previous = celery_app.conf.task_always_eager
-    celery_app.conf.task_always_eager = True
-    yield
-    celery_app.conf.task_always_eager = previous
-
-
-def _poll(client: Any, token: str) -> Any:
-    return client.get("/api/v1/agent/tasks/next?wait=0", HTTP_AUTHORIZATION=f"Bearer {token}")
+from trainings.tests.agent_rest import constant_delta, next_task, post_update
 
 
 def _upload(client: Any, token: str, task: dict[str, Any], training: Training) -> Any:
-    from django.core.files.uploadedfile import SimpleUploadedFile
-
-    spec = ParameterSpec.from_json(training.parameter_spec)
-    delta = {t.name: np.full(t.shape, 0.1, dtype=np.float32) for t in spec.tensors}
-    return client.post(
-        task["upload_url"],
-        {
-            "update": SimpleUploadedFile("u.safetensors", to_bytes(delta), "application/octet-stream"),
-            "meta": json.dumps({"num_examples": 5, "metrics": {}}),
-        },
-        HTTP_AUTHORIZATION=f"Bearer {token}",
-    )
+    return post_update(client, token, task, constant_delta(training, 0.1), num_examples=5, metrics={})
 
 
 def _run_round(client: Any, training: Training, number: int, alive: dict[str, str], capture: Any) -> set[str]:
@@ -57,7 +31,7 @@ def _run_round(client: Any, training: Training, number: int, alive: dict[str, st
     selected = set(Task.objects.filter(round=round_).values_list("agent__agent_id", flat=True))
     with capture(execute=True):
         for agent_id in sorted(selected & alive.keys()):
-            response = _poll(client, alive[agent_id])
+            response = next_task(client, alive[agent_id])
             assert response.status_code == 200, response.content
             assert _upload(client, alive[agent_id], response.json(), training).status_code == 201
         Round.objects.filter(pk=round_.pk).update(deadline=timezone.now() - timedelta(seconds=1))
@@ -80,7 +54,7 @@ def test_an_agent_that_let_its_task_expire_is_skipped_until_it_polls_again(
     alive = {k: v for k, v in agents.items() if k != "drop-2"}
 
     # round 1: all three are selected; drop-2 dies (it polled once, then never again)
-    assert _poll(client, agents["drop-2"]).status_code == 200
+    assert next_task(client, agents["drop-2"]).status_code == 200
     assert _run_round(client, training, 1, alive, django_capture_on_commit_callbacks) == set(agents)
     assert Task.objects.get(round__number=1, agent__agent_id="drop-2").status == Task.Status.EXPIRED
     alert = Alert.objects.get(training=training, kind=Alert.Kind.AGENTS_DROPPING)
@@ -93,7 +67,7 @@ def test_an_agent_that_let_its_task_expire_is_skipped_until_it_polls_again(
     assert "drop-2" not in set(agents_selectable().values_list("agent_id", flat=True))
 
     # it comes back (a poll after the expiry): the next round may pick it again
-    assert _poll(client, agents["drop-2"]).status_code == 204
+    assert next_task(client, agents["drop-2"]).status_code == 204
     assert "drop-2" in set(agents_selectable().values_list("agent_id", flat=True))
     assert _run_round(client, training, 2, alive, django_capture_on_commit_callbacks) == {"drop-0", "drop-1"}
     assert Alert.objects.filter(kind=Alert.Kind.AGENTS_DROPPING).count() == 1  # nobody dropped in round 2

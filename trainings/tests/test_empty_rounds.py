@@ -10,27 +10,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedsite.celery import app as celery_app
 from monitoring.models import Alert
 from privacy.models import PrivacyBudget
 from trainings import services
 from trainings.models import Round, Task, Training
+from trainings.tests.agent_rest import next_task
 from versioning.services import version_read_parameters
 
 _BUDGET = {"epsilon": 1000.0, "delta": 1e-5, "noise_multiplier": 0.7, "clip_norm": 0.5}
 PRIVACY = {mode: {"mode": mode, **_BUDGET} for mode in ("central", "local")}
-
-
-@pytest.fixture
-def eager_celery():
-    previous = celery_app.conf.task_always_eager
-    celery_app.conf.task_always_eager = True
-    yield
-    celery_app.conf.task_always_eager = previous
-
-
-def _next(client: Any, token: str) -> Any:
-    return client.get("/api/v1/agent/tasks/next?wait=0", HTTP_AUTHORIZATION=f"Bearer {token}")
 
 
 def _decline(client: Any, token: str, task_id: str) -> Any:
@@ -123,7 +111,7 @@ def test_round_whose_agents_all_decline_is_handled_then_fails_with_a_reason(
         round_ = training.rounds.get(status=Round.Status.COLLECTING)
         assert (round_.number, round_.attempt) == ((1, step) if mode == "local" else (step, 1))
         for token in tokens:
-            task = _next(client, token)
+            task = next_task(client, token)
             assert task.status_code == 200, task.content
             if mode == "local":
                 assert "local_dp" in task.json()["config"]
@@ -172,10 +160,10 @@ def test_local_dp_round_with_some_declines_aggregates_the_rest(
     training = make_training(
         min_clients_per_round=2, max_clients_per_round=2, max_rounds=1, privacy=PRIVACY["local"]
     )
-    task1 = _next(client, t1).json()
+    task1 = next_task(client, t1).json()
     with django_capture_on_commit_callbacks(execute=True):
         assert _decline(client, t1, task1["task_id"]).status_code == 200
-    task2 = _next(client, t2).json()
+    task2 = next_task(client, t2).json()
     spec = ParameterSpec.from_json(training.parameter_spec)
     delta = {t.name: np.full(t.shape, 0.01, dtype=np.float32) for t in spec.tensors}
     with django_capture_on_commit_callbacks(execute=True):

@@ -5,44 +5,22 @@ SIGKILLed worker and a stopped Redis, are in tests/test_faults_aggregation.py.)"
 
 from __future__ import annotations
 
-import json
 import time
 from datetime import timedelta
 from typing import Any
 
-import numpy as np
 import pytest
 from django.test import override_settings
 
-from fedsite.celery import app as celery_app
-from flcore.parameters import ParameterSpec, to_bytes
 from monitoring.models import Alert
 from trainings.models import AggregationOutbox, Round, Training
 from trainings.outbox import aggregation_heartbeat, aggregations_recover
 from trainings.tasks import aggregate_round
-
-
-@pytest.fixture
-def eager_celery():
-    previous = celery_app.conf.task_always_eager
-    celery_app.conf.task_always_eager = True
-    yield
-    celery_app.conf.task_always_eager = previous
+from trainings.tests.agent_rest import constant_delta, post_update
 
 
 def _upload(client: Any, token: str, task: dict[str, Any], training: Training) -> Any:
-    from django.core.files.uploadedfile import SimpleUploadedFile
-
-    spec = ParameterSpec.from_json(training.parameter_spec)
-    delta = {t.name: np.full(t.shape, 0.5, dtype=np.float32) for t in spec.tensors}
-    return client.post(
-        task["upload_url"],
-        {
-            "update": SimpleUploadedFile("u.safetensors", to_bytes(delta), "application/octet-stream"),
-            "meta": json.dumps({"num_examples": 10, "metrics": {}}),
-        },
-        HTTP_AUTHORIZATION=f"Bearer {token}",
-    )
+    return post_update(client, token, task, constant_delta(training, 0.5), num_examples=10, metrics={})
 
 
 def _close_round_one(

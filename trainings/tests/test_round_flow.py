@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
@@ -10,41 +9,15 @@ import pytest
 from django.test import override_settings
 
 from fedsite.celery import app as celery_app
-from flcore.parameters import ParameterSpec, from_bytes, to_bytes
+from flcore.parameters import from_bytes, to_bytes
 from trainings import services
 from trainings.models import Round, Task, Training
+from trainings.tests.agent_rest import constant_delta, next_task, post_update
 from versioning.services import version_read_parameters
 
 
-@pytest.fixture
-def eager_celery():
-    previous = celery_app.conf.task_always_eager
-    celery_app.conf.task_always_eager = True
-    yield
-    celery_app.conf.task_always_eager = previous
-
-
-def _delta(training: Training, value: float) -> dict[str, np.ndarray]:
-    spec = ParameterSpec.from_json(training.parameter_spec)
-    return {t.name: np.full(t.shape, value, dtype=np.float32) for t in spec.tensors}
-
-
 def _upload(client: Any, token: str, task_id: Any, data: bytes, num_examples: int, **metrics: float) -> Any:
-    return client.post(
-        f"/api/v1/agent/tasks/{task_id}/update",
-        {"update": _file(data), "meta": json.dumps({"num_examples": num_examples, "metrics": metrics})},
-        HTTP_AUTHORIZATION=f"Bearer {token}",
-    )
-
-
-def _file(data: bytes) -> Any:
-    from django.core.files.uploadedfile import SimpleUploadedFile
-
-    return SimpleUploadedFile("update.safetensors", data, content_type="application/octet-stream")
-
-
-def _next(client: Any, token: str) -> Any:
-    return client.get("/api/v1/agent/tasks/next?wait=0", HTTP_AUTHORIZATION=f"Bearer {token}")
+    return post_update(client, token, task_id, data, num_examples=num_examples, metrics=metrics)
 
 
 @pytest.mark.django_db
@@ -75,7 +48,7 @@ def test_full_round_aggregates_weighted_mean(
     tokens = {a1.pk: t1, a2.pk: t2}
     payloads = {}
     for agent in (a1, a2):
-        response = _next(client, tokens[agent.pk])
+        response = next_task(client, tokens[agent.pk])
         assert response.status_code == 200, response.content
         payloads[agent.pk] = response.json()
     # each agent downloads the model and checks the ETag
@@ -99,7 +72,7 @@ def test_full_round_aggregates_weighted_mean(
             client,
             t1,
             payloads[a1.pk]["task_id"],
-            to_bytes(_delta(training, 1.0)),
+            to_bytes(constant_delta(training, 1.0)),
             30,
             eval_accuracy=0.5,
             eval_num_examples=10,
@@ -109,7 +82,7 @@ def test_full_round_aggregates_weighted_mean(
             client,
             t2,
             payloads[a2.pk]["task_id"],
-            to_bytes(_delta(training, 4.0)),
+            to_bytes(constant_delta(training, 4.0)),
             10,
             eval_accuracy=0.7,
             eval_num_examples=30,
@@ -132,12 +105,12 @@ def test_upload_is_idempotent_and_conflicts_on_different_body(
 ) -> None:
     (_a1, t1), (_a2, t2), (_a3, _t3) = make_agent(), make_agent(), make_agent()
     training = make_training(min_clients_per_round=3, max_clients_per_round=3)
-    task = _next(client, t1).json()
-    data = to_bytes(_delta(training, 0.5))
+    task = next_task(client, t1).json()
+    data = to_bytes(constant_delta(training, 0.5))
     assert _upload(client, t1, task["task_id"], data, 5).status_code == 201
     again = _upload(client, t1, task["task_id"], data, 5)
     assert again.status_code == 200
-    different = _upload(client, t1, task["task_id"], to_bytes(_delta(training, 0.25)), 5)
+    different = _upload(client, t1, task["task_id"], to_bytes(constant_delta(training, 0.25)), 5)
     assert different.status_code == 409
     assert different.json()["error"]["code"] == "update_conflict"
     # another agent cannot upload to this task
@@ -169,8 +142,8 @@ def test_hostile_updates_get_4xx_and_store_nothing(
 ) -> None:
     (_a1, t1), _, _ = make_agent(), make_agent(), make_agent()
     training = make_training(min_clients_per_round=3, max_clients_per_round=3)
-    task = _next(client, t1).json()
-    bad = mutate(_delta(training, 1.0))
+    task = next_task(client, t1).json()
+    bad = mutate(constant_delta(training, 1.0))
     from safetensors.numpy import save
 
     response = _upload(client, t1, task["task_id"], save(bad), 5)
@@ -237,9 +210,12 @@ def test_round_completion_is_broadcast_after_commit(
     assert ready.wait(10)
     with django_capture_on_commit_callbacks(execute=False) as callbacks:
         for token in (t1, t2):
-            task = _next(client, token).json()
+            task = next_task(client, token).json()
             assert (
-                _upload(client, token, task["task_id"], to_bytes(_delta(training, 0.1)), 5).status_code == 201
+                _upload(
+                    client, token, task["task_id"], to_bytes(constant_delta(training, 0.1)), 5
+                ).status_code
+                == 201
             )
     assert callbacks, "events and the aggregation must wait for commit"
     committed.set()

@@ -3,44 +3,22 @@ here was checked by breaking that line (see the lead's report) and watching the 
 
 from __future__ import annotations
 
-import json
 from datetime import timedelta
 from typing import Any
 
-import numpy as np
 import pytest
 from django.conf import settings
-from django.core.files.uploadedfile import SimpleUploadedFile
 from django.db import transaction
 from django.utils import timezone
 
 from clients.models import Agent
-from fedsite.celery import app as celery_app
-from flcore.parameters import ParameterSpec, to_bytes
 from trainings import services
 from trainings.models import ClientUpdate, Round, Task, Training
-
-
-@pytest.fixture
-def eager_celery():
-    previous = celery_app.conf.task_always_eager
-    celery_app.conf.task_always_eager = True
-    yield
-    celery_app.conf.task_always_eager = previous
-
-
-def _next(client: Any, token: str) -> Any:
-    return client.get("/api/v1/agent/tasks/next?wait=0", HTTP_AUTHORIZATION=f"Bearer {token}")
+from trainings.tests.agent_rest import constant_delta, next_task, post_update
 
 
 def _upload(client: Any, token: str, training: Training, task_id: str, value: float = 0.1) -> Any:
-    spec = ParameterSpec.from_json(training.parameter_spec)
-    delta = {t.name: np.full(t.shape, value, dtype=np.float32) for t in spec.tensors}
-    return client.post(
-        f"/api/v1/agent/tasks/{task_id}/update",
-        {"update": SimpleUploadedFile("u", to_bytes(delta)), "meta": json.dumps({"num_examples": 5})},
-        HTTP_AUTHORIZATION=f"Bearer {token}",
-    )
+    return post_update(client, token, task_id, constant_delta(training, value), num_examples=5)
 
 
 def _expire_round(round_: Round) -> None:
@@ -111,7 +89,7 @@ def test_upload_after_the_task_deadline_is_refused_while_the_round_collects(
 ) -> None:
     (_, t1), (_, _t2) = make_agent(), make_agent()
     training = make_training(min_clients_per_round=2, max_clients_per_round=2)
-    task = _next(client, t1).json()
+    task = next_task(client, t1).json()
     Task.objects.filter(pk=task["task_id"]).update(deadline=timezone.now() - timedelta(seconds=1))
     response = _upload(client, t1, training, task["task_id"])
     assert response.status_code == 409, response.content
@@ -145,7 +123,7 @@ def test_an_agent_quarantined_after_selection_gets_no_task(
     make_training(min_clients_per_round=2, max_clients_per_round=2)
     assert Task.objects.filter(agent=agent, status=Task.Status.PENDING).exists()
     assert staff_client.post(f"/api/v1/agents/{agent.agent_id}/quarantine/").status_code == 200
-    response = _next(client, token)
+    response = next_task(client, token)
     assert response.status_code == 204, response.content
     assert not Task.objects.filter(agent=agent, status=Task.Status.DELIVERED).exists()
 

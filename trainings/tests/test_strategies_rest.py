@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 
-from fedsite.celery import app as celery_app
 from flcore.parameters import ParameterSpec, to_bytes
 from flcore.strategies import build_strategy
 from trainings.models import Round, Training
@@ -35,14 +34,6 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("norm_bounded", {"clip_norm": 0.5, "inner": "median"}),
 ]
 NUM_AGENTS = 5
-
-
-@pytest.fixture
-def eager_celery():
-    previous = celery_app.conf.task_always_eager
-    celery_app.conf.task_always_eager = True
-    yield
-    celery_app.conf.task_always_eager = previous
 
 
 @pytest.fixture(params=["in_process", "split"])

@@ -388,6 +388,12 @@ class AttackConfig:
         ALIE's ``n`` and ``f`` (both required for ``alie``).
     num_estimates : int
         ALIE: honest deltas trained on disjoint parts of own data (see :class:`OwnDataEstimator`).
+    honest_first : int
+        Upload this many honest updates before the first poisoned one (an agent that turns malicious).
+    poisoned_count : int, optional
+        Poison only this many updates, then upload honest ones again (None: poison every one after
+        ``honest_first``). In a synchronous training where the agent is selected every round, updates are
+        rounds: ``honest_first=5, poisoned_count=3`` attacks rounds 6 to 8.
     """
 
     kind: AttackKind
@@ -396,6 +402,8 @@ class AttackConfig:
     num_agents: int | None = None
     num_attackers: int | None = None
     num_estimates: int = DEFAULT_NUM_ESTIMATES
+    honest_first: int = 0
+    poisoned_count: int | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -408,6 +416,20 @@ class AttackConfig:
             raise ValueError(f"The attack scale must be a finite number above 0. Found {self.scale!r}.")
         if not math.isfinite(self.sigma) or self.sigma <= 0:
             raise ValueError(f"The attack sigma must be a finite number above 0. Found {self.sigma!r}.")
+        if (
+            isinstance(self.honest_first, bool)
+            or not isinstance(self.honest_first, int)
+            or self.honest_first < 0
+        ):
+            raise ValueError(f"honest_first must be an integer >= 0. Found {self.honest_first!r}.")
+        if self.poisoned_count is not None and (
+            isinstance(self.poisoned_count, bool)
+            or not isinstance(self.poisoned_count, int)
+            or self.poisoned_count < 1
+        ):
+            raise ValueError(
+                f"poisoned_count must be an integer >= 1 (or None). Found {self.poisoned_count!r}."
+            )
         if self.kind is AttackKind.ALIE:
             if self.num_agents is None or self.num_attackers is None:
                 raise ValueError("The alie attack needs num_agents (n) and num_attackers (f).")
@@ -428,13 +450,24 @@ class AttackConfig:
             raise ValueError("z is only defined for the alie attack (num_agents and num_attackers).")
         return alie_z(self.num_agents, self.num_attackers)
 
+    def poisons(self, index: int) -> bool:
+        """Whether the agent's ``index``-th update (1-based) is poisoned."""
+        if index <= self.honest_first:
+            return False
+        return self.poisoned_count is None or index <= self.honest_first + self.poisoned_count
+
     def describe(self) -> str:
         """One line for logs, e.g. ``sign_flip (scale 1)``."""
         if self.kind is AttackKind.GAUSSIAN:
-            return f"gaussian (sigma {self.sigma:g})"
-        if self.kind is AttackKind.ALIE:
-            return f"alie (n {self.num_agents}, f {self.num_attackers}, z {self.z:.4f})"
-        return f"{self.kind.value} (scale {self.factor:g})"
+            what = f"gaussian (sigma {self.sigma:g})"
+        elif self.kind is AttackKind.ALIE:
+            what = f"alie (n {self.num_agents}, f {self.num_attackers}, z {self.z:.4f})"
+        else:
+            what = f"{self.kind.value} (scale {self.factor:g})"
+        if self.honest_first or self.poisoned_count is not None:
+            last = "on" if self.poisoned_count is None else str(self.honest_first + self.poisoned_count)
+            what += f", updates {self.honest_first + 1} to {last}"
+        return what
 
 
 class UpdateAttack:
@@ -467,10 +500,17 @@ class UpdateAttack:
         self.box = box
         self._log = logger or logging.getLogger("fedagent.attacks")
         self.count = 0
+        self.seen = 0
 
     def __call__(self, delta: Parameters) -> Parameters:
-        """Return the poisoned update for the honest ``delta``."""
+        """Return the poisoned update for the honest ``delta`` (or ``delta`` itself outside the window)."""
         config = self.config
+        self.seen += 1
+        if not config.poisons(self.seen):
+            if self.box is not None:
+                self.box.take()  # this task's estimate must not leak into a later poisoned one
+            self._log.info("attack simulation: update %d is honest (%s)", self.seen, config.describe())
+            return delta
         if config.kind is AttackKind.SIGN_FLIP:
             poisoned = sign_flip(delta, scale=config.factor, rng=self.rng)
         elif config.kind is AttackKind.GAUSSIAN:

@@ -164,6 +164,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--attack-seed", type=int, help="seed of the attack's noise (default: derived from --seed and the id)"
     )
     simulation.add_argument(
+        "--attack-after",
+        type=int,
+        default=0,
+        metavar="N",
+        help="upload N honest updates first, then attack (an agent turning malicious; default 0)",
+    )
+    simulation.add_argument(
+        "--attack-for",
+        type=int,
+        metavar="M",
+        help="poison only M updates, then be honest again (default: every one after --attack-after)",
+    )
+    simulation.add_argument(
         "--straggle-probability",
         type=float,
         default=0.0,
@@ -269,6 +282,8 @@ def _simulation_hooks(
             num_agents=args.alie_num_agents,
             num_attackers=args.alie_num_attackers,
             num_estimates=args.alie_num_estimates,
+            honest_first=args.attack_after,
+            poisoned_count=args.attack_for,
         )
         seed = args.attack_seed
         if seed is None:
@@ -284,8 +299,10 @@ def _simulation_hooks(
         args.attack_scale is not None
         or args.alie_num_agents is not None
         or args.alie_num_attackers is not None
+        or args.attack_after
+        or args.attack_for is not None
     ):
-        raise ValueError("--attack-scale and --alie-* need --attack.")
+        raise ValueError("--attack-scale, --attack-after, --attack-for and --alie-* need --attack.")
     straggler = None
     if args.straggle_probability or args.drop_stragglers:
         straggler = StragglerPolicy(args.straggle_probability, drop=args.drop_stragglers)

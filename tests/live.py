@@ -144,14 +144,16 @@ def spawn_agents(
     partition: tuple[str, ...] = ("--partition", "dirichlet", "--alpha", "0.5"),
     seed: str = "3",
     poll_wait: str = "10",
+    per_agent: dict[str, tuple[str, ...]] | None = None,
 ) -> Processes:
-    """One ``python -m fedagent run`` process per agent, each on its own shard of digits, over HTTP."""
+    """One ``python -m fedagent run`` process per agent, each on its own shard of digits, over HTTP;
+    ``per_agent`` adds arguments for some agents only (an attack, say)."""
     agents: Processes = []
     for index, (agent_id, token) in enumerate(tokens.items()):
         args = [PYTHON, "-m", "fedagent", "run", "--server", stack["base"], "--agent-id", agent_id]
         args += ["--token", token, "--dataset", "digits", "--num-clients", str(len(tokens))]
         args += ["--client-index", str(index), *partition, "--seed", seed, "--poll-wait", poll_wait]
-        args += ["--exit-when-training-done", str(training_id), *extra]
+        args += ["--exit-when-training-done", str(training_id), *extra, *(per_agent or {}).get(agent_id, ())]
         log = open(stack["tmp"] / f"{agent_id}.log", "wb")  # noqa: SIM115 - closed in stop()
         process = subprocess.Popen(args, cwd=ROOT, env=stack["env"], stdout=log, stderr=subprocess.STDOUT)
         agents.append((process, log))

@@ -204,6 +204,44 @@ def test_alie_transform_without_statistics_refuses() -> None:
         attack(DELTA)
 
 
+def test_attack_window_poisons_exactly_the_updates_it_names() -> None:
+    """honest_first=2, poisoned_count=2: updates 1-2 honest, 3-4 sign-flipped, 5 on honest again."""
+    attack = UpdateAttack(
+        AttackConfig(AttackKind.SIGN_FLIP, honest_first=2, poisoned_count=2), rng=np.random.default_rng(0)
+    )
+    flipped = []
+    for _ in range(6):
+        out = attack(DELTA)
+        if all(np.array_equal(out[n], DELTA[n]) for n in DELTA):
+            flipped.append(False)
+        else:
+            assert all(np.array_equal(out[n], -DELTA[n]) for n in DELTA)
+            flipped.append(True)
+    assert flipped == [False, False, True, True, False, False]
+    assert attack.count == 2
+    assert "updates 3 to 4" in attack.config.describe()
+    forever = AttackConfig(AttackKind.SCALING, honest_first=1)
+    assert [forever.poisons(i) for i in range(1, 5)] == [False, True, True, True]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [({"honest_first": -1}, "honest_first"), ({"poisoned_count": 0}, "poisoned_count"),
+     ({"honest_first": 1.5}, "honest_first"), ({"poisoned_count": True}, "poisoned_count")],
+)  # fmt: skip
+def test_attack_window_validates(kwargs: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        AttackConfig(AttackKind.SIGN_FLIP, **kwargs)
+
+
+def test_cli_refuses_an_attack_window_without_an_attack() -> None:
+    code = main(
+        ["run", "--server", "http://127.0.0.1:9", "--agent-id", "a", "--token", "t", "--dataset", "digits",
+         "--num-clients", "2", "--client-index", "0", "--seed", "0", "--attack-after", "3"]
+    )  # fmt: skip
+    assert code == 2
+
+
 # -- the hooks in a client, against the fake server ------------------------------------------------------
 
 

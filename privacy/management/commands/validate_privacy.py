@@ -7,7 +7,9 @@ Sections (``--sections``, default all; see :mod:`privacy.validation` for the sta
 - ``accountants``: our RDP and PLD epsilon beside the PRV accountant's bounds (needs the optional
   ``prv-accountant``: ``pip install -r requirements/privacy-validation.txt``);
 - ``audit``: an empirical lower bound on epsilon from a canary attack on the server's central-DP release,
-  which must not exceed the accounted epsilon.
+  which must not exceed the accounted epsilon;
+- ``distributed``: the summed Skellam shares of the agents' real encoding path against ``Sk(n mu)``, and the
+  Skellam accounting (calibration tight, ledger composition, RDP at least the Gaussian's).
 
 ``--quick`` runs smaller samples and grids (for tests); ``--break-noise`` switches flcore's noise off in
 this process to show that the checks fail; ``--table`` prints epsilon for a grid of (q, z, rounds) and the
@@ -36,8 +38,10 @@ from privacy.validation import (
     SECTIONS,
     AccountantReport,
     AuditResult,
+    DistributedReport,
     MechanismCheck,
     check_accountants,
+    check_distributed,
     check_mechanisms,
     epsilon_grid,
     noise_switched_off,
@@ -130,6 +134,11 @@ class Command(BaseCommand):
                 self._print_audit(result)
                 if not result.passed:
                     failures.append("audit")
+            if "distributed" in sections:
+                distributed = check_distributed(trials=5 if quick else 100, seed=seed)
+                self._print_distributed(distributed)
+                if not distributed.passed:
+                    failures.append("distributed")
         summary = Table(title="privacy validation", box=box.SIMPLE_HEAVY)
         summary.add_column("section")
         summary.add_column("verdict")
@@ -171,10 +180,10 @@ class Command(BaseCommand):
 
     # ---- output --------------------------------------------------------------------------------------
 
-    def _print_mechanisms(self, checks: list[MechanismCheck]) -> None:
+    def _print_mechanisms(self, checks: list[MechanismCheck], heading: str = "1. Mechanisms") -> None:
         table = Table(
             title=(
-                f"1. Mechanisms: seeded samples vs nominal distribution (family-wise alpha {FAMILY_ALPHA:g}, "
+                f"{heading}: seeded samples vs nominal distribution (family-wise alpha {FAMILY_ALPHA:g}, "
                 f"Bonferroni: {checks[0].alpha:.2g} per test)"
             ),
             box=box.SIMPLE_HEAVY,
@@ -254,6 +263,21 @@ class Command(BaseCommand):
             "[PRV lower, PRV upper + rounds x 1e-4 (its value discretisation)]. RDP n/a: RDP cannot account "
             "that event. Laplace: q = 1 only (prv-accountant has no subsampled Laplace).\n"
         )
+
+    def _print_distributed(self, report: DistributedReport) -> None:
+        ex = report.example
+        self.console.print(
+            f"4. Distributed DP (Skellam): epsilon {ex.epsilon:g}, delta {ex.delta:g}, {ex.rounds} rounds, "
+            f"{ex.agents} agents, C {ex.clip_norm:g}, d {ex.dimension}, {ex.bits} bits -> scale "
+            f"{report.scale:.6g}, per-agent mu {report.agent_mu:.6g}"
+        )
+        self._print_mechanisms(report.statistical, "4a. Summed Skellam shares")
+        table = Table(title="4b. Skellam accounting", box=box.SIMPLE_HEAVY)
+        for column in ("check", "expected", "observed", "verdict"):
+            table.add_column(column)
+        for check in report.analytic:
+            table.add_row(check.name, check.expected, check.observed, _verdict(check.passed))
+        self.console.print(table)
 
     def _print_audit(self, result: AuditResult) -> None:
         table = Table(

@@ -23,10 +23,10 @@ from typing import Any
 import attr
 import dp_accounting
 import numpy as np
-from scipy.stats import norm
 from dp_accounting import pld, rdp
 from dp_accounting.mechanism_calibration import ExplicitBracketInterval, calibrate_dp_mechanism
 from dp_accounting.rdp import rdp_privacy_accountant
+from scipy.stats import norm
 
 from flcore.dp.skellam import SkellamParameters, aggregate_coordinate_bound, padded_dimension, skellam_rdp
 
@@ -243,7 +243,7 @@ def event_to_json(event: dp_accounting.DpEvent) -> dict[str, Any]:
 # Distributed DP: the Skellam mechanism
 # ---------------------------------------------------------------------------------------------------------
 OVERFLOW_PROBABILITY = 1e-3
-"""Chance (union bound over coordinates, Gaussian approximation) that a round's modular sum wraps somewhere."""
+"""Chance (union bound over coordinates, Gaussian approximation) that a round's modular sum wraps."""
 
 _RTOL = 1e-6
 _MAX_STEPS = 200
@@ -272,7 +272,7 @@ def skellam_round_event(
 def skellam_epsilon(
     *, parameters: SkellamParameters, noise_agents: int, rounds: int, delta: float, replace_one: bool = True
 ) -> float:
-    """Epsilon at ``delta`` of ``rounds`` distributed-Skellam rounds (RDP, composed, dp-accounting's conversion)."""
+    """Epsilon at ``delta`` of ``rounds`` distributed-Skellam rounds (RDP, dp-accounting's conversion)."""
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise AccountingError(f"rounds must be a positive integer. Found {rounds!r}.")
     event = skellam_round_event(parameters=parameters, noise_agents=noise_agents, replace_one=replace_one)
@@ -296,7 +296,7 @@ def calibrate_skellam_mu(
     beta: float | None = None,
     replace_one: bool = True,
 ) -> float:
-    """The smallest per-agent ``mu`` (to a relative 1e-6) for which ``rounds`` rounds spend at most ``epsilon``.
+    """The smallest per-agent ``mu`` (relative 1e-6) for which ``rounds`` rounds spend at most ``epsilon``.
 
     Bisection on ``log mu``; the upper end of the final bracket is returned, so the spend at the returned
     value never exceeds ``epsilon`` (epsilon decreases as ``mu`` grows). The inverse is

@@ -205,7 +205,8 @@ def _parse_distributed(
     mechanism = section.get("mechanism", DISTRIBUTED_MECHANISM)
     if mechanism not in (DISTRIBUTED_MECHANISM, "skellam"):
         errors["privacy.mechanism"] = (
-            f"distributed DP adds Skellam noise on the agents; use {DISTRIBUTED_MECHANISM!r}. Found {mechanism!r}."
+            f"distributed DP adds Skellam noise on the agents; use {DISTRIBUTED_MECHANISM!r}. "
+            f"Found {mechanism!r}."
         )
     if section.get("accountant", "rdp") != "rdp":
         errors["privacy.accountant"] = (

@@ -10,10 +10,10 @@ import dp_accounting
 
 from fedsite.errors import ValidationFailed
 from fedsite.logs import log_event
-from monitoring.models import Alert
-from monitoring.services import alert_raise, audit_record
 from flcore.dp.skellam import SkellamParameters
 from flcore.parameters import ParameterSpec
+from monitoring.models import Alert
+from monitoring.services import alert_raise, audit_record
 from privacy.accounting import (
     AccountingError,
     calibrate_noise_multiplier,

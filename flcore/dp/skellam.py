@@ -230,7 +230,7 @@ def aggregate_coordinate_bound(
 # Rotation and rounding
 # ---------------------------------------------------------------------------------------------------------
 def _walsh_hadamard(vector: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    """Return ``H v / sqrt(len(v))`` (orthonormal, its own inverse) in ``O(d log d)``; ``len(v)`` a power of 2."""
+    """Return ``H v / sqrt(len(v))`` (orthonormal, its own inverse) in ``O(d log d)``; ``len(v) = 2^k``."""
     result = np.array(vector, dtype=np.float64)
     length = result.shape[0]
     half = 1
@@ -265,7 +265,8 @@ def randomized_hadamard_inverse(
     padded = padded_dimension(dimension)
     if flat.shape[0] != padded:
         raise FlcoreError(
-            f"A rotated vector of a {dimension}-parameter model has {padded} coordinates. Found {flat.shape[0]}."
+            f"A rotated vector of a {dimension}-parameter model has {padded} coordinates. "
+            f"Found {flat.shape[0]}."
         )
     return (_walsh_hadamard(flat) * _signs(padded, rotation_seed))[:dimension]
 

@@ -101,8 +101,23 @@ def make_accountant(name: str) -> dp_accounting.PrivacyAccountant:
     raise AccountingError(f"accountant must be one of {ACCOUNTANTS}. Found {name!r}.")
 
 
+def _has_skellam(event: dp_accounting.DpEvent) -> bool:
+    if isinstance(event, SkellamDpEvent):
+        return True
+    if isinstance(event, dp_accounting.ComposedDpEvent):
+        return any(_has_skellam(inner) for inner in event.events)
+    inner = getattr(event, "event", None)
+    return isinstance(inner, dp_accounting.DpEvent) and _has_skellam(inner)
+
+
 def check_supported(accountant: str, event: dp_accounting.DpEvent) -> None:
     if not make_accountant(accountant).supports(event):
+        if _has_skellam(event):
+            raise AccountingError(
+                f"The {accountant} accountant cannot account SkellamDpEvent events: the Skellam mechanism is "
+                "accounted by its RDP bound (Agarwal et al. 2021), without amplification by sampling; use "
+                "accountant 'rdp'."
+            )
         raise AccountingError(
             f"The {accountant} accountant cannot account {type(event).__name__} events "
             "(RDP does not support Laplace with sampling); use accountant 'pld'."

@@ -800,3 +800,51 @@ def epsilon_grid(
                 if progress is not None:
                     progress()
     return table
+
+
+def distributed_epsilon_table(
+    *,
+    epsilon: float = 3.0,
+    delta: float = 1e-5,
+    planned_rounds: int = 20,
+    agents: int = 20,
+    clip_norm: float = 1.0,
+    dimension: int = 4810,
+    bits: int = 20,
+    mu_factors: Sequence[float] = (0.25, 0.5, 1.0, 2.0, 4.0, 16.0),
+    rounds: Sequence[int] = (1, 10, 20, 100),
+) -> tuple[dp_skellam.SkellamParameters, list[dict[str, float]]]:
+    """Epsilon against the per-agent ``mu`` for a worked example (``--distributed-table``).
+
+    The scale and the reference ``mu`` are what a distributed budget of ``(epsilon, delta)`` over
+    ``planned_rounds`` rounds with ``agents`` agents' noise counted calibrates to (the sum of up to
+    ``agents + 4 sqrt(agents)`` shares in ``bits`` bits). Each row scales that ``mu`` and gives the Skellam
+    epsilon after each count of ``rounds``, the effective noise multiplier ``sqrt(2 n mu) / Delta_2``
+    (replace-one ``Delta_2``) and dp-accounting's Gaussian epsilon at the same variance and sensitivity.
+    """
+    reference = calibrate_skellam(
+        epsilon=epsilon,
+        delta=delta,
+        rounds=planned_rounds,
+        noise_agents=agents,
+        summed_agents=math.ceil(agents + 4 * math.sqrt(agents)),
+        clip_norm=clip_norm,
+        dimension=dimension,
+        bits=bits,
+    )
+    rows = []
+    for factor in mu_factors:
+        parameters = dp_skellam.SkellamParameters(
+            **{**reference.to_json(), "agent_mu": factor * reference.agent_mu}
+        )
+        event = skellam_round_event(parameters=parameters, noise_agents=agents)
+        z = math.sqrt(2.0 * event.mu) / event.l2_sensitivity
+        row: dict[str, float] = {"factor": factor, "agent_mu": parameters.agent_mu, "noise_multiplier": z}
+        for count in rounds:
+            row[f"skellam_{count}"] = skellam_epsilon(
+                parameters=parameters, noise_agents=agents, rounds=count, delta=delta
+            )
+            gaussian = dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), count)
+            row[f"gaussian_{count}"] = composed_epsilon([gaussian], delta=delta, accountant="rdp")
+        rows.append(row)
+    return reference, rows

@@ -412,3 +412,17 @@ def test_skellam_event_is_a_dp_accounting_event() -> None:
     event = SkellamDpEvent(l1_sensitivity=4.0, l2_sensitivity=2.0, mu=10.0)
     assert event.to_named_tuple().class_name == "SkellamDpEvent"
     assert hash(event) == hash(SkellamDpEvent(l1_sensitivity=4.0, l2_sensitivity=2.0, mu=10.0))
+
+
+def test_the_documented_epsilon_table() -> None:
+    from privacy.validation import distributed_epsilon_table
+
+    reference, rows = distributed_epsilon_table(dimension=500, mu_factors=(0.5, 1.0, 4.0), rounds=(1, 20))
+
+    calibrated = next(row for row in rows if row["factor"] == 1.0)
+    assert 3.0 * (1 - 1e-3) <= calibrated["skellam_20"] <= 3.0
+    for row in rows:
+        assert row["skellam_20"] >= row["gaussian_20"] - 1e-9
+        assert row["skellam_1"] < row["skellam_20"]
+    assert [row["skellam_20"] for row in rows] == sorted((row["skellam_20"] for row in rows), reverse=True)
+    assert reference.dimension == 500

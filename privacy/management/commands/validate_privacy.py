@@ -43,6 +43,7 @@ from privacy.validation import (
     check_accountants,
     check_distributed,
     check_mechanisms,
+    distributed_epsilon_table,
     epsilon_grid,
     noise_switched_off,
     run_audit,
@@ -90,6 +91,12 @@ class Command(BaseCommand):
             help="Noise multiplier z of the audited round (default 2.0).",
         )
         parser.add_argument(
+            "--distributed-table",
+            action="store_true",
+            help="Print epsilon against the per-agent Skellam mu for a worked distributed-DP example "
+            "(Markdown), then stop unless --sections is given too.",
+        )
+        parser.add_argument(
             "--table",
             action="store_true",
             help="Print epsilon for a grid of (q, z, rounds) and each level's calibrated z (Markdown), "
@@ -104,8 +111,11 @@ class Command(BaseCommand):
         unknown = sorted(set(sections) - set(SECTIONS))
         if unknown:
             raise CommandError(f"Unknown sections {unknown}; choose from {list(SECTIONS)}.")
-        if options["table"]:
-            self._print_tables()
+        if options["table"] or options["distributed_table"]:
+            if options["table"]:
+                self._print_tables()
+            if options["distributed_table"]:
+                self._print_distributed_table()
             if chosen is None:
                 return
         quick = options["quick"]
@@ -319,6 +329,32 @@ class Command(BaseCommand):
         for key, value in rows:
             table.add_row(key, value)
         self.console.print(table)
+
+    def _print_distributed_table(self) -> None:
+        rounds = (1, 10, 20, 100)
+        reference, rows = distributed_epsilon_table(rounds=rounds)
+        table = Table(
+            title=(
+                f"distributed Skellam, d {reference.dimension}, C {reference.clip_norm:g}, 20 agents' noise "
+                f"counted, {reference.bits} bits, scale {reference.scale:.5g}, delta 1e-05: epsilon after "
+                "R rounds (Skellam / Gaussian of the same variance)"
+            ),
+            box=box.MARKDOWN,
+        )
+        for column in ("mu / calibrated", "per-agent mu", "z effective", *(f"R = {r}" for r in rounds)):
+            table.add_column(column, justify="right")
+        for row in rows:
+            table.add_row(
+                f"{row['factor']:g}",
+                f"{row['agent_mu']:.4g}",
+                f"{row['noise_multiplier']:.3f}",
+                *(f"{_short(row[f'skellam_{r}'])} / {_short(row[f'gaussian_{r}'])}" for r in rounds),
+            )
+        self.console.print(table)
+        self.console.print(
+            f"(calibrated: per-agent mu {reference.agent_mu:.6g} spends epsilon 3 in 20 rounds; "
+            f"Delta_2 of one share {reference.l2_sensitivity:.6g}, replace-one sensitivity twice that)\n"
+        )
 
     def _print_tables(self) -> None:
         started = time.perf_counter()

@@ -21,6 +21,13 @@ trainer in ``FitConfig.extra``) and MUST apply it: it overrides the agent's own 
 be applied (malformed, unknown mechanism, or the agent simulates an attack) the transform raises, so the
 client gives the task back instead of uploading.
 
+Distributed DP (the Skellam mechanism, :mod:`flcore.dp.skellam`): with secure aggregation the server sees
+only the sum of the agents' vectors, so each agent adds its SHARE of integer noise, and the noise of the
+sum is the mechanism. :func:`distributed_dp_share` turns a delta into that share, from the round's
+parameters as the server sends them (``"distributed_dp"``: :meth:`SkellamParameters.to_json`): clip,
+scale, rotate, conditionally round, add ``Sk(agent_mu)``, reduce into ``Z_(2^bits)``. The secure
+aggregation layer masks and uploads it (its REST wiring is issue 8's next part).
+
 Invariants: the noise comes from the explicit ``rng`` (the command line seeds it from the operating system,
 ``np.random.default_rng(secrets.randbits(128))``; numpy's generator is not cryptographically secure, see
 :mod:`flcore.dp`); clipping always happens before the noise; outputs are new float32 arrays with the
@@ -45,9 +52,12 @@ from fedagent.trainer import EvalResult, FitConfig, FitResult, Trainer
 from flcore.dp.calibration import analytic_gaussian_sigma, laplace_scale
 from flcore.dp.clipping import clip_by_l1_norm, clip_by_l2_norm
 from flcore.dp.mechanisms import add_gaussian_noise, add_laplace_noise
+from flcore.dp.skellam import SkellamParameters, skellam_encode, to_modular
+from flcore.errors import FlcoreError
 from flcore.parameters import Parameters
 
 __all__ = [
+    "DISTRIBUTED_TASK_CONFIG_KEY",
     "MECHANISMS",
     "TASK_CONFIG_KEY",
     "LocalDpConfig",
@@ -55,6 +65,7 @@ __all__ = [
     "LocalDpTrainer",
     "LocalDpTransform",
     "TaskRequirement",
+    "distributed_dp_share",
     "local_dp_hooks",
 ]
 
@@ -63,6 +74,9 @@ MECHANISMS = ("gaussian", "laplace")
 
 TASK_CONFIG_KEY = "local_dp"
 """Task config key by which the server requires local DP."""
+
+DISTRIBUTED_TASK_CONFIG_KEY = "distributed_dp"
+"""Task config key by which the server sends a round's Skellam parameters."""
 
 Logger = logging.Logger | logging.LoggerAdapter[logging.Logger]
 
@@ -374,3 +388,38 @@ def local_dp_hooks(
         return LocalDpTrainer(base(model), requirement)
 
     return LocalDpHooks(transform, factory)
+
+
+def distributed_dp_share(
+    delta: Parameters, round_parameters: Any, rng: np.random.Generator, *, logger: Logger | None = None
+) -> npt.NDArray[np.int64]:
+    """Return this agent's share of the round's distributed Skellam mechanism, in ``Z_(2^bits)``.
+
+    ``round_parameters`` is the task's ``"distributed_dp"`` object (:meth:`SkellamParameters.to_json`).
+    The share is ``clip -> scale -> rotate -> conditional rounding -> + Sk(agent_mu)``
+    (:func:`flcore.dp.skellam.skellam_encode`), reduced modulo ``2^bits``; ``padded_dimension`` integers.
+
+    Raises
+    ------
+    AgentError
+        If the parameters are malformed or do not fit the delta: the agent must not upload a share whose
+        noise or sensitivity differs from what the server accounted.
+    """
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator. Found {type(rng).__name__}.")
+    try:
+        parameters = SkellamParameters.from_json(round_parameters)
+        share = to_modular(skellam_encode(delta, parameters, rng), parameters.bits)
+    except FlcoreError as exc:
+        raise AgentError(
+            f"The task requires distributed DP but the agent cannot apply it, so it will not upload: {exc}"
+        ) from None
+    (logger or logging.getLogger("fedagent.local_dp")).info(
+        "distributed DP: Skellam share of %d integers mod 2^%d (clip %g, scale %.6g, agent mu %.6g)",
+        share.shape[0],
+        parameters.bits,
+        parameters.clip_norm,
+        parameters.scale,
+        parameters.agent_mu,
+    )
+    return share

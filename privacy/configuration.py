@@ -6,6 +6,13 @@ Accepted forms (the seed's names too):
   ``"accountant"``, ``"population"``;
 - ``"privacy_level": "medium"`` and/or ``"privacy_budget": {"total_epsilon": 1.0, "total_delta": 1e-5}``.
 With none of them, ``default_privacy_level`` applies ("none" disables differential privacy).
+
+Distributed DP (agents add Skellam noise, secure aggregation sums it): ``"mechanism":
+"distributed_skellam"`` (or ``"mode": "distributed"``) with ``"epsilon"`` or a ``"level"``, ``"delta"``,
+``"clip_norm"`` and optional ``"bits"`` (the modulus ``2^bits`` of the sum, default 20), ``"min_agents"``
+(agents whose noise the accounting counts, default ``min_clients_per_round``) and ``"rounding_beta"``
+(conditional rounding, default ``e^-0.5``). It needs the training's ``secure_aggregation`` section: without
+it the server would aggregate the agents' shares in the clear.
 """
 
 from __future__ import annotations
@@ -13,10 +20,18 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from django.conf import settings
+
+from flcore.dp.skellam import DEFAULT_BETA
 from privacy.levels import LEVELS
 
-MODES = ("central", "local")
+MODES = ("central", "local", "distributed")
 MECHANISMS = ("gaussian", "laplace")
+DISTRIBUTED_MECHANISM = "distributed_skellam"
+"""The configuration's name of the distributed Skellam mechanism (stored as mode distributed, mechanism
+skellam)."""
+DEFAULT_BITS = 20
+DISTRIBUTED_KEYS = ("bits", "min_agents", "rounding_beta")
 ACCOUNTANTS = ("rdp", "pld")
 # Central DP bounds one agent's influence on a clipped, unweighted mean; only mean-based rules keep that.
 CENTRAL_DP_ALGORITHMS = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad")
@@ -33,6 +48,7 @@ KEYS = {
     "adaptive_clipping",
     "target_quantile",
     "clip_learning_rate",
+    *DISTRIBUTED_KEYS,
 }
 
 
@@ -97,11 +113,21 @@ def parse_privacy(
             errors["privacy_level"] = (
                 f"Unknown privacy level {level_name!r}; use one of {sorted(LEVELS)} or none."
             )
-    mode = section.get("mode", "central")
+    distributed = section.get("mechanism") == DISTRIBUTED_MECHANISM or section.get("mode") == "distributed"
+    mode = section.get("mode", "distributed" if distributed else "central")
+    if distributed:
+        distributed_settings = _parse_distributed(errors, section, data, algorithm=algorithm, mode=mode)
+    else:
+        distributed_settings = {}
+        for key in DISTRIBUTED_KEYS:
+            if key in section:
+                errors[f"privacy.{key}"] = (
+                    f"is a distributed-DP setting; use mechanism {DISTRIBUTED_MECHANISM!r}."
+                )
     if mode not in MODES:
         errors["privacy.mode"] = f"must be one of {MODES}. Found {mode!r}."
-    mechanism = section.get("mechanism", "gaussian")
-    if mechanism not in MECHANISMS:
+    mechanism = "skellam" if distributed else section.get("mechanism", "gaussian")
+    if not distributed and mechanism not in MECHANISMS:
         errors["privacy.mechanism"] = f"must be one of {MECHANISMS}. Found {mechanism!r}."
     accountant = section.get("accountant", "pld" if mechanism == "laplace" else "rdp")
     if accountant not in ACCOUNTANTS:
@@ -129,9 +155,9 @@ def parse_privacy(
         delta = 1e-5
     if clip is None:
         clip = 1.0
-    if mode == "central" and algorithm not in CENTRAL_DP_ALGORITHMS:
+    if mode in ("central", "distributed") and algorithm not in CENTRAL_DP_ALGORITHMS:
         errors["privacy.mode"] = (
-            f"central DP needs a mean-based rule {CENTRAL_DP_ALGORITHMS}: the influence of one agent on "
+            f"{mode} DP needs a mean-based rule {CENTRAL_DP_ALGORITHMS}: the influence of one agent on "
             f"{algorithm!r} is not bounded by the clip norm, so the guarantee would not hold. Use local DP."
         )
     adaptive = section.get("adaptive_clipping", False)
@@ -163,4 +189,55 @@ def parse_privacy(
         "adaptive_clipping": bool(adaptive),
         "target_quantile": 0.5 if quantile is None else quantile,
         "clip_learning_rate": 0.2 if clip_rate is None else clip_rate,
+        **distributed_settings,
     }, {}
+
+
+def _parse_distributed(
+    errors: dict[str, str], section: dict[str, Any], data: dict[str, Any], *, algorithm: str, mode: Any
+) -> dict[str, Any]:
+    """Validate the distributed-Skellam keys (errors keyed ``privacy.<field>``); return their settings."""
+    if mode != "distributed":
+        errors["privacy.mode"] = (
+            f"mechanism {DISTRIBUTED_MECHANISM!r} is distributed DP; use mode 'distributed' or omit mode. "
+            f"Found {mode!r}."
+        )
+    mechanism = section.get("mechanism", DISTRIBUTED_MECHANISM)
+    if mechanism not in (DISTRIBUTED_MECHANISM, "skellam"):
+        errors["privacy.mechanism"] = (
+            f"distributed DP adds Skellam noise on the agents; use {DISTRIBUTED_MECHANISM!r}. "
+            f"Found {mechanism!r}."
+        )
+    if section.get("accountant", "rdp") != "rdp":
+        errors["privacy.accountant"] = (
+            "the Skellam mechanism is accounted with its RDP bound (Agarwal et al. 2021); use 'rdp'. "
+            f"Found {section.get('accountant')!r}."
+        )
+    if section.get("noise_multiplier") is not None:
+        errors["privacy.noise_multiplier"] = (
+            "distributed DP calibrates each agent's Skellam noise to the budget; give epsilon, not a "
+            "noise multiplier."
+        )
+    if not data.get("secure_aggregation"):
+        errors["privacy.mode"] = (
+            "distributed DP needs secure aggregation (the training's 'secure_aggregation' section): each "
+            "agent's share carries only part of the noise, so the server must see nothing but the sum."
+        )
+    bits = section.get("bits", DEFAULT_BITS)
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 8 <= bits <= 32:
+        errors["privacy.bits"] = (
+            f"must be an integer in [8, 32] (the sum lives in Z_(2^bits)). Found {bits!r}."
+        )
+    min_agents = section.get(
+        "min_agents", data.get("min_clients_per_round", settings.FEDSITE_MIN_CLIENTS_PER_ROUND)
+    )
+    if isinstance(min_agents, bool) or not isinstance(min_agents, int) or min_agents < 1:
+        errors["privacy.min_agents"] = f"must be a positive integer. Found {min_agents!r}."
+    beta = _number(errors, section, "rounding_beta", low=0, high=0.99, low_inclusive=True)
+    if "rounding_beta" in errors:
+        errors["privacy.rounding_beta"] = errors.pop("rounding_beta")
+    return {
+        "bits": bits,
+        "min_agents": min_agents,
+        "rounding_beta": DEFAULT_BETA if beta is None else beta,
+    }

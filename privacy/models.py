@@ -1,7 +1,8 @@
 """Privacy budgets and their ledger.
 
 Invariants: a training has at most one budget; the ledger holds one row per released round (the
-round's DP event, as dp-accounting's own JSON form and as the parameters we rebuild it from); the
+round's DP event, as dp-accounting's own JSON form and as the parameters we rebuild it from; a
+distributed-Skellam round is rebuilt from the budget's fixed Skellam parameters); the
 epsilon spent is always recomputed from the whole ledger by dp-accounting, never summed by hand; a
 round whose event would take the composed epsilon past the budget is never opened.
 """
@@ -15,17 +16,19 @@ class PrivacyBudget(models.Model):
     class Mode(models.TextChoices):
         CENTRAL = "central", "central (server clips and adds noise)"
         LOCAL = "local", "local (agents clip and add noise)"
+        DISTRIBUTED = "distributed", "distributed (agents add Skellam noise, the server sees only the sum)"
 
     class Mechanism(models.TextChoices):
         GAUSSIAN = "gaussian", "Gaussian"
         LAPLACE = "laplace", "Laplace"
+        SKELLAM = "skellam", "Skellam (distributed)"
 
     class Accountant(models.TextChoices):
         RDP = "rdp", "Renyi DP"
         PLD = "pld", "privacy loss distributions"
 
     training = models.OneToOneField("trainings.Training", on_delete=models.CASCADE, related_name="privacy")
-    mode = models.CharField(max_length=8, choices=Mode.choices)
+    mode = models.CharField(max_length=11, choices=Mode.choices)
     level = models.CharField(max_length=8, blank=True, help_text="low/medium/high preset, or empty (custom).")
     mechanism = models.CharField(max_length=8, choices=Mechanism.choices, default=Mechanism.GAUSSIAN)
     accountant = models.CharField(max_length=4, choices=Accountant.choices, default=Accountant.RDP)
@@ -43,6 +46,22 @@ class PrivacyBudget(models.Model):
     expected_clients_per_round = models.PositiveIntegerField()
     population = models.PositiveIntegerField(help_text="Eligible agents assumed when calibrating the noise.")
     planned_rounds = models.PositiveIntegerField()
+    bits = models.PositiveSmallIntegerField(
+        null=True, blank=True, help_text="Distributed: the sum lives in Z_(2^bits)."
+    )
+    skellam_scale = models.FloatField(null=True, blank=True, help_text="Distributed: the scale s.")
+    skellam_agent_mu = models.FloatField(
+        null=True, blank=True, help_text="Distributed: each agent adds Skellam(mu) noise per coordinate."
+    )
+    noise_agents = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Distributed: agents whose noise the accounting counts (at least)."
+    )
+    dimension = models.PositiveBigIntegerField(
+        null=True, blank=True, help_text="Distributed: the model's number of parameters."
+    )
+    rounding_beta = models.FloatField(
+        null=True, blank=True, help_text="Distributed: conditional rounding's beta."
+    )
     spent_epsilon = models.FloatField(default=0.0)
     alerted_fractions = models.JSONField(default=list, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)

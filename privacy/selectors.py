@@ -41,6 +41,18 @@ def privacy_report(training: Any) -> dict[str, Any]:
             else None
         ),
         "expected_clients_per_round": budget.expected_clients_per_round,
+        "distributed": (
+            {
+                "bits": budget.bits,
+                "scale": budget.skellam_scale,
+                "agent_mu": budget.skellam_agent_mu,
+                "noise_agents": budget.noise_agents,
+                "dimension": budget.dimension,
+                "rounding_beta": budget.rounding_beta,
+            }
+            if budget.mode == PrivacyBudget.Mode.DISTRIBUTED
+            else None
+        ),
         "spent_epsilon": budget.spent_epsilon,
         "remaining_epsilon": max(0.0, budget.epsilon - budget.spent_epsilon),
         "fraction_spent": budget.spent_epsilon / budget.epsilon,

@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import dp_accounting
 
 from fedsite.errors import ValidationFailed
 from fedsite.logs import log_event
+from flcore.dp.skellam import SkellamParameters
+from flcore.parameters import ParameterSpec
 from monitoring.models import Alert
 from monitoring.services import alert_raise, audit_record
 from privacy.accounting import (
     AccountingError,
     calibrate_noise_multiplier,
+    calibrate_skellam,
     check_supported,
     composed_epsilon,
     event_to_json,
     round_event,
+    skellam_round_event,
 )
 from privacy.models import PrivacyBudget, PrivacyLedgerEntry
 
@@ -34,14 +39,48 @@ def event_parameters(budget: PrivacyBudget, sampling_probability: float) -> tupl
     Local DP: the adversary is the server itself, which knows who was sampled, so there is no amplification
     (q = 1); and any two inputs of one agent are neighbours, so a clipped update moves by up to 2C against
     noise z*C: the event is Gaussian(z / 2) (Laplace: scale z*C against an L1 sensitivity of 2C).
+    Distributed DP (Skellam): q = 1 for the same reason as local DP; the event is
+    :func:`skellam_event` (the multiplier returned here is the effective one, for the ledger's column).
     """
     if budget.mode == PrivacyBudget.Mode.LOCAL:
         return budget.noise_multiplier / 2.0, 1.0
+    if budget.mode == PrivacyBudget.Mode.DISTRIBUTED:
+        return budget.noise_multiplier, 1.0
     return budget.noise_multiplier, sampling_probability
+
+
+def skellam_parameters(budget: PrivacyBudget, *, rotation_seed: int = 0) -> SkellamParameters:
+    """The Skellam parameters of a distributed-DP budget (what each agent's share is computed with)."""
+    return SkellamParameters(
+        clip_norm=budget.clip_norm,
+        scale=float(budget.skellam_scale or 0.0),
+        agent_mu=float(budget.skellam_agent_mu or 0.0),
+        bits=int(budget.bits or 0),
+        dimension=int(budget.dimension or 0),
+        beta=float(budget.rounding_beta if budget.rounding_beta is not None else 0.0),
+        rotation_seed=rotation_seed,
+    )
+
+
+def skellam_event(budget: PrivacyBudget) -> dp_accounting.DpEvent:
+    """One round of a distributed-DP budget: the Skellam event with ``noise_agents`` agents' noise counted
+    and replace-one sensitivities (the same every round: the parameters are fixed at creation)."""
+    return skellam_round_event(
+        parameters=skellam_parameters(budget), noise_agents=int(budget.noise_agents or 0)
+    )
+
+
+def _round_event(budget: PrivacyBudget, sampling_probability: float) -> dp_accounting.DpEvent:
+    if budget.mode == PrivacyBudget.Mode.DISTRIBUTED:
+        return skellam_event(budget)
+    multiplier, q_event = event_parameters(budget, sampling_probability)
+    return round_event(mechanism=budget.mechanism, noise_multiplier=multiplier, sampling_probability=q_event)
 
 
 def budget_events(budget: PrivacyBudget) -> list[dp_accounting.DpEvent]:
     """The ledger's events, rebuilt from their parameters, in round order."""
+    if budget.mode == PrivacyBudget.Mode.DISTRIBUTED:
+        return [skellam_event(budget) for _ in range(budget.ledger.count())]
     return [
         round_event(
             mechanism=e.mechanism,
@@ -59,6 +98,14 @@ def budget_create(
 
     ``settings_`` is the validated privacy section of the training configuration.
     """
+    if settings_["mode"] == PrivacyBudget.Mode.DISTRIBUTED:
+        return _budget_create_distributed(
+            training=training,
+            settings_=settings_,
+            planned_rounds=planned_rounds,
+            expected_clients=expected_clients,
+            population=population,
+        )
     local = settings_["mode"] == PrivacyBudget.Mode.LOCAL
     q = 1.0 if local else min(1.0, expected_clients / max(population, 1))
     noise = settings_.get("noise_multiplier")
@@ -111,6 +158,71 @@ def budget_create(
     return budget
 
 
+def _budget_create_distributed(
+    *, training: Any, settings_: dict[str, Any], planned_rounds: int, expected_clients: int, population: int
+) -> PrivacyBudget:
+    """Create a distributed-Skellam budget: choose the scale and calibrate each agent's ``mu``.
+
+    The accounting counts the noise of ``min_agents`` agents only (the smallest sum the server may
+    release); the modulus is sized for the sum of up to ``expected + 4 sqrt(expected)`` agents (a Poisson
+    sample of mean ``expected`` rarely exceeds it; a wrap costs accuracy, never privacy).
+    """
+    dimension = ParameterSpec.from_json(training.parameter_spec).num_parameters
+    noise_agents = int(settings_["min_agents"])
+    summed = max(noise_agents, math.ceil(expected_clients + 4.0 * math.sqrt(expected_clients)))
+    try:
+        parameters = calibrate_skellam(
+            epsilon=settings_["epsilon"],
+            delta=settings_["delta"],
+            rounds=planned_rounds,
+            noise_agents=noise_agents,
+            summed_agents=summed,
+            clip_norm=settings_["clip_norm"],
+            dimension=dimension,
+            bits=settings_["bits"],
+            beta=settings_["rounding_beta"],
+        )
+    except AccountingError as exc:
+        raise ValidationFailed(str(exc), details={"privacy.bits": str(exc)}) from exc
+    # The noise standard deviation of the released sum, in model units, over the clip norm.
+    effective = math.sqrt(2.0 * noise_agents * parameters.agent_mu) / parameters.scale / parameters.clip_norm
+    budget = PrivacyBudget.objects.create(
+        training=training,
+        mode=PrivacyBudget.Mode.DISTRIBUTED,
+        level=settings_.get("level") or "",
+        mechanism=PrivacyBudget.Mechanism.SKELLAM,
+        accountant=PrivacyBudget.Accountant.RDP,
+        epsilon=settings_["epsilon"],
+        delta=settings_["delta"],
+        noise_multiplier=effective,
+        clip_norm=settings_["clip_norm"],
+        expected_clients_per_round=expected_clients,
+        population=population,
+        planned_rounds=planned_rounds,
+        bits=parameters.bits,
+        skellam_scale=parameters.scale,
+        skellam_agent_mu=parameters.agent_mu,
+        noise_agents=noise_agents,
+        dimension=dimension,
+        rounding_beta=parameters.beta,
+    )
+    audit_record(
+        actor="system",
+        action="privacy.budget_create",
+        obj=budget,
+        details={
+            "epsilon": budget.epsilon,
+            "delta": budget.delta,
+            "mechanism": "skellam",
+            "agent_mu": parameters.agent_mu,
+            "scale": parameters.scale,
+            "bits": parameters.bits,
+            "noise_agents": noise_agents,
+        },
+    )
+    return budget
+
+
 def _check_adaptive(noise: float, expected_clients: int, settings_: dict[str, Any]) -> None:
     """Adaptive clipping spends part of the noise on the clipped count: z must stay below 2 sigma_b."""
     from flcore.dp.central import CentralDp
@@ -136,9 +248,7 @@ def _check_adaptive(noise: float, expected_clients: int, settings_: dict[str, An
 def budget_next_event(budget: PrivacyBudget, *, eligible: int) -> tuple[dp_accounting.DpEvent, float]:
     """The event the next round would be, for ``eligible`` agents (q = expected / eligible)."""
     q = min(1.0, budget.expected_clients_per_round / max(eligible, 1))
-    multiplier, q_event = event_parameters(budget, q)
-    event = round_event(mechanism=budget.mechanism, noise_multiplier=multiplier, sampling_probability=q_event)
-    return event, q
+    return _round_event(budget, q), q
 
 
 def budget_allows(budget: PrivacyBudget, event: dp_accounting.DpEvent) -> tuple[bool, float]:
@@ -158,7 +268,7 @@ def ledger_record(
     if existing is not None:
         return existing
     multiplier, q_event = event_parameters(budget, sampling_probability)
-    event = round_event(mechanism=budget.mechanism, noise_multiplier=multiplier, sampling_probability=q_event)
+    event = _round_event(budget, sampling_probability)
     epsilon = composed_epsilon(
         [*budget_events(budget), event], delta=budget.delta, accountant=budget.accountant
     )

@@ -1,5 +1,5 @@
-"""Differential privacy for federated learning: clipping, noise mechanisms, calibration, adaptive clipping
-and client-level central DP-FedAvg.
+"""Differential privacy for federated learning: clipping, noise mechanisms, calibration, adaptive clipping,
+client-level central DP-FedAvg and the distributed Skellam mechanism (:mod:`flcore.dp.skellam`).
 
 Invariants kept by every module in this package:
 
@@ -13,7 +13,8 @@ Invariants kept by every module in this package:
   ``np.random.default_rng(secrets.randbits(128))``, and never from a stored or guessable seed; the server
   does this. Seeded generators are for tests and reproducible experiments only.
 - Noise is drawn in float64 and added in float64; results are new float32 arrays in the input's order, and
-  inputs are never modified.
+  inputs are never modified. The Skellam mechanism is the exception: its shares and noise are int64 (it
+  runs under secure aggregation's modular arithmetic).
 """
 
 from flcore.dp.adaptive_clipping import (
@@ -41,6 +42,7 @@ from flcore.dp.clipping import (
     per_layer_sensitivity,
 )
 from flcore.dp.mechanisms import add_gaussian_noise, add_laplace_noise, gaussian_noise, laplace_noise
+from flcore.dp.skellam import SkellamParameters, skellam_decode, skellam_encode, skellam_noise, skellam_rdp
 
 __all__ = [
     "ALLOWED_INNER_ALGORITHMS",
@@ -48,6 +50,7 @@ __all__ = [
     "AdaptiveClipConfig",
     "AdaptiveClipState",
     "CentralDp",
+    "SkellamParameters",
     "adaptive_clip_step",
     "add_gaussian_noise",
     "add_laplace_noise",
@@ -66,6 +69,10 @@ __all__ = [
     "noised_unclipped_fraction",
     "per_layer_clip_norms",
     "per_layer_sensitivity",
+    "skellam_decode",
+    "skellam_encode",
+    "skellam_noise",
+    "skellam_rdp",
     "update_noise_multiplier",
     "wrap_central_dp",
 ]

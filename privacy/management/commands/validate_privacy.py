@@ -7,7 +7,9 @@ Sections (``--sections``, default all; see :mod:`privacy.validation` for the sta
 - ``accountants``: our RDP and PLD epsilon beside the PRV accountant's bounds (needs the optional
   ``prv-accountant``: ``pip install -r requirements/privacy-validation.txt``);
 - ``audit``: an empirical lower bound on epsilon from a canary attack on the server's central-DP release,
-  which must not exceed the accounted epsilon.
+  which must not exceed the accounted epsilon;
+- ``distributed``: the summed Skellam shares of the agents' real encoding path against ``Sk(n mu)``, and the
+  Skellam accounting (calibration tight, ledger composition, RDP at least the Gaussian's).
 
 ``--quick`` runs smaller samples and grids (for tests); ``--break-noise`` switches flcore's noise off in
 this process to show that the checks fail; ``--table`` prints epsilon for a grid of (q, z, rounds) and the
@@ -36,9 +38,12 @@ from privacy.validation import (
     SECTIONS,
     AccountantReport,
     AuditResult,
+    DistributedReport,
     MechanismCheck,
     check_accountants,
+    check_distributed,
     check_mechanisms,
+    distributed_epsilon_table,
     epsilon_grid,
     noise_switched_off,
     run_audit,
@@ -86,6 +91,12 @@ class Command(BaseCommand):
             help="Noise multiplier z of the audited round (default 2.0).",
         )
         parser.add_argument(
+            "--distributed-table",
+            action="store_true",
+            help="Print epsilon against the per-agent Skellam mu for a worked distributed-DP example "
+            "(Markdown), then stop unless --sections is given too.",
+        )
+        parser.add_argument(
             "--table",
             action="store_true",
             help="Print epsilon for a grid of (q, z, rounds) and each level's calibrated z (Markdown), "
@@ -100,8 +111,11 @@ class Command(BaseCommand):
         unknown = sorted(set(sections) - set(SECTIONS))
         if unknown:
             raise CommandError(f"Unknown sections {unknown}; choose from {list(SECTIONS)}.")
-        if options["table"]:
-            self._print_tables()
+        if options["table"] or options["distributed_table"]:
+            if options["table"]:
+                self._print_tables()
+            if options["distributed_table"]:
+                self._print_distributed_table()
             if chosen is None:
                 return
         quick = options["quick"]
@@ -130,6 +144,11 @@ class Command(BaseCommand):
                 self._print_audit(result)
                 if not result.passed:
                     failures.append("audit")
+            if "distributed" in sections:
+                distributed = check_distributed(trials=5 if quick else 100, seed=seed)
+                self._print_distributed(distributed)
+                if not distributed.passed:
+                    failures.append("distributed")
         summary = Table(title="privacy validation", box=box.SIMPLE_HEAVY)
         summary.add_column("section")
         summary.add_column("verdict")
@@ -171,10 +190,10 @@ class Command(BaseCommand):
 
     # ---- output --------------------------------------------------------------------------------------
 
-    def _print_mechanisms(self, checks: list[MechanismCheck]) -> None:
+    def _print_mechanisms(self, checks: list[MechanismCheck], heading: str = "1. Mechanisms") -> None:
         table = Table(
             title=(
-                f"1. Mechanisms: seeded samples vs nominal distribution (family-wise alpha {FAMILY_ALPHA:g}, "
+                f"{heading}: seeded samples vs nominal distribution (family-wise alpha {FAMILY_ALPHA:g}, "
                 f"Bonferroni: {checks[0].alpha:.2g} per test)"
             ),
             box=box.SIMPLE_HEAVY,
@@ -255,6 +274,21 @@ class Command(BaseCommand):
             "that event. Laplace: q = 1 only (prv-accountant has no subsampled Laplace).\n"
         )
 
+    def _print_distributed(self, report: DistributedReport) -> None:
+        ex = report.example
+        self.console.print(
+            f"4. Distributed DP (Skellam): epsilon {ex.epsilon:g}, delta {ex.delta:g}, {ex.rounds} rounds, "
+            f"{ex.agents} agents, C {ex.clip_norm:g}, d {ex.dimension}, {ex.bits} bits -> scale "
+            f"{report.scale:.6g}, per-agent mu {report.agent_mu:.6g}"
+        )
+        self._print_mechanisms(report.statistical, "4a. Summed Skellam shares")
+        table = Table(title="4b. Skellam accounting", box=box.SIMPLE_HEAVY)
+        for column in ("check", "expected", "observed", "verdict"):
+            table.add_column(column)
+        for check in report.analytic:
+            table.add_row(check.name, check.expected, check.observed, _verdict(check.passed))
+        self.console.print(table)
+
     def _print_audit(self, result: AuditResult) -> None:
         table = Table(
             title=(
@@ -295,6 +329,32 @@ class Command(BaseCommand):
         for key, value in rows:
             table.add_row(key, value)
         self.console.print(table)
+
+    def _print_distributed_table(self) -> None:
+        rounds = (1, 10, 20, 100)
+        reference, rows = distributed_epsilon_table(rounds=rounds)
+        table = Table(
+            title=(
+                f"distributed Skellam, d {reference.dimension}, C {reference.clip_norm:g}, 20 agents' noise "
+                f"counted, {reference.bits} bits, scale {reference.scale:.5g}, delta 1e-05: epsilon after "
+                "R rounds (Skellam / Gaussian of the same variance)"
+            ),
+            box=box.MARKDOWN,
+        )
+        for column in ("mu / calibrated", "per-agent mu", "z effective", *(f"R = {r}" for r in rounds)):
+            table.add_column(column, justify="right")
+        for row in rows:
+            table.add_row(
+                f"{row['factor']:g}",
+                f"{row['agent_mu']:.4g}",
+                f"{row['noise_multiplier']:.3f}",
+                *(f"{_short(row[f'skellam_{r}'])} / {_short(row[f'gaussian_{r}'])}" for r in rounds),
+            )
+        self.console.print(table)
+        self.console.print(
+            f"(calibrated: per-agent mu {reference.agent_mu:.6g} spends epsilon 3 in 20 rounds; "
+            f"Delta_2 of one share {reference.l2_sensitivity:.6g}, replace-one sensitivity twice that)\n"
+        )
 
     def _print_tables(self) -> None:
         started = time.perf_counter()

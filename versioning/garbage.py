@@ -317,7 +317,13 @@ def _condemn(names: Iterable[str], *, now: datetime, freed: KindFreed) -> None:
                 Blob.objects.select_for_update(skip_locked=True).filter(name__in=batch).order_by("name")
             )
             named = names_referenced(row.name for row in rows)
-            dead = [row for row in rows if row.name not in named and row.touched_at < cutoff]
+            dead = [
+                row
+                for row in rows
+                if row.name not in named
+                and row.touched_at < cutoff
+                and not (row.condemned_at and row.condemned_at >= now)  # condemned earlier in this run
+            ]
             if not dead:
                 continue
             Blob.objects.filter(name__in=[row.name for row in dead]).update(condemned_at=now)

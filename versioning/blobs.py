@@ -110,12 +110,13 @@ def blob_registered(name: str, *, sha256: str, size: int) -> Iterator[bool]:
 
     now = timezone.now()
     with transaction.atomic():
-        Blob.objects.bulk_create(
-            [Blob(name=name, sha256=sha256, size_bytes=size, touched_at=now)], ignore_conflicts=True
-        )
-        Blob.objects.select_for_update().filter(name=name).update(
-            touched_at=now, condemned_at=None, size_bytes=size
-        )
+        for _ in range(2):  # the second pass: the collector removed the row while this one waited for it
+            Blob.objects.bulk_create(
+                [Blob(name=name, sha256=sha256, size_bytes=size, touched_at=now)], ignore_conflicts=True
+            )
+            # An UPDATE takes the row lock (waiting for a collector that holds it) and revives the blob.
+            if Blob.objects.filter(name=name).update(touched_at=now, condemned_at=None, size_bytes=size):
+                break
         yield not default_storage.exists(name)
 
 

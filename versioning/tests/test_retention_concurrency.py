@@ -51,7 +51,7 @@ def test_a_reference_added_while_the_blob_is_being_deleted_keeps_it(make_trainin
                 condemned.set()
                 assert release.wait(30)
             # committed: the removal (on_commit) has run by now
-        except BaseException as exc:  # noqa: BLE001 (reported by the main thread)
+        except BaseException as exc:
             errors.append(exc)
             condemned.set()
         finally:
@@ -61,7 +61,7 @@ def test_a_reference_added_while_the_blob_is_being_deleted_keeps_it(make_trainin
         try:
             # the same seed: version 0 is byte for byte the blob being deleted
             result["second"] = make_training(start=False, seed=11)
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
         finally:
             connections.close_all()
@@ -85,5 +85,6 @@ def test_a_reference_added_while_the_blob_is_being_deleted_keeps_it(make_trainin
     assert second_v0.blob_name == shared.blob_name
     assert default_storage.exists(second_v0.blob_name)
     assert hashlib.sha256(blob_read(second_v0.blob_name)).hexdigest() == second_v0.blob_sha256
+    assert Blob.objects.get(name=second_v0.blob_name).condemned_at is None  # registered and alive
     first.refresh_from_db()
     assert first.versions.get(number=0).blob_pruned_at is not None

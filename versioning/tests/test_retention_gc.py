@@ -81,8 +81,10 @@ def test_random_histories_prune_exactly_what_brute_force_says(
 ) -> None:
     rng = np.random.default_rng(seed)
     size = int(rng.integers(6, 14))
-    accuracies = [None if rng.random() < 0.2 else round(float(rng.choice([0.3, 0.6, 0.8, rng.random()])), 3)
-                  for _ in range(size)]
+    accuracies = [
+        None if rng.random() < 0.2 else round(float(rng.choice([0.3, 0.6, 0.8, rng.random()])), 3)
+        for _ in range(size)
+    ]
     retention = {
         "keep_last": int(rng.integers(0, 4)),
         "keep_every": None if seed % 2 else int(rng.integers(2, 5)),
@@ -140,9 +142,11 @@ def test_a_shared_blob_survives_until_its_last_row_is_pruned(
     shared = first.versions.get(number=0).blob_name
     assert second.versions.get(number=0).blob_name == shared
     _age()
-    _collect(django_capture_on_commit_callbacks)
+    report = _collect(django_capture_on_commit_callbacks)
     assert first.versions.get(number=0).blob_pruned_at is not None
     assert default_storage.exists(shared)  # the second training still names it
+    assert Blob.objects.get(name=shared).condemned_at is None  # never even condemned
+    assert report.versions.rows == 2 and report.versions.blobs == 2  # version 1's weights and state only
     assert hashlib.sha256(blob_read(shared)).hexdigest() == second.versions.get(number=0).blob_sha256
 
     # now the second training lets version 0 go too: the last row naming the blob is pruned
@@ -199,6 +203,24 @@ def test_a_writer_that_stores_a_condemned_blob_revives_it(
         callback()  # ... before the removal runs
     assert default_storage.exists(name)
     assert Blob.objects.get(name=name).condemned_at is None
+
+
+@pytest.mark.django_db
+def test_a_row_that_names_a_condemned_blob_before_its_removal_keeps_it(
+    make_training: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    """The removal after the commit counts the rows naming the blob again (a rollback version, for one,
+    copies its target's names without storing anything)."""
+    training = _history(make_training, [0.5, 0.6], retention={"keep_last": 1, "keep_best": False})
+    name = training.versions.get(number=1).blob_name
+    _age()
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        garbage_collect(training_id=training.pk)
+    assert Blob.objects.get(name=name).condemned_at is not None
+    ModelVersion.objects.filter(training=training, number=2).update(state_blob_name=name)
+    for callback in callbacks:
+        callback()
+    assert default_storage.exists(name)
 
 
 @pytest.mark.django_db
@@ -335,13 +357,19 @@ def test_a_dry_run_deletes_nothing_and_reports_what_the_real_run_frees(
 
     site = _busy_site(make_agent, make_training, run_round)
     stored = {name: default_storage.size(name) for name in _stored()}
-    rows = (ModelVersion.objects.filter(blob_pruned_at=None).count(), ClientUpdate.objects.exclude(blob_name="").count())
+    rows = (
+        ModelVersion.objects.filter(blob_pruned_at=None).count(),
+        ClientUpdate.objects.exclude(blob_name="").count(),
+    )
     counts = (Session.objects.count(), EnrollmentKey.objects.count(), Task.objects.count())
 
     dry = _collect(django_capture_on_commit_callbacks, dry_run=True)
     assert dry.dry_run
     assert {n: default_storage.size(n) for n in _stored()} == stored
-    assert (ModelVersion.objects.filter(blob_pruned_at=None).count(), ClientUpdate.objects.exclude(blob_name="").count()) == rows
+    assert (
+        ModelVersion.objects.filter(blob_pruned_at=None).count(),
+        ClientUpdate.objects.exclude(blob_name="").count(),
+    ) == rows
     assert (Session.objects.count(), EnrollmentKey.objects.count(), Task.objects.count()) == counts
     assert not Blob.objects.exclude(condemned_at=None).exists()
     assert dry.versions.rows == 3 and dry.updates.rows == 2 and dry.orphans.blobs == 1
@@ -384,7 +412,9 @@ def test_prune_blobs_reports_per_kind_and_its_dry_run_matches(
 def test_pinned_current_and_rollback_targets_are_never_pruned(
     make_training: Any, django_capture_on_commit_callbacks: Any
 ) -> None:
-    training = _history(make_training, [0.9, 0.1, 0.2, 0.3, 0.4], retention={"keep_last": 0, "keep_best": False})
+    training = _history(
+        make_training, [0.9, 0.1, 0.2, 0.3, 0.4], retention={"keep_last": 0, "keep_best": False}
+    )
     version_pin(version_id=training.versions.get(number=2).pk, pinned=True)
     training_rollback(training_id=training.pk, version=3)
     _age()

@@ -99,3 +99,14 @@ def test_the_beat_task_collects(make_training: Any, django_capture_on_commit_cal
         report = collect_garbage.apply().get()
     assert report["versions"]["rows"] == 2 and report["dry_run"] is False
     assert training.versions.exclude(blob_pruned_at=None).count() == 2
+
+
+@pytest.mark.django_db
+def test_the_admin_lists_pruned_and_pinned_versions_and_the_blob_registry(
+    admin_client: Any, pruned: Any
+) -> None:
+    page = admin_client.get("/admin/versioning/modelversion/", {"blob_pruned_at__isempty": "0"})
+    assert page.status_code == 200
+    assert page.context["cl"].result_count == 2  # versions 0 and 1 were pruned
+    blobs = admin_client.get("/admin/versioning/blob/")
+    assert blobs.status_code == 200 and blobs.context["cl"].result_count > 0

@@ -424,3 +424,30 @@ def test_pinned_current_and_rollback_targets_are_never_pruned(
     version_pin(version_id=training.versions.get(number=2).pk, pinned=False)
     _collect(django_capture_on_commit_callbacks)
     assert set(training.versions.filter(blob_pruned_at=None).values_list("number", flat=True)) == {3, 6}
+
+
+@pytest.mark.django_db
+def test_records_still_useful_are_kept(
+    make_agent: Any, make_training: Any, run_round: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    from clients.models import EnrollmentKey
+    from clients.services import enrollment_key_create
+    from trainings.models import Task
+
+    tokens = [make_agent()[1], make_agent()[1]]
+    running = make_training(max_rounds=3)
+    run_round(running, tokens, [0.3, 0.1])
+    old = timezone.now() - timedelta(days=90)
+    Task.objects.filter(round__training=running).update(created_at=old)
+    Task.objects.filter(round__training=running, status="pending").update(status="cancelled")
+    recent_revoked, _ = enrollment_key_create(label="revoked yesterday")
+    EnrollmentKey.objects.filter(pk=recent_revoked.pk).update(revoked=True)
+    unlimited, _ = enrollment_key_create(label="old but valid", expires_at=timezone.now() + timedelta(days=1))
+    EnrollmentKey.objects.filter(pk=unlimited.pk).update(created_at=old)
+    tasks = Task.objects.count()
+
+    report = _collect(django_capture_on_commit_callbacks)
+
+    assert report.tasks == 0 and Task.objects.count() == tasks  # the training still runs
+    assert report.enrollment_keys == 0
+    assert EnrollmentKey.objects.filter(pk__in=[recent_revoked.pk, unlimited.pk]).count() == 2

@@ -228,6 +228,10 @@ CELERY_BEAT_SCHEDULE = {
         "task": "monitoring.sample_system_health",
         "schedule": FEDSITE_HEALTH_SAMPLE_SECONDS,
     },
+    "collect-garbage": {
+        "task": "versioning.collect_garbage",
+        "schedule": env.float("FEDSITE_GC_INTERVAL_SECONDS", default=3600.0),
+    },
 }
 
 # --- Storage of tensors (safetensors blobs addressed by sha256) -------------------------------------
@@ -243,6 +247,23 @@ STORAGES = {
 }
 FILE_UPLOAD_MAX_MEMORY_SIZE = 8 * 1024 * 1024
 FEDSITE_MAX_UPDATE_BYTES = env.int("FEDSITE_MAX_UPDATE_BYTES", default=512 * 1024 * 1024)
+# Retention and garbage collection (docs/versioning.md, "Retention"; the beat task every GC_INTERVAL).
+FEDSITE_UPDATE_BLOB_RETENTION_HOURS = env.float("FEDSITE_UPDATE_BLOB_RETENTION_HOURS", default=24.0)
+FEDSITE_BLOB_GRACE_HOURS = env.float("FEDSITE_BLOB_GRACE_HOURS", default=6.0)
+FEDSITE_TASK_RETENTION_DAYS = env.float("FEDSITE_TASK_RETENTION_DAYS", default=30.0)
+FEDSITE_ENROLLMENT_KEY_RETENTION_DAYS = env.float("FEDSITE_ENROLLMENT_KEY_RETENTION_DAYS", default=30.0)
+for _name, _value in (
+    ("FEDSITE_UPDATE_BLOB_RETENTION_HOURS", FEDSITE_UPDATE_BLOB_RETENTION_HOURS),
+    ("FEDSITE_BLOB_GRACE_HOURS", FEDSITE_BLOB_GRACE_HOURS),
+    ("FEDSITE_TASK_RETENTION_DAYS", FEDSITE_TASK_RETENTION_DAYS),
+    ("FEDSITE_ENROLLMENT_KEY_RETENTION_DAYS", FEDSITE_ENROLLMENT_KEY_RETENTION_DAYS),
+):
+    if not 0 <= _value < 1e6:
+        raise ImproperlyConfigured(f"{_name} must be a number at least 0. Found {_value}.")
+if FEDSITE_BLOB_GRACE_HOURS < 0.05:  # a writer names its blob seconds after storing it: leave it time
+    raise ImproperlyConfigured(
+        f"FEDSITE_BLOB_GRACE_HOURS must be at least 0.05 (3 minutes). Found {FEDSITE_BLOB_GRACE_HOURS}."
+    )
 
 # --- Request limits (see fedsite/limits.py and docs/agent-protocol.md, "Limits") -------------------
 # Every endpoint has its own body limit, checked against Content-Length before anything is read and

@@ -19,6 +19,7 @@ from flcore.errors import ConfigError
 from flcore.strategies import AggregationAlgorithm, NotEnoughUpdates, Strategy, build_strategy
 from privacy.configuration import parse_privacy
 from versioning.policy import rollback_parse
+from versioning.retention import retention_parse
 
 MODEL_TYPES = {"logreg": "logreg", "mlp": "mlp", "neural_network": "mlp"}
 SELECTION_POLICIES = ("random", "reliability")
@@ -69,6 +70,7 @@ class TrainingConfiguration:
     seed: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)
     rollback: dict[str, Any] | None = None  # the automatic rollback policy (versioning/policy.py)
+    retention: dict[str, Any] | None = None  # which versions keep their blobs (versioning/retention.py)
 
     # ------------------------------------------------------------------------------------------
     @classmethod
@@ -217,6 +219,10 @@ class TrainingConfiguration:
                     "synchronous algorithm."
                 )
             values["rollback"] = rollback
+        if "retention" in data:
+            retention, retention_errors = retention_parse(data["retention"])
+            errors.update(retention_errors)
+            values["retention"] = retention
         if errors:
             raise ValidationFailed(
                 "The training configuration is invalid: "

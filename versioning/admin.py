@@ -9,8 +9,8 @@ from django.http import HttpRequest
 
 from fedsite.errors import ServiceError
 from monitoring.admin import ViewOnlyAdmin, pretty_json, short_hash
-from versioning.models import ModelVersion, Rollback
-from versioning.services import training_rollback
+from versioning.models import Blob, ModelVersion, Rollback
+from versioning.services import training_rollback, version_pin
 
 
 @admin.register(ModelVersion)
@@ -23,9 +23,11 @@ class ModelVersionAdmin(ViewOnlyAdmin):
         "num_parameters",
         "size_bytes",
         "sha256",
+        "pinned",
+        "pruned",
         "created_at",
     ]
-    list_filter = ["origin"]
+    list_filter = ["origin", "pinned", ("blob_pruned_at", admin.EmptyFieldListFilter)]
     search_fields = ["training__name", "=training__id", "blob_sha256"]
     list_select_related = ["training"]
     readonly_fields = [
@@ -40,9 +42,39 @@ class ModelVersionAdmin(ViewOnlyAdmin):
         "num_parameters",
         "metrics_pretty",
         "created_at",
+        "pinned",
+        "pinned_by",
+        "pinned_at",
+        "blob_pruned_at",
     ]
     exclude = ["metrics"]
-    actions = ["rollback_to_this_version"]
+    actions = ["rollback_to_this_version", "pin_versions", "unpin_versions"]
+
+    @admin.action(description="Pin (never prune) the selected versions")
+    def pin_versions(self, request: HttpRequest, queryset: Any) -> None:
+        self._pin(request, queryset, pinned=True)
+
+    @admin.action(description="Unpin the selected versions")
+    def unpin_versions(self, request: HttpRequest, queryset: Any) -> None:
+        self._pin(request, queryset, pinned=False)
+
+    def _pin(self, request: HttpRequest, queryset: Any, *, pinned: bool) -> None:
+        done, refused = 0, []
+        for version in queryset.order_by("training", "number"):
+            try:
+                version_pin(version_id=version.pk, pinned=pinned, actor=request.user)
+                done += 1
+            except ServiceError as exc:
+                refused.append(exc.message)
+        word = "Pinned" if pinned else "Unpinned"
+        if done:
+            self.message_user(request, f"{word} {done} version(s).", messages.SUCCESS)
+        for message in refused:
+            self.message_user(request, message, messages.ERROR)
+
+    @admin.display(description="pruned", boolean=True)
+    def pruned(self, obj: ModelVersion) -> bool:
+        return obj.blob_pruned_at is not None
 
     @admin.action(description="Roll its training back to this version")
     def rollback_to_this_version(self, request: HttpRequest, queryset: Any) -> None:
@@ -84,3 +116,10 @@ class RollbackAdmin(ViewOnlyAdmin):
     list_filter = ["trigger", "status"]
     search_fields = ["training__name", "=training__id", "reason"]
     list_select_related = ["training", "target", "version"]
+
+
+@admin.register(Blob)
+class BlobAdmin(ViewOnlyAdmin):
+    list_display = ["name", "size_bytes", "touched_at", "condemned_at", "created_at"]
+    list_filter = [("condemned_at", admin.EmptyFieldListFilter)]
+    search_fields = ["name", "sha256"]

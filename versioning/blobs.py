@@ -4,6 +4,11 @@ A blob's name is ``blobs/<sha[:2]>/<sha>.safetensors``: writing the same bytes t
 retried aggregation or upload never duplicates or corrupts data. Blobs are written to a temporary
 name and moved into place by the storage, so a reader never sees half a file.
 
+Every write registers the blob (``versioning.models.Blob``) under that row's lock, and makes sure the file
+exists while it holds the lock: a blob the garbage collector condemned is revived, and its file re-written
+if it was already removed (``docs/versioning.md``, "Retention"). The caller writes the row that names the
+blob soon after (within ``FEDSITE_BLOB_GRACE_HOURS``; in practice the same request or task).
+
 Uploads are spooled (:func:`blob_spool`): copied chunk by chunk into a temporary file outside the blob
 store while they are hashed and counted, and cut off at a byte limit, so memory stays at one chunk
 whatever the size; the temporary file is always removed, whether or not it became a blob.
@@ -23,6 +28,8 @@ from django.conf import settings
 from django.core.files import File
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
+from django.db import transaction
+from django.utils import timezone
 
 SPOOL_CHUNK_BYTES = 1024 * 1024
 
@@ -86,14 +93,40 @@ def blob_spool(source: Readable, *, max_bytes: int) -> Iterator[SpooledBlob]:
             os.unlink(path)
 
 
+def _store(name: str, content: File) -> None:  # type: ignore[type-arg]
+    saved = default_storage.save(name, content)
+    if saved != name:  # another writer stored the same content first
+        default_storage.delete(saved)
+
+
+@contextmanager
+def blob_registered(name: str, *, sha256: str, size: int) -> Iterator[bool]:
+    """Hold the registry row of ``name`` (created if missing), marked as just used and not condemned.
+
+    Yields whether the file is missing, so the block writes it while the lock is held: the garbage
+    collector removes a file only under the same lock, after re-checking that nobody revived the blob.
+    """
+    from versioning.models import Blob
+
+    now = timezone.now()
+    with transaction.atomic():
+        for _ in range(2):  # the second pass: the collector removed the row while this one waited for it
+            Blob.objects.bulk_create(
+                [Blob(name=name, sha256=sha256, size_bytes=size, touched_at=now)], ignore_conflicts=True
+            )
+            # An UPDATE takes the row lock (waiting for a collector that holds it) and revives the blob.
+            if Blob.objects.filter(name=name).update(touched_at=now, condemned_at=None, size_bytes=size):
+                break
+        yield not default_storage.exists(name)
+
+
 def blob_save_spooled(spooled: SpooledBlob) -> str:
     """Move (or copy, for a remote storage) a spooled upload into the store; return the blob's name."""
     name = blob_name_for(spooled.sha256)
-    if not default_storage.exists(name):
-        with open(spooled.path, "rb") as handle:
-            saved = default_storage.save(name, _SpooledFile(handle, name=spooled.path))
-        if saved != name:  # a concurrent writer stored the same content first
-            default_storage.delete(saved)
+    with blob_registered(name, sha256=spooled.sha256, size=spooled.size) as missing:
+        if missing:
+            with open(spooled.path, "rb") as handle:
+                _store(name, _SpooledFile(handle, name=spooled.path))
     return name
 
 
@@ -105,10 +138,9 @@ def blob_save(data: bytes) -> tuple[str, str]:
     """Store ``data`` and return ``(name, sha256)``; an existing identical blob is reused."""
     sha256 = hashlib.sha256(data).hexdigest()
     name = blob_name_for(sha256)
-    if not default_storage.exists(name):
-        saved = default_storage.save(name, ContentFile(data))
-        if saved != name:  # a concurrent writer stored the same content first
-            default_storage.delete(saved)
+    with blob_registered(name, sha256=sha256, size=len(data)) as missing:
+        if missing:
+            _store(name, ContentFile(data))
     return name, sha256
 
 

@@ -27,7 +27,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Max
 from django.utils import timezone
 
-from fedsite.errors import Conflict, NotFound, ValidationFailed
+from fedsite.errors import Conflict, NotFound, ServiceError, ValidationFailed
 from fedsite.logs import log_event
 from flcore.parameters import Parameters, ParameterSpec, from_bytes, to_bytes
 from flcore.strategies import ServerState, Strategy
@@ -80,7 +80,30 @@ def version_create(
         return ModelVersion.objects.get(training=training, number=number)
 
 
+class VersionPruned(ServiceError):
+    """The version's blobs were deleted by the retention policy; its metadata is all that is left."""
+
+    status_code = 410
+    default_code = "version_pruned"
+
+
+def version_require_blob(version: ModelVersion, *, field: str = "version") -> None:
+    """Raise :class:`VersionPruned` (410) if retention deleted the version's weights."""
+    if version.blob_pruned_at is None:
+        return
+    raise VersionPruned(
+        f"Version {version.number} of training {version.training_id} was pruned by its retention policy on "
+        f"{version.blob_pruned_at.isoformat()}: its metrics, sha256 ({version.blob_sha256}) and parent are "
+        "kept, its weights are not. Pin versions you will need (POST /api/v1/versions/<id>/pin/).",
+        details={
+            field: f"Version {version.number} was pruned.",
+            "pruned_at": version.blob_pruned_at.isoformat(),
+        },
+    )
+
+
 def version_read_bytes(version: ModelVersion) -> bytes:
+    version_require_blob(version)
     return blob_read(version.blob_name)
 
 
@@ -92,6 +115,7 @@ def version_read_parameters(version: ModelVersion) -> Parameters:
 def version_read_state(version: ModelVersion, strategy: Strategy) -> ServerState:
     """The server optimizer state stored with a version, or the strategy's initial state if none."""
     spec = ParameterSpec.from_json(version.training.parameter_spec)
+    version_require_blob(version)
     if not version.state_blob_name:
         return strategy.init_state(spec)
     return ServerState.from_bytes(blob_read(version.state_blob_name), spec)
@@ -180,6 +204,7 @@ def version_open_verified(*, version: ModelVersion, actor: Any) -> IO[bytes]:
     """
     from monitoring.services import audit_record
 
+    version_require_blob(version)
     spooled = tempfile.TemporaryFile(dir=settings.FILE_UPLOAD_TEMP_DIR)  # noqa: SIM115 (the response closes it)
     actual = _copy_verified(version.blob_name, version.blob_sha256, spooled)
     if actual != version.blob_sha256:
@@ -248,6 +273,8 @@ def version_compare(*, training_id: Any, a: Any, b: Any, actor: Any = "system") 
     training = _training(training_id)
     version_a = version_of_training(training=training, number=a, field="a")
     version_b = version_of_training(training=training, number=b, field="b")
+    version_require_blob(version_a, field="a")
+    version_require_blob(version_b, field="b")
     spec = ParameterSpec.from_json(training.parameter_spec)
     tensors = []
     total = {"sq_diff": 0.0, "sq_a": 0.0, "sq_b": 0.0, "dot": 0.0, "max_abs": 0.0}
@@ -688,6 +715,7 @@ def version_export(*, version: ModelVersion, actor: Any) -> IO[bytes]:
     """
     from monitoring.services import audit_record
 
+    version_require_blob(version)
     archive = tempfile.TemporaryFile(dir=settings.FILE_UPLOAD_TEMP_DIR)  # noqa: SIM115 (the response closes it)
     try:
         with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as bundle:
@@ -750,4 +778,37 @@ def version_create_from_parameters(
             fields.append("current_round")
         training.save(update_fields=fields)
         audit_record(actor=actor, action="version.create", obj=version, details={"number": number})
+    return version
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pinning (a pinned version is never pruned)
+# ---------------------------------------------------------------------------------------------------
+def version_pin(*, version_id: Any, pinned: bool, actor: Any = "system") -> ModelVersion:
+    """Pin (or unpin) a version, under its training's lock so a running collection sees it or not at all.
+
+    Pinning a version whose blobs were already pruned is refused (410): the weights cannot come back.
+    """
+    from monitoring.services import audit_record
+
+    try:
+        training_id = ModelVersion.objects.values_list("training_id", flat=True).get(pk=version_id)
+    except (ModelVersion.DoesNotExist, ValueError, TypeError, DjangoValidationError) as exc:
+        raise NotFound(f"No model version {version_id!r}.", code="version_not_found") from exc
+    with transaction.atomic():
+        _training(training_id, lock=True)
+        version = ModelVersion.objects.select_for_update().get(pk=version_id)
+        if pinned:
+            version_require_blob(version)
+        if version.pinned != pinned:
+            version.pinned = pinned
+            version.pinned_by = _actor_name(actor) if pinned else ""
+            version.pinned_at = timezone.now() if pinned else None
+            version.save(update_fields=["pinned", "pinned_by", "pinned_at"])
+            audit_record(
+                actor=actor,
+                action="version.pin" if pinned else "version.unpin",
+                obj=version,
+                details={"training": str(training_id), "number": version.number},
+            )
     return version

@@ -6,7 +6,7 @@ from rest_framework import serializers
 
 from trainings.configuration import SERVER_ALGORITHMS
 from trainings.models import Round, Training
-from versioning.api.serializers import RollbackSectionSerializer
+from versioning.api.serializers import RetentionSectionSerializer, RollbackSectionSerializer
 
 
 class TrainingSerializer(serializers.ModelSerializer):
@@ -127,3 +127,4 @@ class TrainingConfigurationSerializer(serializers.Serializer):
     seed = serializers.IntegerField(required=False)
     metadata = serializers.DictField(required=False)
     rollback = RollbackSectionSerializer(required=False, allow_null=True)
+    retention = RetentionSectionSerializer(required=False, allow_null=True)

@@ -17,3 +17,21 @@ class RollbackSectionSerializer(serializers.Serializer):  # type: ignore[type-ar
     consecutive_degradations = serializers.IntegerField(required=False, default=3, min_value=1)
     rollback_to_best = serializers.BooleanField(required=False, default=True)
     max_rollbacks = serializers.IntegerField(required=False, default=3, min_value=0)
+
+
+class RetentionSectionSerializer(serializers.Serializer):  # type: ignore[type-arg]
+    """The ``retention`` section of a training configuration (docs/versioning.md, "Retention"); validated by
+    ``versioning.retention.retention_parse``."""
+
+    keep_last = serializers.IntegerField(required=False, default=5, min_value=0)
+    keep_every = serializers.IntegerField(required=False, allow_null=True, default=None, min_value=1)
+    keep_best = serializers.BooleanField(required=False, default=True)
+    metric = serializers.CharField(
+        required=False, allow_null=True, default=None, help_text="null: the rollback metric, else accuracy"
+    )
+    update_blobs_hours = serializers.FloatField(
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text="hours update blobs are kept after their round; null: FEDSITE_UPDATE_BLOB_RETENTION_HOURS",
+    )

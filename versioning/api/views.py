@@ -1,5 +1,5 @@
 """Operator API for model versions: list, inspect, download (safetensors), export (zip with a model
-card), compare two versions, roll a training back. Views only parse and call services."""
+card), pin and unpin, compare two versions, roll a training back. Views only parse and call services."""
 
 from __future__ import annotations
 
@@ -15,7 +15,13 @@ from rest_framework.response import Response
 
 from fedsite.errors import NotFound, ValidationFailed
 from versioning.models import ModelVersion
-from versioning.services import training_rollback, version_compare, version_export, version_open_verified
+from versioning.services import (
+    training_rollback,
+    version_compare,
+    version_export,
+    version_open_verified,
+    version_pin,
+)
 
 
 class ModelVersionSerializer(serializers.ModelSerializer):
@@ -34,6 +40,10 @@ class ModelVersionSerializer(serializers.ModelSerializer):
             "num_parameters",
             "metrics",
             "created_at",
+            "pinned",
+            "pinned_by",
+            "pinned_at",
+            "blob_pruned_at",
         ]
         read_only_fields = fields
 
@@ -55,10 +65,25 @@ class ModelVersionViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, view
                 raise NotFound(f"No training with id {training!r}.", code="training_not_found") from exc
         return queryset
 
+    @extend_schema(request=None, responses={200: ModelVersionSerializer})
+    @action(detail=True, methods=["post"])
+    def pin(self, request: Request, pk: str | None = None) -> Response:
+        """Keep this version's blobs whatever the retention policy says (410 if already pruned)."""
+        version = version_pin(version_id=self.get_object().pk, pinned=True, actor=request.user)
+        return Response(self.get_serializer(version).data)
+
+    @extend_schema(request=None, responses={200: ModelVersionSerializer})
+    @action(detail=True, methods=["post"])
+    def unpin(self, request: Request, pk: str | None = None) -> Response:
+        """Let the retention policy decide about this version again."""
+        version = version_pin(version_id=self.get_object().pk, pinned=False, actor=request.user)
+        return Response(self.get_serializer(version).data)
+
     @extend_schema(responses={(200, "application/octet-stream"): bytes})
     @action(detail=True, methods=["get"])
     def download(self, request: Request, pk: str | None = None) -> FileResponse:
-        """The weights as safetensors, checked against their sha256 (409 ``blob_corrupted`` if not)."""
+        """The weights as safetensors, checked against their sha256 (409 ``blob_corrupted`` if not; 410
+        ``version_pruned`` if retention deleted them)."""
         version = self.get_object()
         response = FileResponse(
             version_open_verified(version=version, actor=request.user),
@@ -73,7 +98,7 @@ class ModelVersionViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, view
     @action(detail=True, methods=["get"])
     def export(self, request: Request, pk: str | None = None) -> FileResponse:
         """A zip of ``weights.safetensors`` and ``model_card.json`` (409 ``blob_corrupted`` if the blob
-        does not match its sha256)."""
+        does not match its sha256; 410 ``version_pruned`` if retention deleted it)."""
         version = self.get_object()
         response = FileResponse(
             version_export(version=version, actor=request.user),

@@ -303,7 +303,8 @@ def training_new(request: HttpRequest) -> HttpResponse:
         },
         "clone_of": request.GET.get("clone", ""),
     }
-    return render(request, "monitoring/training_form.html", context, status=400 if form.errors else 200)
+    # 200 with the errors shown (a 400 would make the browser log a failed load for a normal re-render)
+    return render(request, "monitoring/training_form.html", context)
 
 
 def _training_or_404(training_id: Any) -> Training:

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 from django.conf import settings
-from django.db import connection
+from django.db import connection, connections
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -373,15 +373,21 @@ def test_an_operator_runs_a_federation_from_the_browser(transactional_db, tmp_pa
             page.goto(f"{base}/dashboard/alerts/?training={training_id}")
             page.wait_for_function("document.getElementById('live-state').textContent === 'live'")
             page.evaluate("window.__sameDocument = true")
+
             # raised by the real service, in a thread without an event loop (its broadcast uses async_to_sync)
+            def raise_alert() -> Alert:
+                try:
+                    return alert_raise(
+                        kind=Alert.Kind.AGENTS_DROPPING,
+                        message="browser test: agents are dropping out",
+                        training=created,
+                        subject=f"training:{training_id}/browser-test",
+                    )
+                finally:
+                    connections.close_all()  # this thread's connection, so the test database can be dropped
+
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                alert = pool.submit(
-                    alert_raise,
-                    kind=Alert.Kind.AGENTS_DROPPING,
-                    message="browser test: agents are dropping out",
-                    training=created,
-                    subject=f"training:{training_id}/browser-test",
-                ).result()
+                alert = pool.submit(raise_alert).result()
             row = page.locator(f'#alerts tr[data-alert-id="{alert.pk}"]')
             row.wait_for(timeout=45_000)  # WebSocket on the real stack; the slow poll in embedded mode
             assert page.evaluate("window.__sameDocument") is True

@@ -39,7 +39,8 @@
     figure("memory-detail", `${gib(r.memory_available_bytes)} available`);
     figure("disk", `${format(r.disk_free_percent, 0)} % free`);
     figure("disk-detail", `${gib(r.disk_free_bytes)} of ${gib(r.disk_total_bytes)}`);
-    const celery = (health.components || {}).celery;
+    const components = health.components || {};
+    const celery = components.celery && components.celery.status !== "embedded" ? components.celery : null;
     figure("workers", celery ? String((celery.workers || []).length) : "–");
     figure("workers-detail", celery ? (celery.workers || []).join(", ") || celery.status : "embedded mode: eager tasks, no worker");
     const queues = health.queue_depths || {};

@@ -28,15 +28,9 @@ from typing import Any
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-]
+sys.path.insert(0, str(ROOT))
+from tests.test_browser import CHROMIUM, CHROMIUM_ARGS  # noqa: E402 - one definition of the browser's flags
+
 PASSWORD = secrets.token_urlsafe(16)  # a throw-away site; the password lives as long as the script
 SETUP = """
 import json

@@ -91,6 +91,18 @@ def dashboard_data(transactional_db: Any) -> dict[str, Any]:
     return {"training_id": str(training.pk), "other_training_id": str(other.pk)}
 
 
+def _stop_process(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the process group, SIGKILL it after 20 s."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 @contextlib.contextmanager
 def _serve(tmp_path: Path, *, worker: bool = False) -> Iterator[str]:
     """``manage.py serve`` on this run's database (and, on the real stack, a Celery worker if asked)."""
@@ -146,12 +158,7 @@ def _serve(tmp_path: Path, *, worker: bool = False) -> Iterator[str]:
         yield base
     finally:
         for process, log in processes:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+            _stop_process(process)
             log.close()
 
 
@@ -434,13 +441,10 @@ def test_an_operator_runs_a_federation_from_the_browser(transactional_db, tmp_pa
             assert training().status == Training.Status.STOPPED
             assert problems == []
         finally:
+            # ORM reads made while Playwright's loop runs use their own connection (asgiref's context-local
+            # storage): close it here, or the test database cannot be dropped at the end of the session.
+            connections.close_all()
             browser.close()
             for process, log in agents:
-                if process.poll() is None:
-                    os.killpg(process.pid, signal.SIGTERM)
-                    try:
-                        process.wait(timeout=20)
-                    except subprocess.TimeoutExpired:
-                        os.killpg(process.pid, signal.SIGKILL)
-                        process.wait()
+                _stop_process(process)
                 log.close()

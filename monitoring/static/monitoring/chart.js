@@ -171,54 +171,46 @@
     }
   }
 
+  /** One Chart.js configuration for both kinds; they differ in dataset style and x-axis offset. */
+  function chartConfig(kind, series, o, plugins) {
+    const line = kind === "line";
+    return {
+      type: kind,
+      data: {
+        datasets: series.map((s) => ({
+          label: s.label, data: [], borderColor: s.color, backgroundColor: s.color, parsing: false,
+          ...(line ? { borderWidth: 2, pointRadius: 2, tension: 0, spanGaps: true } : {}),
+        })),
+      },
+      options: {
+        responsive: true,
+        maintainAspectRatio: false,
+        animation: false,
+        interaction: { mode: "index", intersect: false },
+        scales: {
+          x: {
+            type: "linear", offset: !line, title: { display: true, text: o.xLabel || "round" },
+            ticks: o.xTicks || { precision: 0 },
+          },
+          y: {
+            min: line ? o.yMin : 0, max: o.yMax, ticks: line ? {} : { precision: 0 },
+            title: { display: !!o.yLabel, text: o.yLabel || "" },
+          },
+        },
+        plugins,
+      },
+    };
+  }
+
   class LineChart extends FedChartBase {
     _config() {
-      const o = this.options;
-      return {
-        type: "line",
-        data: {
-          datasets: this.series.map((s) => ({
-            label: s.label, data: [], borderColor: s.color, backgroundColor: s.color,
-            borderWidth: 2, pointRadius: 2, tension: 0, spanGaps: true, parsing: false,
-          })),
-        },
-        options: {
-          responsive: true,
-          maintainAspectRatio: false,
-          animation: false,
-          interaction: { mode: "index", intersect: false },
-          scales: {
-            x: { type: o.xType || "linear", title: { display: true, text: o.xLabel || "round" }, ticks: o.xTicks || { precision: 0 } },
-            y: { min: o.yMin, max: o.yMax, title: { display: !!o.yLabel, text: o.yLabel || "" } },
-          },
-          plugins: this._plugins(),
-        },
-      };
+      return chartConfig("line", this.series, this.options, this._plugins());
     }
   }
 
   class BarChart extends FedChartBase {
     _config() {
-      const o = this.options;
-      return {
-        type: "bar",
-        data: {
-          datasets: this.series.map((s) => ({
-            label: s.label, data: [], backgroundColor: s.color, borderColor: s.color, parsing: false,
-          })),
-        },
-        options: {
-          responsive: true,
-          maintainAspectRatio: false,
-          animation: false,
-          interaction: { mode: "index", intersect: false },
-          scales: {
-            x: { type: "linear", offset: true, title: { display: true, text: o.xLabel || "round" }, ticks: { precision: 0 } },
-            y: { min: 0, ticks: { precision: 0 }, title: { display: !!o.yLabel, text: o.yLabel || "" } },
-          },
-          plugins: this._plugins(),
-        },
-      };
+      return chartConfig("bar", this.series, this.options, this._plugins());
     }
   }
 

@@ -96,7 +96,8 @@
     const spent = charts.privacy.dataset("privacy_epsilon_spent").data;
     const last = spent.length ? spent[spent.length - 1].x : 1;
     const epsilon = lastStatus.privacy.epsilon;
-    charts.privacy.setPoints("privacy_budget", [{ x: spent.length ? spent[0].x : 0, y: epsilon }, { x: Math.max(last, lastStatus.max_rounds || last), y: epsilon }]);
+    // over the rounds drawn so far (to max_rounds would squash the spend of a long training)
+    charts.privacy.setPoints("privacy_budget", [{ x: spent.length ? spent[0].x : 0, y: epsilon }, { x: last, y: epsilon }]);
   }
 
   // --- rounds (participation chart and table rows) --------------------------------------------

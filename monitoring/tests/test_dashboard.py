@@ -246,3 +246,15 @@ def test_the_chart_library_is_served_by_the_app(client, path):
     assert response.status_code == 200
     body = b"".join(response.streaming_content) if response.streaming else response.content
     assert len(body) > 10_000
+
+
+def test_a_budget_exhausted_training_is_terminal_on_its_page(admin_client):
+    training = make_training("spent", start=True)
+    Training.objects.filter(pk=training.pk).update(status=Training.Status.BUDGET_EXHAUSTED)
+    content = admin_client.get(reverse("dashboard-training", args=[training.pk])).content.decode()
+    assert re.search(r'id="stop-form"[^>]* hidden', content)
+    assert 'id="start-form"' not in content
+    terminal = re.search(r'<script id="terminal-statuses" type="application/json">(.*?)</script>', content)
+    assert "budget_exhausted" in terminal.group(1)  # the page stops polling on it too
+    for script in ("vendor/chart.js/chart.umd.js", "vendor/chartjs-plugin-zoom/", "monitoring/chart.js"):
+        assert f"/static/{script}" in content

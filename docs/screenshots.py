@@ -29,7 +29,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS  # noqa: E402 - one definition of the browser's flags
+from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, _spawn_agents  # noqa: E402 - shared with the tests
 
 PASSWORD = secrets.token_urlsafe(16)  # a throw-away site; the password lives as long as the script
 SETUP = """
@@ -88,20 +88,12 @@ def _create_training(page: Any, base: str, name: str, algorithm: str, rounds: in
     return page.url.rstrip("/").rsplit("/", 1)[1]
 
 
-def _run_agents(base: str, tokens: dict[str, str], training_id: str, env: dict[str, str]) -> None:
-    agents = []
-    for index, (agent_id, token) in enumerate(tokens.items()):
-        command = [
-            sys.executable, "-m", "fedagent", "run", "--server", base, "--agent-id", agent_id,
-            "--token", token, "--dataset", "digits", "--num-clients", str(len(tokens)),
-            "--client-index", str(index), "--seed", "1", "--poll-wait", "5",
-            "--exit-when-training-done", training_id,
-        ]  # fmt: skip
-        agents.append(
-            subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        )
-    for agent in agents:
-        agent.wait(timeout=600)
+def _run_agents(base: str, tokens: dict[str, str], training_id: str, logs: Path) -> None:
+    """Real ``fedagent`` processes (the browser test's), until the training is done."""
+    agents = _spawn_agents(base, tokens, training_id, logs)
+    for process, log in agents:
+        process.wait(timeout=600)
+        log.close()
 
 
 def main() -> None:
@@ -147,10 +139,10 @@ def main() -> None:
             _save(page, args.out / "dashboard-training-form.png")
 
             first = _create_training(page, base, "digits, FedAvg", "fedavg", 12)
-            _run_agents(base, tokens, first, env)
+            _run_agents(base, tokens, first, var)
             page.goto(f"{base}/dashboard/health/", wait_until="networkidle")  # another sample, minutes later
             second = _create_training(page, base, "digits, FedAdam", "fedadam", 12)
-            _run_agents(base, tokens, second, env)
+            _run_agents(base, tokens, second, var)
             _manage(env, "shell", "-c", ALERT % "digits, FedAdam")
 
             page.goto(f"{base}/dashboard/trainings/{first}/", wait_until="networkidle")

@@ -16,9 +16,19 @@ TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
 # The apps' tests (web, API, dashboard, services): run a second time on the embedded default.
 EMBEDDED_TEST_PATHS ?= fedsite trainings clients privacy versioning monitoring tests
 
-.PHONY: demo test test-stack test-embedded chromium venv lint format bench clean serve worker beat
+.PHONY: demo test test-stack test-embedded chromium assets venv lint format bench clean serve worker beat
 
-venv: $(STAMP)
+venv: $(STAMP) assets
+
+# The dashboard's browser libraries (Chart.js and its zoom plugin), from the npm registry at the versions
+# package-lock.json pins, into node_modules/ (served under /static/vendor/; never committed).
+assets: node_modules/.package-lock.json
+
+node_modules/.package-lock.json: package.json package-lock.json
+	@command -v npm >/dev/null || { echo "make: installing Debian's npm for the dashboard assets"; \
+		apt-get install -y -q npm || { apt-get update -q && apt-get install -y -q npm; }; }
+	npm ci --no-audit --no-fund
+	touch $@
 
 $(STAMP): requirements/base.txt requirements/agent.txt requirements/dev.txt requirements/privacy-validation.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

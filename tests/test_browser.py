@@ -12,7 +12,10 @@ Chromium comes from Debian (``apt-get install chromium``; ``make test`` installs
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -26,7 +29,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 from django.conf import settings
-from django.db import connection
+from django.db import connection, connections
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -83,27 +86,63 @@ def dashboard_data(transactional_db: Any) -> dict[str, Any]:
     make_round(training, 2, Round.Status.COMPLETED, {"accuracy": 0.6, "loss": 0.9})
     Training.objects.filter(pk=training.pk).update(current_round=2)
     make_alert(training, severity=Alert.Severity.WARNING, message="round 2 lost an agent")
-    return {"training_id": str(training.pk)}
+    other = make_training("browser other", max_rounds=5)
+    Metric.objects.create(training=other, round_number=1, name="accuracy", value=0.5)
+    return {"training_id": str(training.pk), "other_training_id": str(other.pk)}
 
 
-@pytest.fixture
-def live_server_url(dashboard_data: dict[str, Any], tmp_path: Path) -> Iterator[str]:
+def _stop_process(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the process group, SIGKILL it after 20 s."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@contextlib.contextmanager
+def _serve(tmp_path: Path, *, worker: bool = False) -> Iterator[str]:
+    """``manage.py serve`` on this run's database (and, on the real stack, a Celery worker if asked)."""
     port = _free_port()
     env = dict(os.environ)
     env["DATABASE_URL"] = _database_url()
     env["FEDSITE_MEDIA_ROOT"] = str(settings.MEDIA_ROOT)
+    env["FEDSITE_DEADLINE_CHECK_SECONDS"] = "2"
     env["PYTHONUNBUFFERED"] = "1"
     if settings.EMBEDDED:
         env.pop("REDIS_URL", None)
-    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed below
-    server = subprocess.Popen(
-        [sys.executable, "manage.py", "serve", "--port", str(port), "--graceful-timeout", "1"],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    commands = {
+        "server": [sys.executable, "manage.py", "serve", "--port", str(port), "--graceful-timeout", "1"]
+    }
+    if worker and not settings.EMBEDDED:
+        commands["worker"] = [
+            str(Path(sys.executable).parent / "celery"),
+            "-A",
+            "fedsite",
+            "worker",
+            "-B",
+            "-Q",
+            "aggregation,privacy,default",
+            "--concurrency",
+            "1",
+            "-l",
+            "warning",
+            "--schedule",
+            str(tmp_path / "beat-schedule"),
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    processes = []
+    for name, command in commands.items():
+        log = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115 - closed below
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        processes.append((process, log))
+    server = processes[0][0]
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(120):
@@ -118,13 +157,15 @@ def live_server_url(dashboard_data: dict[str, Any], tmp_path: Path) -> Iterator[
             pytest.fail("server did not start:\n" + (tmp_path / "server.log").read_text())
         yield base
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
+        for process, log in processes:
+            _stop_process(process)
+            log.close()
+
+
+@pytest.fixture
+def live_server_url(dashboard_data: dict[str, Any], tmp_path: Path) -> Iterator[str]:
+    with _serve(tmp_path) as base:
+        yield base
 
 
 def _browser_problems(page: Any, base: str) -> list[str]:
@@ -167,10 +208,19 @@ def test_every_dashboard_page_works_in_chromium_at_desktop_and_phone_sizes(live_
     from playwright.sync_api import sync_playwright
 
     base = live_server_url
+    training = dashboard_data["training_id"]
     pages = [
         "/",
         "/dashboard/agents/",
-        f"/dashboard/trainings/{dashboard_data['training_id']}/",
+        f"/dashboard/trainings/{training}/",
+        "/dashboard/trainings/new/",
+        f"/dashboard/trainings/new/?clone={training}",
+        f"/dashboard/trainings/{training}/versions/",
+        "/dashboard/alerts/",
+        "/dashboard/alerts/?state=",
+        "/dashboard/health/",
+        f"/dashboard/compare/?training={training}&training={dashboard_data['other_training_id']}",
+        "/dashboard/agents/?sort=reliability&order=desc",
         "/api/docs/",
         "/api/redoc/",
         "/admin/",
@@ -211,3 +261,190 @@ def test_every_dashboard_page_works_in_chromium_at_desktop_and_phone_sizes(live_
             browser.close()
 
     assert report == {}, "\n".join(f"{page}: {problems}" for page, problems in report.items())
+
+
+def _login(page: Any, base: str, next_path: str = "/") -> None:
+    page.goto(f"{base}/admin/login/?next={next_path}")
+    page.fill("#id_username", "browser-operator")
+    page.fill("#id_password", PASSWORD)
+    page.click("input[type=submit]")
+    page.wait_for_url(f"{base}{next_path}")
+
+
+def _spawn_agents(base: str, tokens: dict[str, str], training_id: str, tmp_path: Path) -> list[Any]:
+    """Real agents: one ``python -m fedagent run`` process each, on its own shard of digits, over HTTP."""
+    agents = []
+    for index, (agent_id, token) in enumerate(tokens.items()):
+        log = open(tmp_path / f"{agent_id}.log", "wb")  # noqa: SIM115 - closed by the caller
+        command = [
+            sys.executable, "-m", "fedagent", "run", "--server", base, "--agent-id", agent_id,
+            "--token", token, "--dataset", "digits", "--num-clients", str(len(tokens)),
+            "--client-index", str(index), "--seed", "3", "--poll-wait", "5",
+            "--exit-when-training-done", training_id,
+        ]  # fmt: skip
+        process = subprocess.Popen(
+            command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        agents.append((process, log))
+    return agents
+
+
+def _summary_count(page: Any, chart_id: str, label: str) -> int:
+    """How many values the chart's text summary reports for a series (0 when it has none)."""
+    text = page.locator(f"#{chart_id} .fedchart-summary").inner_text()
+    found = re.search(rf"{re.escape(label)}: (\d+) value", text)
+    return int(found.group(1)) if found else 0
+
+
+def _wait_for(predicate: Any, seconds: float, what: str, logs: Path) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    tails = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(logs.glob("*.log")))
+    pytest.fail(f"timed out waiting for {what}\n{tails}")
+
+
+def test_an_operator_runs_a_federation_from_the_browser(transactional_db, tmp_path, monkeypatch):
+    """Log in, create and start a training with the form, watch the charts grow from live events, see an
+    alert arrive and acknowledge it, compare two versions, roll back, and stop the training."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (make test installs it)")
+    from django.contrib.auth import get_user_model
+    from django.db import close_old_connections
+    from playwright.sync_api import sync_playwright
+
+    from clients.services import agent_create
+    from monitoring.models import Alert
+    from monitoring.services import alert_raise
+    from trainings.models import Training
+    from versioning.models import Rollback
+
+    # Playwright's sync API runs an event loop in this thread; the test's own ORM reads block it on purpose.
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    get_user_model().objects.create_user("browser-operator", password=PASSWORD, is_staff=True)
+    tokens = {f"browser-agent-{i}": agent_create(agent_id=f"browser-agent-{i}")[1] for i in range(3)}
+
+    def training() -> Training:
+        close_old_connections()
+        return Training.objects.get(name="browser federation")
+
+    agents: list[Any] = []
+    with _serve(tmp_path, worker=True) as base, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_context(viewport=VIEWPORTS["desktop"]).new_page()
+            problems = _browser_problems(page, base)
+            page.on("dialog", lambda dialog: dialog.accept())  # the Stop button's confirmation
+            _login(page, base, "/dashboard/trainings/new/")
+
+            # --- create and start with the form (an error first: shown next to its field) ---
+            page.fill("#id_name", "browser federation")
+            page.fill("#id_max_rounds", "0")
+            page.click("button[name=start]")
+            assert "at least 1" in page.locator('[data-field-name="max_rounds"] .field-errors').inner_text()
+            page.fill("#id_max_rounds", "500")  # runs until the operator stops it
+            page.fill("#id_hidden_sizes", "16")
+            page.fill("#id_min_clients_per_round", "3")
+            page.fill("#id_max_clients_per_round", "3")
+            page.fill("#id_round_timeout_seconds", "60")
+            page.select_option("#id_algorithm", "fedavgm")
+            assert page.locator("#id_hp_fedavgm__server_momentum").is_visible()
+            assert not page.locator("#id_hp_krum__num_malicious").is_visible()
+            page.click("button[name=start]")
+            page.wait_for_url(re.compile(r".*/dashboard/trainings/[0-9a-f-]{36}/$"))
+            created = training()
+            assert created.status == Training.Status.RUNNING
+            assert created.config["hyperparameters"]["server_momentum"] == 0.9
+            training_id = str(created.pk)
+            page.wait_for_function("document.getElementById('live-state').textContent === 'live'")
+            page.evaluate("window.__sameDocument = true")
+
+            # --- real agents train; the charts grow without a reload ---
+            agents = _spawn_agents(base, tokens, training_id, tmp_path)
+            _wait_for(
+                lambda: (
+                    _summary_count(page, "chart-accuracy", "accuracy (central evaluation)") >= 3
+                    and _summary_count(page, "chart-participation", "reported") >= 3
+                ),
+                240,
+                "three rounds on the charts",
+                tmp_path,
+            )
+            assert page.evaluate("window.__sameDocument") is True
+            assert page.locator("#rounds tbody tr[data-round]").count() >= 3
+            assert _summary_count(page, "chart-duration", "round (open to aggregated)") >= 3
+
+            # --- an alert arrives on the alerts page and is acknowledged there ---
+            page.goto(f"{base}/dashboard/alerts/?training={training_id}")
+            page.wait_for_function("document.getElementById('live-state').textContent === 'live'")
+            page.evaluate("window.__sameDocument = true")
+
+            # raised by the real service, in a thread without an event loop (its broadcast uses async_to_sync)
+            def raise_alert() -> Alert:
+                try:
+                    return alert_raise(
+                        kind=Alert.Kind.AGENTS_DROPPING,
+                        message="browser test: agents are dropping out",
+                        training=created,
+                        subject=f"training:{training_id}/browser-test",
+                    )
+                finally:
+                    connections.close_all()  # this thread's connection, so the test database can be dropped
+
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                alert = pool.submit(raise_alert).result()
+            row = page.locator(f'#alerts tr[data-alert-id="{alert.pk}"]')
+            row.wait_for(timeout=45_000)  # WebSocket on the real stack; the slow poll in embedded mode
+            assert page.evaluate("window.__sameDocument") is True
+            row.locator("button.acknowledge").click()
+            page.wait_for_function(
+                f"document.querySelector('#alerts tr[data-alert-id=\"{alert.pk}\"] [data-cell=state]')"
+                ".textContent.startsWith('acknowledged')"
+            )
+            alert.refresh_from_db()
+            assert alert.acknowledged_by == "browser-operator"
+
+            # --- compare two versions, then roll back to version 1 ---
+            page.goto(f"{base}/dashboard/trainings/{training_id}/versions/")
+            page.select_option("#compare-a", "1")
+            page.select_option("#compare-b", "2")
+            page.click("#compare-form button[type=submit]")
+            page.locator("#comparison-tensors tbody tr").first.wait_for()
+            assert page.locator("#comparison-tensors tbody tr").count() >= 2  # weights and biases
+            assert "Comparison of v1 and v2" in page.locator("#comparison-title").inner_text()
+            page.click('button.rollback[data-version="1"]')
+            page.fill("#rollback-dialog input[name=reason]", "browser test")
+            page.click("#rollback-dialog button[value=confirm]")
+            page.locator("#versions-message").wait_for()
+            assert "v1" in page.locator("#versions-message").inner_text()
+            _wait_for(
+                lambda: Rollback.objects.filter(
+                    training_id=training_id, status=Rollback.Status.APPLIED
+                ).exists(),
+                120,
+                "the rollback to be applied",
+                tmp_path,
+            )
+            page.goto(f"{base}/dashboard/trainings/{training_id}/versions/")
+            assert "browser test" in page.locator("#rollbacks").inner_text()
+            assert "rollback" in page.locator("#versions").inner_text()
+
+            # --- stop it from the live page; the Stop button goes away ---
+            page.goto(f"{base}/dashboard/trainings/{training_id}/")
+            page.click("#stop-form button")
+            page.wait_for_function(
+                "document.querySelector('[data-field=status]').textContent.trim() === 'stopped'"
+            )
+            assert page.locator("#stop-form").is_hidden()
+            assert training().status == Training.Status.STOPPED
+            assert problems == []
+        finally:
+            # ORM reads made while Playwright's loop runs use their own connection (asgiref's context-local
+            # storage): close it here, or the test database cannot be dropped at the end of the session.
+            connections.close_all()
+            browser.close()
+            for process, log in agents:
+                _stop_process(process)
+                log.close()

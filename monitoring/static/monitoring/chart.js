@@ -1,186 +1,223 @@
 /*
- * A small self-contained SVG line chart (no dependencies): one x axis (round), one y axis, several
- * named series. Used by the training dashboard for accuracy and loss per round.
+ * FedChart: the dashboard's line and bar charts, drawn by Chart.js (served from /static/vendor/, installed
+ * by `make assets` from the npm registry) with chartjs-plugin-zoom.
  *
- *   const chart = new FedChart.LineChart(element, {series: ["accuracy", "loss"], yMin: 0, yMax: 1});
- *   chart.setPoints("accuracy", [{round: 1, value: 0.5}, ...]);   // replace a series
- *   chart.addPoint("accuracy", 2, 0.7);                          // add or overwrite one round
+ *   const chart = FedChart.line(container, {title: "Accuracy", series: [{key: "accuracy", label: ...}],
+ *                                           yMin: 0, yMax: 1, xLabel: "round"});
+ *   chart.setPoints("accuracy", [{x: 1, y: 0.5}, ...]);   // replace a series
+ *   chart.addPoint("accuracy", 2, 0.7);                    // add or overwrite one x (incremental)
  *
- * All text is set with textContent, never innerHTML, so metric names cannot inject markup.
+ * Every chart has a legend that toggles series, tooltips with the values under the pointer, zoom by
+ * dragging a range (wheel and pinch too) and a keyboard-usable range form (from / to, reset). Its canvas
+ * is role="img" with an aria-label, and a text summary of each series (count, latest, min, max) is kept
+ * beside it, so a screen reader gets the figures. Text is set with textContent, never innerHTML.
  */
 (function () {
   "use strict";
 
-  const SVG_NS = "http://www.w3.org/2000/svg";
-  const PALETTE = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2"];
-  const MARGIN = { top: 12, right: 16, bottom: 34, left: 52 };
+  const PALETTE = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#be185d", "#4d7c0f"];
 
-  function svgElement(name, attributes, parent) {
-    const element = document.createElementNS(SVG_NS, name);
+  function element(name, attributes, parent) {
+    const node = document.createElement(name);
     for (const [key, value] of Object.entries(attributes || {})) {
-      element.setAttribute(key, String(value));
+      if (key === "text") node.textContent = value;
+      else node.setAttribute(key, String(value));
     }
-    if (parent) parent.appendChild(element);
-    return element;
+    if (parent) parent.appendChild(node);
+    return node;
   }
 
-  /** Round numbers for axis ticks between min and max (about `count` of them). */
-  function niceTicks(min, max, count) {
-    if (!(max > min)) return [min];
-    const rawStep = (max - min) / Math.max(count, 1);
-    const magnitude = Math.pow(10, Math.floor(Math.log10(rawStep)));
-    const residual = rawStep / magnitude;
-    const step = (residual > 5 ? 10 : residual > 2 ? 5 : residual > 1 ? 2 : 1) * magnitude;
-    const ticks = [];
-    const first = Math.ceil(min / step - 1e-9);
-    for (let index = first; index * step <= max + step * 1e-9; index += 1) {
-      ticks.push(Number((index * step).toPrecision(12)));  // 0.6, not 0.6000000000000001
-    }
-    return ticks;
+  function formatNumber(value, digits) {
+    if (value === null || value === undefined || !Number.isFinite(Number(value))) return "–";
+    const number = Number(value);
+    if (digits !== undefined) return number.toFixed(digits);
+    const magnitude = Math.abs(number);
+    if (magnitude !== 0 && (magnitude < 0.001 || magnitude >= 1e6)) return number.toExponential(3);
+    return String(Number(number.toPrecision(4)));
   }
 
-  function formatNumber(value) {
-    if (value === 0) return "0";
-    const magnitude = Math.abs(value);
-    if (magnitude >= 1000 || magnitude < 0.001) return value.toExponential(1);
-    return String(Number(value.toPrecision(3)));
-  }
+  let counter = 0;
 
-  class LineChart {
+  class FedChartBase {
     constructor(container, options) {
-      this.container = container;
-      this.options = Object.assign({ height: 260, series: [], yMin: null, yMax: null, xLabel: "round" }, options);
-      this.data = new Map();
-      for (const name of this.options.series) this.data.set(name, new Map());
-      this.svg = svgElement("svg", { role: "img" }, container);
-      this.legend = document.createElement("div");
-      this.legend.className = "chart-legend";
-      container.appendChild(this.legend);
-      this.scheduled = false;
-      if (typeof ResizeObserver !== "undefined") {
-        new ResizeObserver(() => this.scheduleRender()).observe(container);
-      } else {
-        window.addEventListener("resize", () => this.scheduleRender());
-      }
-      this.render();
+      if (!window.Chart) throw new Error("Chart.js is not loaded (run `make assets`).");
+      counter += 1;
+      this.options = options;
+      this.id = `fedchart-${counter}`;
+      this.series = options.series.map((s, index) => ({ ...s, color: s.color || PALETTE[index % PALETTE.length] }));
+      container.classList.add("fedchart");
+      const box = element("div", { class: "fedchart-canvas" }, container);
+      this.canvas = element("canvas", {
+        role: "img",
+        "aria-label": options.title,
+        "aria-describedby": `${this.id}-summary`,
+        id: `${this.id}-canvas`,
+      }, box);
+      element("p", { class: "fedchart-fallback", text: `${options.title}: the summary below lists the figures.` }, this.canvas);
+      this.summary = element("p", { class: "fedchart-summary small muted", id: `${this.id}-summary`, "aria-live": "polite" }, container);
+      this._buildRangeForm(container);
+      this.chart = new window.Chart(this.canvas, this._config());
+      this.updateSummary();
     }
 
-    series(name) {
-      if (!this.data.has(name)) this.data.set(name, new Map());
-      return this.data.get(name);
+    _zoomOptions() {
+      return {
+        limits: { x: { min: "original", max: "original" } },
+        pan: { enabled: true, mode: "x", modifierKey: "shift" },
+        zoom: {
+          mode: "x",
+          drag: { enabled: true, backgroundColor: "rgba(37,99,235,0.12)" },
+          wheel: { enabled: true, modifierKey: "ctrl" },
+          pinch: { enabled: true },
+        },
+      };
     }
 
-    setPoints(name, points) {
-      const series = this.series(name);
-      series.clear();
-      for (const point of points || []) {
-        if (Number.isFinite(point.round) && Number.isFinite(point.value)) series.set(point.round, point.value);
-      }
-      this.scheduleRender();
+    _plugins() {
+      return {
+        legend: { position: "bottom", labels: { boxWidth: 12, boxHeight: 3 } },
+        tooltip: {
+          mode: "index",
+          intersect: false,
+          callbacks: {
+            title: (items) => (items.length ? `${this.options.xLabel || "round"} ${items[0].label}` : ""),
+            label: (item) => `${item.dataset.label}: ${formatNumber(item.parsed.y)}`,
+          },
+        },
+        zoom: this._zoomOptions(),
+      };
     }
 
-    addPoint(name, round, value) {
-      if (!Number.isFinite(round) || !Number.isFinite(value)) return;
-      this.series(name).set(round, value);
-      this.scheduleRender();
-    }
-
-    scheduleRender() {
-      if (this.scheduled) return;
-      this.scheduled = true;
-      window.requestAnimationFrame(() => {
-        this.scheduled = false;
-        this.render();
+    _buildRangeForm(container) {
+      const form = element("form", { class: "fedchart-range", "aria-label": `${this.options.title}: range` }, container);
+      const from = element("label", { text: "from " }, form);
+      this.fromInput = element("input", { type: "number", inputmode: "numeric", step: "any", "aria-label": `${this.options.title}: from ${this.options.xLabel || "round"}` }, from);
+      const to = element("label", { text: " to " }, form);
+      this.toInput = element("input", { type: "number", inputmode: "numeric", step: "any", "aria-label": `${this.options.title}: to ${this.options.xLabel || "round"}` }, to);
+      element("button", { type: "submit", class: "button secondary small", text: "Zoom" }, form);
+      const reset = element("button", { type: "button", class: "button secondary small", text: "Reset zoom" }, form);
+      form.addEventListener("submit", (event) => {
+        event.preventDefault();
+        const min = this.fromInput.value === "" ? undefined : Number(this.fromInput.value);
+        const max = this.toInput.value === "" ? undefined : Number(this.toInput.value);
+        if (min !== undefined && max !== undefined && min >= max) return;
+        this.zoomTo(min, max);
       });
+      reset.addEventListener("click", () => this.resetZoom());
     }
 
-    color(name) {
-      const index = Array.from(this.data.keys()).indexOf(name);
-      return PALETTE[index % PALETTE.length];
-    }
-
-    render() {
-      const width = Math.max(this.container.clientWidth || 600, 240);
-      const height = this.options.height;
-      const svg = this.svg;
-      while (svg.firstChild) svg.removeChild(svg.firstChild);
-      svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
-      svg.setAttribute("width", width);
-      svg.setAttribute("height", height);
-
-      const points = [];
-      for (const series of this.data.values()) {
-        for (const [round, value] of series) points.push([round, value]);
-      }
-      this.renderLegend();
-      if (points.length === 0) {
-        const text = svgElement("text", { x: width / 2, y: height / 2, "text-anchor": "middle", class: "empty-text" }, svg);
-        text.textContent = "No data yet";
-        return;
-      }
-
-      let xMin = Math.min(...points.map((p) => p[0]));
-      let xMax = Math.max(...points.map((p) => p[0]));
-      if (xMin === xMax) { xMin -= 1; xMax += 1; }
-      let yMin = this.options.yMin ?? Math.min(...points.map((p) => p[1]));
-      let yMax = this.options.yMax ?? Math.max(...points.map((p) => p[1]));
-      yMin = Math.min(yMin, ...points.map((p) => p[1]));
-      yMax = Math.max(yMax, ...points.map((p) => p[1]));
-      if (yMin === yMax) { yMin -= 0.5; yMax += 0.5; }
-      const plotWidth = width - MARGIN.left - MARGIN.right;
-      const plotHeight = height - MARGIN.top - MARGIN.bottom;
-      const x = (round) => MARGIN.left + ((round - xMin) / (xMax - xMin)) * plotWidth;
-      const y = (value) => MARGIN.top + (1 - (value - yMin) / (yMax - yMin)) * plotHeight;
-
-      const grid = svgElement("g", { class: "grid" }, svg);
-      const axis = svgElement("g", { class: "axis" }, svg);
-      for (const tick of niceTicks(yMin, yMax, 5)) {
-        svgElement("line", { x1: MARGIN.left, x2: width - MARGIN.right, y1: y(tick), y2: y(tick) }, grid);
-        const label = svgElement("text", { x: MARGIN.left - 6, y: y(tick) + 4, "text-anchor": "end" }, axis);
-        label.textContent = formatNumber(tick);
-      }
-      const xTicks = niceTicks(xMin, xMax, Math.max(2, Math.floor(plotWidth / 70))).filter(Number.isInteger);
-      for (const tick of xTicks) {
-        svgElement("line", { x1: x(tick), x2: x(tick), y1: MARGIN.top + plotHeight, y2: MARGIN.top + plotHeight + 4 }, axis);
-        const label = svgElement("text", { x: x(tick), y: MARGIN.top + plotHeight + 16, "text-anchor": "middle" }, axis);
-        label.textContent = String(tick);
-      }
-      svgElement("line", { x1: MARGIN.left, x2: width - MARGIN.right, y1: MARGIN.top + plotHeight, y2: MARGIN.top + plotHeight }, axis);
-      svgElement("line", { x1: MARGIN.left, x2: MARGIN.left, y1: MARGIN.top, y2: MARGIN.top + plotHeight }, axis);
-      const xLabel = svgElement("text", { x: MARGIN.left + plotWidth / 2, y: height - 4, "text-anchor": "middle" }, axis);
-      xLabel.textContent = this.options.xLabel;
-
-      for (const [name, series] of this.data) {
-        if (series.size === 0) continue;
-        const color = this.color(name);
-        const sorted = Array.from(series.entries()).sort((a, b) => a[0] - b[0]);
-        const path = sorted.map(([round, value]) => `${x(round).toFixed(1)},${y(value).toFixed(1)}`).join(" ");
-        svgElement("polyline", { points: path, fill: "none", stroke: color, "stroke-width": 2, "stroke-linejoin": "round" }, svg);
-        const dots = svgElement("g", { fill: color }, svg);
-        const radius = sorted.length > 60 ? 1.5 : 3;
-        for (const [round, value] of sorted) {
-          const dot = svgElement("circle", { cx: x(round), cy: y(value), r: radius }, dots);
-          const title = svgElement("title", {}, dot);
-          title.textContent = `${name}, round ${round}: ${value.toFixed(4)}`;
-        }
+    zoomTo(min, max) {
+      if (typeof this.chart.zoomScale === "function") {
+        const scale = this.chart.scales.x;
+        this.chart.zoomScale("x", { min: min ?? scale.min, max: max ?? scale.max }, "default");
       }
     }
 
-    renderLegend() {
-      while (this.legend.firstChild) this.legend.removeChild(this.legend.firstChild);
-      for (const [name, series] of this.data) {
-        const item = document.createElement("span");
-        const swatch = document.createElement("span");
-        swatch.className = "swatch";
-        swatch.style.background = this.color(name);
-        item.appendChild(swatch);
-        const last = Array.from(series.entries()).sort((a, b) => a[0] - b[0]).pop();
-        item.appendChild(document.createTextNode(last ? `${name} ${last[1].toFixed(4)}` : `${name} (no data)`));
-        if (!last) item.className = "nodata";
-        this.legend.appendChild(item);
+    resetZoom() {
+      this.fromInput.value = "";
+      this.toInput.value = "";
+      if (typeof this.chart.resetZoom === "function") this.chart.resetZoom();
+    }
+
+    dataset(key) {
+      const index = this.series.findIndex((s) => s.key === key);
+      return index < 0 ? null : this.chart.data.datasets[index];
+    }
+
+    updateSummary() {
+      const parts = [];
+      for (const [index, s] of this.series.entries()) {
+        const points = this.chart.data.datasets[index].data.filter((p) => p.y !== null && Number.isFinite(p.y));
+        if (!points.length) continue;
+        const values = points.map((p) => p.y);
+        const last = points[points.length - 1];
+        parts.push(
+          `${s.label}: ${points.length} value${points.length === 1 ? "" : "s"}, latest ${formatNumber(last.y)} at ${this.options.xLabel || "round"} ${last.x}, `
+          + `min ${formatNumber(Math.min(...values))}, max ${formatNumber(Math.max(...values))}`,
+        );
       }
+      this.summary.textContent = parts.length ? `${parts.join("; ")}.` : "No data yet.";
+      this.canvas.setAttribute("aria-label", `${this.options.title}. ${this.summary.textContent}`);
+    }
+
+    /** Replace one series with points [{x, y}] (or {round, value}). */
+    setPoints(key, points) {
+      const dataset = this.dataset(key);
+      if (!dataset) return;
+      dataset.data = (points || []).map((p) => ({ x: Number(p.x ?? p.round), y: p.y ?? p.value }))
+        .filter((p) => Number.isFinite(p.x)).sort((a, b) => a.x - b.x);
+      this.chart.update("none");
+      this.updateSummary();
+    }
+
+    /** Add or overwrite the value at x of one series, keeping x order. */
+    addPoint(key, x, y) {
+      const dataset = this.dataset(key);
+      if (!dataset || !Number.isFinite(Number(x))) return;
+      const number = Number(x);
+      const existing = dataset.data.findIndex((p) => p.x === number);
+      if (existing >= 0) dataset.data[existing] = { x: number, y: Number(y) };
+      else {
+        dataset.data.push({ x: number, y: Number(y) });
+        dataset.data.sort((a, b) => a.x - b.x);
+      }
+      this.chart.update();
+      this.updateSummary();
+    }
+
+    pointCount(key) {
+      const dataset = this.dataset(key);
+      return dataset ? dataset.data.length : 0;
     }
   }
 
-  window.FedChart = { LineChart, niceTicks };
+  /** One Chart.js configuration for both kinds; they differ in dataset style and x-axis offset. */
+  function chartConfig(kind, series, o, plugins) {
+    const line = kind === "line";
+    return {
+      type: kind,
+      data: {
+        datasets: series.map((s) => ({
+          label: s.label, data: [], borderColor: s.color, backgroundColor: s.color, parsing: false,
+          ...(line ? { borderWidth: 2, pointRadius: 2, tension: 0, spanGaps: true } : {}),
+        })),
+      },
+      options: {
+        responsive: true,
+        maintainAspectRatio: false,
+        animation: false,
+        interaction: { mode: "index", intersect: false },
+        scales: {
+          x: {
+            type: "linear", offset: !line, title: { display: true, text: o.xLabel || "round" },
+            ticks: o.xTicks || { precision: 0 },
+          },
+          y: {
+            min: line ? o.yMin : 0, max: o.yMax, ticks: line ? {} : { precision: 0 },
+            title: { display: !!o.yLabel, text: o.yLabel || "" },
+          },
+        },
+        plugins,
+      },
+    };
+  }
+
+  class LineChart extends FedChartBase {
+    _config() {
+      return chartConfig("line", this.series, this.options, this._plugins());
+    }
+  }
+
+  class BarChart extends FedChartBase {
+    _config() {
+      return chartConfig("bar", this.series, this.options, this._plugins());
+    }
+  }
+
+  window.FedChart = {
+    line: (container, options) => new LineChart(container, options),
+    bar: (container, options) => new BarChart(container, options),
+    formatNumber,
+    PALETTE,
+  };
 })();

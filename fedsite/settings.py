@@ -334,6 +334,8 @@ FEDSITE_CONVERGENCE_TOLERANCE = env.float("FEDSITE_CONVERGENCE_TOLERANCE", defau
 FEDSITE_ANOMALY_DETECTION = env.bool("FEDSITE_ANOMALY_DETECTION", default=True)
 FEDSITE_ANOMALY_THRESHOLD = env.float("FEDSITE_ANOMALY_THRESHOLD", default=3.5)
 FEDSITE_ANOMALY_MIN_UPDATES = env.int("FEDSITE_ANOMALY_MIN_UPDATES", default=5)
+# Floor of the z-scores' spread: cosine units for the cosine, a fraction of the median for norms and losses.
+FEDSITE_ANOMALY_MIN_SPREAD = env.float("FEDSITE_ANOMALY_MIN_SPREAD", default=0.1)
 # Contribution: running cosine estimator r <- decay * r + (1 - decay) * psi (Xu et al. 2021).
 FEDSITE_CONTRIBUTION_DECAY = env.float("FEDSITE_CONTRIBUTION_DECAY", default=0.8)
 # selection "reliability": weight = reliability * ((1 - W) + W * max(contribution, 0)), W in [0, 1].
@@ -346,6 +348,10 @@ FEDSITE_ALERT_CLIENT_FAILURE_MIN_TASKS = env.int("FEDSITE_ALERT_CLIENT_FAILURE_M
 if not FEDSITE_ANOMALY_THRESHOLD > 0:
     raise ImproperlyConfigured(
         f"FEDSITE_ANOMALY_THRESHOLD must be positive. Found {FEDSITE_ANOMALY_THRESHOLD}."
+    )
+if FEDSITE_ANOMALY_MIN_SPREAD < 0:
+    raise ImproperlyConfigured(
+        f"FEDSITE_ANOMALY_MIN_SPREAD must be at least 0. Found {FEDSITE_ANOMALY_MIN_SPREAD}."
     )
 if FEDSITE_ANOMALY_MIN_UPDATES < 3:
     raise ImproperlyConfigured(

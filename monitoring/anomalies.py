@@ -15,7 +15,8 @@ Statistics per update, all taken without an extra read of the update blobs:
 - ``loss_jump``: that loss minus the agent's reported loss in its previous round of this training.
 
 Each statistic with at least ``FEDSITE_ANOMALY_MIN_UPDATES`` values in the round gets robust z-scores
-(median/MAD, :func:`monitoring.analytics.robust_z_scores`); an update is flagged when a score passes its
+(median/MAD, :func:`monitoring.analytics.robust_z_scores`, the spread floored by
+``FEDSITE_ANOMALY_MIN_SPREAD``, see :func:`_spread_floor`); an update is flagged when a score passes its
 threshold in the suspicious direction: ``update_norm`` either way (boosted or empty updates),
 ``cosine`` downwards, ``train_loss`` and ``loss_jump`` upwards.
 
@@ -28,6 +29,7 @@ update is never part of the committed aggregate.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -228,7 +230,8 @@ def round_analyse(
         present = [(i, m.value(name)) for i, m in enumerate(measurements) if m.value(name) is not None]
         if len(present) < settings.FEDSITE_ANOMALY_MIN_UPDATES:
             continue
-        z = robust_z_scores([v for _, v in present if v is not None])
+        values = [v for _, v in present if v is not None]
+        z = robust_z_scores(values, min_scale=_spread_floor(name, values, measurements))
         threshold = policy.thresholds.get(name)
         for (i, _), score in zip(present, z, strict=True):
             scores[i][name] = score
@@ -239,6 +242,20 @@ def round_analyse(
             if suspicious > threshold:
                 reasons[i].append(name)
     return RoundAnalysis(list(measurements), scores, reasons, policy, reference_norm)
+
+
+def _spread_floor(name: str, values: Sequence[float], measurements: Sequence[UpdateMeasurement]) -> float:
+    """The smallest spread a statistic's z-scores divide by: ``FEDSITE_ANOMALY_MIN_SPREAD`` (m) in cosine
+    units for ``cosine`` (bounded in [-1, 1]), else m times the round's median magnitude of the statistic
+    (for ``loss_jump``, of the reported loss). Honest updates of a converging model agree closely, so
+    their MAD alone is tiny and would turn ordinary differences into large scores."""
+    m = settings.FEDSITE_ANOMALY_MIN_SPREAD
+    if name == "cosine":
+        return float(m)
+    if name == "loss_jump":
+        losses = [x.train_loss for x in measurements if x.train_loss is not None]
+        return float(m * abs(statistics.median(losses))) if losses else 0.0
+    return float(m * abs(statistics.median(values)))
 
 
 def previous_losses(*, training: Any, round_number: int, agent_pks: Sequence[Any]) -> dict[Any, float]:

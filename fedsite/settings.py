@@ -334,6 +334,11 @@ FEDSITE_CONVERGENCE_TOLERANCE = env.float("FEDSITE_CONVERGENCE_TOLERANCE", defau
 FEDSITE_ANOMALY_DETECTION = env.bool("FEDSITE_ANOMALY_DETECTION", default=True)
 FEDSITE_ANOMALY_THRESHOLD = env.float("FEDSITE_ANOMALY_THRESHOLD", default=3.5)
 FEDSITE_ANOMALY_MIN_UPDATES = env.int("FEDSITE_ANOMALY_MIN_UPDATES", default=5)
+FEDSITE_ANOMALY_ACTION = env.str("FEDSITE_ANOMALY_ACTION", default="flag")
+if FEDSITE_ANOMALY_ACTION not in ("flag", "exclude"):
+    raise ImproperlyConfigured(
+        f"FEDSITE_ANOMALY_ACTION must be flag or exclude. Found {FEDSITE_ANOMALY_ACTION!r}."
+    )
 # Floor of the z-scores' spread: cosine units for the cosine, a fraction of the median for norms and losses.
 FEDSITE_ANOMALY_MIN_SPREAD = env.float("FEDSITE_ANOMALY_MIN_SPREAD", default=0.1)
 # Contribution: running cosine estimator r <- decay * r + (1 - decay) * psi (Xu et al. 2021).

@@ -77,7 +77,7 @@ def anomaly_policy_parse(value: Any) -> tuple[dict[str, Any] | None, dict[str, s
         "enabled": True,
         "threshold": settings.FEDSITE_ANOMALY_THRESHOLD,
         "thresholds": {},
-        "action": "flag",
+        "action": settings.FEDSITE_ANOMALY_ACTION,
         "quarantine_after": None,
     }
     if "enabled" in value:
@@ -141,7 +141,7 @@ def anomaly_policy(block: Mapping[str, Any] | None) -> AnomalyPolicy:
     return AnomalyPolicy(
         enabled=enabled,
         thresholds={k: float(v) for k, v in thresholds.items() if v is not None},
-        action=str(block.get("action", "flag")),
+        action=str(block.get("action", settings.FEDSITE_ANOMALY_ACTION)),
         quarantine_after=block.get("quarantine_after"),
     )
 

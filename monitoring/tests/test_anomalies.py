@@ -42,6 +42,7 @@ def _thresholds(settings: Any) -> None:
     settings.FEDSITE_ANOMALY_THRESHOLD = 3.5
     settings.FEDSITE_ANOMALY_MIN_UPDATES = 5
     settings.FEDSITE_ANOMALY_MIN_SPREAD = 0.1
+    settings.FEDSITE_ANOMALY_ACTION = "flag"
 
 
 # --- robust z-scores -------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ updates are dropped before the strategy).
 Per attack, from the stored ``UpdateStatistics`` rows: the detection rate (flagged attacker updates / attacker
 updates), the false-positive rate (flagged honest updates / honest updates), the same two from round 2 on
 (round 1 has no reference direction, so no cosine), which statistics caught the attackers, and the final
-central test accuracy.
+central test accuracy; "honest flagged by" names the statistics behind the false positives.
 
 Usage::
 
@@ -53,6 +53,7 @@ class DetectionResult:
     honest_updates_from_2: int
     honest_flagged_from_2: int
     caught_by: dict[str, int]
+    false_positives_by: dict[str, int]
     final_accuracy: float | None
 
     @staticmethod
@@ -71,6 +72,7 @@ def measure(
     late_attackers = [r for r in attackers if r.round_number >= 2]
     late_honest = [r for r in honest if r.round_number >= 2]
     caught = Counter(reason for r in attackers if r.flagged for reason in r.reasons)
+    mistaken = Counter(reason for r in honest if r.flagged for reason in r.reasons)
     return DetectionResult(
         attack=attack,
         action=action,
@@ -84,6 +86,7 @@ def measure(
         honest_updates_from_2=len(late_honest),
         honest_flagged_from_2=sum(r.flagged for r in late_honest),
         caught_by=dict(caught),
+        false_positives_by=dict(mistaken),
         final_accuracy=accuracy,
     )
 
@@ -92,17 +95,18 @@ def print_table(results: list[DetectionResult]) -> str:
     rate = DetectionResult.rate
     lines = [
         "| attack | action | detection rate | false-positive rate | detection, rounds >= 2 "
-        "| false positives, rounds >= 2 | attackers caught by | final acc. % |",
-        "|---|---|---:|---:|---:|---:|---|---:|",
+        "| false positives, rounds >= 2 | attackers caught by | honest flagged by | final acc. % |",
+        "|---|---|---:|---:|---:|---:|---|---|---:|",
     ]
     for r in results:
         caught = ", ".join(f"{k} {v}" for k, v in sorted(r.caught_by.items())) or "-"
+        mistaken = ", ".join(f"{k} {v}" for k, v in sorted(r.false_positives_by.items())) or "-"
         accuracy = "-" if r.final_accuracy is None else f"{100 * r.final_accuracy:.1f}"
         lines.append(
             f"| {r.attack} | {r.action} | {rate(r.attacker_flagged, r.attacker_updates)} | "
             f"{rate(r.honest_flagged, r.honest_updates)} | "
             f"{rate(r.attacker_flagged_from_2, r.attacker_updates_from_2)} | "
-            f"{rate(r.honest_flagged_from_2, r.honest_updates_from_2)} | {caught} | {accuracy} |"
+            f"{rate(r.honest_flagged_from_2, r.honest_updates_from_2)} | {caught} | {mistaken} | {accuracy} |"
         )
     table = "\n".join(lines)
     print(table)

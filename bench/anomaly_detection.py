@@ -127,6 +127,7 @@ def main() -> None:
     parser.add_argument("--alie-mode", default="omniscient", choices=["omniscient", "own-data"])
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per training")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, database)")
     parser.add_argument("--merge", help="comma-separated --json files of earlier runs: print their table")
     args = parser.parse_args()
     if args.merge:
@@ -198,7 +199,10 @@ def main() -> None:
     print_table(results)
     if args.json is not None:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
-    shutil.rmtree(workdir, ignore_errors=True)
+    if args.keep:
+        print(f"kept {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

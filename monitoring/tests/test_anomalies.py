@@ -15,25 +15,16 @@ import pytest
 from django.test import Client
 
 from clients.models import Agent
-from fedsite.celery import app as celery_app
 from fedsite.errors import ValidationFailed
 from flcore.parameters import ParameterSpec
 from monitoring.analytics import robust_z_scores
 from monitoring.models import Alert, AuditLog, UpdateStatistics
-from monitoring.tests.federation import DIGITS_CONFIG, DigitsAgents, run_round
+from monitoring.tests.federation import DIGITS_CONFIG, DigitsAgents
 from trainings.configuration import TrainingConfiguration
 from trainings.models import Task
 from versioning.services import version_read_parameters
 
 NUM_AGENTS = 8
-
-
-@pytest.fixture
-def eager_celery():
-    previous = celery_app.conf.task_always_eager
-    celery_app.conf.task_always_eager = True
-    yield
-    celery_app.conf.task_always_eager = previous
 
 
 @pytest.fixture(autouse=True)
@@ -162,20 +153,16 @@ def _flags(training: Any, round_number: int) -> dict[str, list[str]]:
 
 @pytest.mark.django_db
 def test_planted_outliers_are_flagged_by_the_statistic_they_distort(
-    client: Any,
-    make_agent: Any,
-    make_training: Any,
-    eager_celery: Any,
-    django_capture_on_commit_callbacks: Any,
+    rest_round: Any, make_agent: Any, make_training: Any
 ) -> None:
     agents = [make_agent(f"a{i}") for i in range(NUM_AGENTS)]
     training = _training(make_training)
     spec = ParameterSpec.from_json(training.parameter_spec)
     clean, _ = _planted(spec, attackers={})
-    run_round(client, training, agents, clean, django_capture_on_commit_callbacks)
+    rest_round(training, agents, clean)
     planted, _ = _planted(spec, attackers={0: "sign_flip", 1: "scaling", 2: "loss"}, seed=1)
 
-    number = run_round(client, training, agents, planted, django_capture_on_commit_callbacks)
+    number = rest_round(training, agents, planted)
 
     assert number == 2
     flags = _flags(training, 2)
@@ -196,7 +183,7 @@ def test_planted_outliers_are_flagged_by_the_statistic_they_distort(
 
     # a clean round resolves the training's anomaly alert
     clean_again, _ = _planted(spec, attackers={}, seed=2)
-    run_round(client, training, agents, clean_again, django_capture_on_commit_callbacks)
+    rest_round(training, agents, clean_again)
     assert _flags(training, 3) == {}
     alert.refresh_from_db()
     assert alert.resolved_at is not None and "Round 3" in alert.resolution
@@ -204,20 +191,16 @@ def test_planted_outliers_are_flagged_by_the_statistic_they_distort(
 
 @pytest.mark.django_db
 def test_cosine_is_to_the_previous_global_step_computed_by_brute_force(
-    client: Any,
-    make_agent: Any,
-    make_training: Any,
-    eager_celery: Any,
-    django_capture_on_commit_callbacks: Any,
+    rest_round: Any, make_agent: Any, make_training: Any
 ) -> None:
     agents = [make_agent(f"a{i}") for i in range(NUM_AGENTS)]
     training = _training(make_training)
     spec = ParameterSpec.from_json(training.parameter_spec)
     first, _ = _planted(spec, attackers={})
-    run_round(client, training, agents, first, django_capture_on_commit_callbacks)
+    rest_round(training, agents, first)
     second, sent = _planted(spec, attackers={0: "sign_flip"}, seed=5)
 
-    run_round(client, training, agents, second, django_capture_on_commit_callbacks)
+    rest_round(training, agents, second)
 
     v0, v1 = (version_read_parameters(training.versions.get(number=n)) for n in (0, 1))
     step = np.concatenate([(v1[t.name].astype(np.float64) - v0[t.name]).ravel() for t in spec.tensors])
@@ -236,12 +219,7 @@ def test_cosine_is_to_the_previous_global_step_computed_by_brute_force(
 @pytest.mark.django_db
 @pytest.mark.parametrize("algorithm", ["fedavg", "median"])
 def test_exclude_drops_the_flagged_updates_before_the_strategy(
-    client: Any,
-    make_agent: Any,
-    make_training: Any,
-    eager_celery: Any,
-    django_capture_on_commit_callbacks: Any,
-    algorithm: str,
+    rest_round: Any, make_agent: Any, make_training: Any, algorithm: str
 ) -> None:
     from flcore.strategies import build_strategy
 
@@ -249,10 +227,10 @@ def test_exclude_drops_the_flagged_updates_before_the_strategy(
     training = _training(make_training, algorithm=algorithm, anomaly={"action": "exclude"})
     spec = ParameterSpec.from_json(training.parameter_spec)
     clean, _ = _planted(spec, attackers={})
-    run_round(client, training, agents, clean, django_capture_on_commit_callbacks)
+    rest_round(training, agents, clean)
     planted, sent = _planted(spec, attackers={0: "sign_flip", 1: "scaling"}, seed=3)
 
-    run_round(client, training, agents, planted, django_capture_on_commit_callbacks)
+    rest_round(training, agents, planted)
 
     assert set(_flags(training, 2)) == {"a0", "a1"}
     actions = dict(
@@ -277,12 +255,7 @@ def test_exclude_drops_the_flagged_updates_before_the_strategy(
 
 @pytest.mark.django_db
 def test_quarantine_after_k_flags_is_audited_and_reversible_by_an_operator(
-    client: Any,
-    staff_client: Any,
-    make_agent: Any,
-    make_training: Any,
-    eager_celery: Any,
-    django_capture_on_commit_callbacks: Any,
+    rest_round: Any, staff_client: Any, make_agent: Any, make_training: Any
 ) -> None:
     agents = [make_agent(f"a{i}") for i in range(NUM_AGENTS)]
     training = make_training(
@@ -294,7 +267,7 @@ def test_quarantine_after_k_flags_is_audited_and_reversible_by_an_operator(
     spec = ParameterSpec.from_json(training.parameter_spec)
     for seed, attackers in ((0, {}), (1, {0: "scaling"}), (2, {0: "scaling"})):
         make, _ = _planted(spec, attackers=attackers, seed=seed)
-        run_round(client, training, agents, make, django_capture_on_commit_callbacks)
+        rest_round(training, agents, make)
 
     a0 = Agent.objects.get(agent_id="a0")
     assert UpdateStatistics.objects.filter(training=training, agent=a0, flagged=True).count() == 2
@@ -322,11 +295,7 @@ def test_quarantine_after_k_flags_is_audited_and_reversible_by_an_operator(
 # --- real clean rounds ----------------------------------------------------------------------------------
 @pytest.mark.django_db
 def test_real_clean_rounds_of_honest_digits_agents_leave_no_flag(
-    client: Any,
-    make_agent: Any,
-    make_training: Any,
-    eager_celery: Any,
-    django_capture_on_commit_callbacks: Any,
+    rest_round: Any, make_agent: Any, make_training: Any
 ) -> None:
     num_agents = 10
     agents = [make_agent(f"h{i:02d}") for i in range(num_agents)]
@@ -336,7 +305,7 @@ def test_real_clean_rounds_of_honest_digits_agents_leave_no_flag(
     honest = DigitsAgents(num_agents)
 
     for _ in range(4):
-        run_round(client, training, agents, honest, django_capture_on_commit_callbacks)
+        rest_round(training, agents, honest)
 
     rows = UpdateStatistics.objects.filter(training=training)
     assert rows.count() == 4 * num_agents
@@ -349,24 +318,13 @@ def test_real_clean_rounds_of_honest_digits_agents_leave_no_flag(
 # --- the endpoint ---------------------------------------------------------------------------------------
 @pytest.mark.django_db
 def test_anomalies_endpoint_lists_flags_with_scores_staff_only(
-    client: Any,
-    staff_client: Any,
-    make_agent: Any,
-    make_training: Any,
-    eager_celery: Any,
-    django_capture_on_commit_callbacks: Any,
+    rest_round: Any, staff_client: Any, make_agent: Any, make_training: Any
 ) -> None:
     agents = [make_agent(f"a{i}") for i in range(NUM_AGENTS)]
     training = _training(make_training)
     spec = ParameterSpec.from_json(training.parameter_spec)
-    run_round(client, training, agents, _planted(spec, attackers={})[0], django_capture_on_commit_callbacks)
-    run_round(
-        client,
-        training,
-        agents,
-        _planted(spec, attackers={1: "scaling"}, seed=4)[0],
-        django_capture_on_commit_callbacks,
-    )
+    rest_round(training, agents, _planted(spec, attackers={})[0])
+    rest_round(training, agents, _planted(spec, attackers={1: "scaling"}, seed=4)[0])
     url = f"/api/v1/trainings/{training.pk}/anomalies"
 
     response = staff_client.get(url)

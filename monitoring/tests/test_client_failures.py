@@ -3,25 +3,14 @@ the convergence status on the status document."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
 import pytest
-from django.core.files.uploadedfile import SimpleUploadedFile
 
-from fedsite.celery import app as celery_app
-from flcore.parameters import ParameterSpec, to_bytes
+from flcore.parameters import ParameterSpec
 from monitoring.models import Alert
 from monitoring.services import metrics_record
-
-
-@pytest.fixture
-def eager_celery():
-    previous = celery_app.conf.task_always_eager
-    celery_app.conf.task_always_eager = True
-    yield
-    celery_app.conf.task_always_eager = previous
 
 
 def _task(client: Any, token: str) -> dict[str, Any]:
@@ -42,18 +31,6 @@ def _fail(client: Any, token: str, capture: Any) -> None:
     assert response.status_code == 200, response.content
 
 
-def _complete(client: Any, token: str, spec: ParameterSpec, capture: Any) -> None:
-    task = _task(client, token)
-    delta = {t.name: np.full(t.shape, 0.01, dtype=np.float32) for t in spec.tensors}
-    with capture(execute=True):
-        response = client.post(
-            task["upload_url"],
-            {"update": SimpleUploadedFile("u", to_bytes(delta)), "meta": json.dumps({"num_examples": 5})},
-            HTTP_AUTHORIZATION=f"Bearer {token}",
-        )
-    assert response.status_code == 201, response.content
-
-
 @pytest.mark.django_db
 def test_an_agent_failing_its_tasks_raises_one_alert_that_counts_repeats_and_resolves_itself(
     settings: Any,
@@ -62,18 +39,23 @@ def test_an_agent_failing_its_tasks_raises_one_alert_that_counts_repeats_and_res
     make_agent: Any,
     make_training: Any,
     eager_celery: Any,
+    rest_round: Any,
     django_capture_on_commit_callbacks: Any,
 ) -> None:
     settings.FEDSITE_ALERT_CLIENT_FAILURE_WINDOW = 4
     settings.FEDSITE_ALERT_CLIENT_FAILURE_MIN_TASKS = 3
     settings.FEDSITE_ALERT_CLIENT_FAILURE_RATE = 0.5
-    _agent, token = make_agent("flaky")
+    agent, token = make_agent("flaky")
     training = make_training(
         min_clients_per_round=1, max_clients_per_round=1, max_rounds=5, max_round_attempts=10
     )
     spec = ParameterSpec.from_json(training.parameter_spec)
     capture = django_capture_on_commit_callbacks
     alerts = Alert.objects.filter(kind=Alert.Kind.CLIENT_FAILURES, subject="agent:flaky")
+
+    def complete() -> None:
+        delta = {t.name: np.full(t.shape, 0.01, dtype=np.float32) for t in spec.tensors}
+        rest_round(training, [(agent, token)], lambda index, base: (delta, 5, None))
 
     _fail(client, token, capture)
     _fail(client, token, capture)
@@ -83,12 +65,12 @@ def test_an_agent_failing_its_tasks_raises_one_alert_that_counts_repeats_and_res
     assert alert.resolved_at is None and alert.count == 1
     assert alert.details == {"agent_id": "flaky", "tasks": 3, "failed": 3, "expired": 0, "rate": 1.0}
 
-    _complete(client, token, spec, capture)  # last four: 1 done, 3 failed -> 75 %
-    _complete(client, token, spec, capture)  # 2 done, 2 failed -> 50 %, still at the threshold
+    complete()  # last four: 1 done, 3 failed -> 75 %
+    complete()  # 2 done, 2 failed -> 50 %, still at the threshold
     alert.refresh_from_db()
     assert alert.count == 3 and alert.resolved_at is None and alerts.count() == 1
 
-    _complete(client, token, spec, capture)  # 3 done, 1 failed -> 25 %
+    complete()  # 3 done, 1 failed -> 25 %
     alert.refresh_from_db()
     assert alert.resolved_at is not None and "25%" in alert.resolution
 

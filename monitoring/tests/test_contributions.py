@@ -7,10 +7,9 @@ from typing import Any
 import pytest
 from django.test import Client
 
-from fedsite.celery import app as celery_app
 from monitoring.anomalies import contribution_next
 from monitoring.models import UpdateStatistics
-from monitoring.tests.federation import DIGITS_CONFIG, DigitsAgents, run_round
+from monitoring.tests.federation import DIGITS_CONFIG, DigitsAgents
 from trainings.selectors import selection_weights
 
 NUM_AGENTS = 6
@@ -18,22 +17,7 @@ NOISE_AGENT = 4
 
 
 @pytest.fixture
-def eager_celery():
-    previous = celery_app.conf.task_always_eager
-    celery_app.conf.task_always_eager = True
-    yield
-    celery_app.conf.task_always_eager = previous
-
-
-@pytest.fixture
-def federation(
-    settings: Any,
-    client: Any,
-    make_agent: Any,
-    make_training: Any,
-    eager_celery: Any,
-    django_capture_on_commit_callbacks: Any,
-) -> Any:
+def federation(settings: Any, rest_round: Any, make_agent: Any, make_training: Any) -> Any:
     """Four rounds of six digits agents; agent d4 holds noise only (random features and labels)."""
     settings.FEDSITE_CONTRIBUTION_DECAY = 0.8
     agents = [make_agent(f"d{i}") for i in range(NUM_AGENTS)]
@@ -42,7 +26,7 @@ def federation(
     )
     honest = DigitsAgents(NUM_AGENTS, noise_only=[NOISE_AGENT])
     for _ in range(4):
-        run_round(client, training, agents, honest, django_capture_on_commit_callbacks)
+        rest_round(training, agents, honest)
     training.refresh_from_db()
     return training, agents
 

@@ -1,20 +1,16 @@
 """Monitoring resources under ``/api/v1/`` (included before the router, so ``agents/leaderboard`` is not
-read as an agent named "leaderboard"); a trailing slash is optional, as on the router's routes."""
+read as an agent named "leaderboard"); no trailing slash, like the other training sub-resources."""
 
-from django.urls import re_path
+from django.urls import path
 
 from monitoring.api import views
 
 urlpatterns = [
-    re_path(
-        r"^trainings/(?P<training_id>[^/]+)/anomalies/?$",
-        views.training_anomalies_view,
-        name="training-anomalies",
-    ),
-    re_path(
-        r"^trainings/(?P<training_id>[^/]+)/leaderboard/?$",
+    path("trainings/<str:training_id>/anomalies", views.training_anomalies_view, name="training-anomalies"),
+    path(
+        "trainings/<str:training_id>/leaderboard",
         views.training_leaderboard_view,
         name="training-leaderboard",
     ),
-    re_path(r"^agents/leaderboard/?$", views.agents_leaderboard_view, name="agents-leaderboard"),
+    path("agents/leaderboard", views.agents_leaderboard_view, name="agents-leaderboard"),
 ]

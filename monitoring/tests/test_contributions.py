@@ -83,7 +83,7 @@ def test_leaderboards_sort_by_order_and_refuse_an_unknown_key(staff_client: Any,
     assert values == sorted(values)
     assert [row["agent_id"] for row in by_name] == [f"d{i}" for i in reversed(range(NUM_AGENTS))]
     assert bad.status_code == 400 and "order" in bad.json()["error"]["message"]
-    overall = staff_client.get("/api/v1/agents/leaderboard/").json()
+    overall = staff_client.get("/api/v1/agents/leaderboard").json()
     assert overall["agents"][-1]["agent_id"] == f"d{NOISE_AGENT}"
     assert {row["agent_id"] for row in overall["agents"]} == {f"d{i}" for i in range(NUM_AGENTS)}
     assert staff_client.get("/api/v1/agents/leaderboard?order=-flags").status_code == 200

@@ -18,7 +18,8 @@ from clients.models import Agent, EnrollmentKey, agent_id_validator
 from fedsite.errors import AuthenticationFailed, Conflict, Forbidden, ValidationFailed
 from fedsite.parsers import json_check, text_check
 from fedsite.throttling import auth_failure_guard, auth_failure_record
-from monitoring.services import audit_record
+from monitoring.models import Alert
+from monitoring.services import agent_failures_evaluate, alert_resolve, audit_record
 
 TOKEN_PREFIX = "fsa_"  # noqa: S105 - a public prefix, not a secret
 KEY_PREFIX = "fse_"
@@ -209,10 +210,12 @@ def agent_touch(*, agent: Agent, state: str | None = None, capabilities: Any = N
     return agent
 
 
-def agent_record_outcome(*, agent_id: Any, outcome: str) -> None:
-    """Count a task outcome for the reliability score (``completed``, ``failed`` or ``expired``)."""
+def agent_record_outcome(*, agent_id: Any, outcome: str, training: Any = None) -> None:
+    """Count a task outcome for the reliability score (``completed``, ``failed`` or ``expired``), then
+    evaluate the agent's ``client_failures`` alert over its last tasks (docs/monitoring.md)."""
     column = {"completed": "tasks_completed", "failed": "tasks_failed", "expired": "tasks_expired"}[outcome]
     Agent.objects.filter(pk=agent_id).update(**{column: F(column) + 1})
+    agent_failures_evaluate(agent_id=agent_id, training=training)
 
 
 def agent_set_status(*, agent: Agent, status: str, actor: str) -> Agent:
@@ -221,6 +224,12 @@ def agent_set_status(*, agent: Agent, status: str, actor: str) -> Agent:
     agent.status = status
     agent.save(update_fields=["status"])
     audit_record(actor=actor, action=f"agent.{status}", obj=agent)
+    if status == Agent.Status.ACTIVE:
+        alert_resolve(
+            kind=Alert.Kind.AGENT_QUARANTINED,
+            subject=f"agent:{agent.agent_id}",
+            resolution=f"Agent {agent.agent_id} was activated by {actor}.",
+        )
     return agent
 
 

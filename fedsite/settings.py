@@ -359,6 +359,53 @@ FEDSITE_ALERT_STALL_MIN_DELTA = env.float("FEDSITE_ALERT_STALL_MIN_DELTA", defau
 # Convergence status of GET training progress: the trend of the last WINDOW values, flat within TOLERANCE.
 FEDSITE_CONVERGENCE_WINDOW = env.int("FEDSITE_CONVERGENCE_WINDOW", default=5)
 FEDSITE_CONVERGENCE_TOLERANCE = env.float("FEDSITE_CONVERGENCE_TOLERANCE", default=0.001)
+# Anomaly detection on updates (monitoring/anomalies.py); a training's "anomaly" block overrides these.
+FEDSITE_ANOMALY_DETECTION = env.bool("FEDSITE_ANOMALY_DETECTION", default=True)
+FEDSITE_ANOMALY_THRESHOLD = env.float("FEDSITE_ANOMALY_THRESHOLD", default=3.5)
+FEDSITE_ANOMALY_MIN_UPDATES = env.int("FEDSITE_ANOMALY_MIN_UPDATES", default=5)
+FEDSITE_ANOMALY_ACTION = env.str("FEDSITE_ANOMALY_ACTION", default="flag")
+if FEDSITE_ANOMALY_ACTION not in ("flag", "exclude"):
+    raise ImproperlyConfigured(
+        f"FEDSITE_ANOMALY_ACTION must be flag or exclude. Found {FEDSITE_ANOMALY_ACTION!r}."
+    )
+# Floor of the z-scores' spread: cosine units for the cosine, a fraction of the median for norms and losses.
+FEDSITE_ANOMALY_MIN_SPREAD = env.float("FEDSITE_ANOMALY_MIN_SPREAD", default=0.1)
+# Contribution: running cosine estimator r <- decay * r + (1 - decay) * psi (Xu et al. 2021).
+FEDSITE_CONTRIBUTION_DECAY = env.float("FEDSITE_CONTRIBUTION_DECAY", default=0.8)
+# selection "reliability": weight = reliability * ((1 - W) + W * max(contribution, 0)), W in [0, 1].
+FEDSITE_SELECTION_CONTRIBUTION_WEIGHT = env.float("FEDSITE_SELECTION_CONTRIBUTION_WEIGHT", default=0.5)
+# client_failures: an agent's failed + expired share of its last WINDOW finished tasks >= RATE, once it has
+# at least MIN_TASKS finished tasks.
+FEDSITE_ALERT_CLIENT_FAILURE_WINDOW = env.int("FEDSITE_ALERT_CLIENT_FAILURE_WINDOW", default=10)
+FEDSITE_ALERT_CLIENT_FAILURE_RATE = env.float("FEDSITE_ALERT_CLIENT_FAILURE_RATE", default=0.5)
+FEDSITE_ALERT_CLIENT_FAILURE_MIN_TASKS = env.int("FEDSITE_ALERT_CLIENT_FAILURE_MIN_TASKS", default=4)
+if not FEDSITE_ANOMALY_THRESHOLD > 0:
+    raise ImproperlyConfigured(
+        f"FEDSITE_ANOMALY_THRESHOLD must be positive. Found {FEDSITE_ANOMALY_THRESHOLD}."
+    )
+if FEDSITE_ANOMALY_MIN_SPREAD < 0:
+    raise ImproperlyConfigured(
+        f"FEDSITE_ANOMALY_MIN_SPREAD must be at least 0. Found {FEDSITE_ANOMALY_MIN_SPREAD}."
+    )
+if FEDSITE_ANOMALY_MIN_UPDATES < 3:
+    raise ImproperlyConfigured(
+        f"FEDSITE_ANOMALY_MIN_UPDATES must be at least 3. Found {FEDSITE_ANOMALY_MIN_UPDATES}."
+    )
+for _name, _value in (
+    ("FEDSITE_CONTRIBUTION_DECAY", FEDSITE_CONTRIBUTION_DECAY),
+    ("FEDSITE_SELECTION_CONTRIBUTION_WEIGHT", FEDSITE_SELECTION_CONTRIBUTION_WEIGHT),
+):
+    if not 0 <= _value <= 1:
+        raise ImproperlyConfigured(f"{_name} must be in [0, 1]. Found {_value}.")
+if not 0 < FEDSITE_ALERT_CLIENT_FAILURE_RATE <= 1:
+    raise ImproperlyConfigured(
+        f"FEDSITE_ALERT_CLIENT_FAILURE_RATE must be in (0, 1]. Found {FEDSITE_ALERT_CLIENT_FAILURE_RATE}."
+    )
+if not 1 <= FEDSITE_ALERT_CLIENT_FAILURE_MIN_TASKS <= FEDSITE_ALERT_CLIENT_FAILURE_WINDOW:
+    raise ImproperlyConfigured(
+        "FEDSITE_ALERT_CLIENT_FAILURE_MIN_TASKS must be between 1 and FEDSITE_ALERT_CLIENT_FAILURE_WINDOW. "
+        f"Found {FEDSITE_ALERT_CLIENT_FAILURE_MIN_TASKS}."
+    )
 for _name, _value in (
     ("FEDSITE_ALERT_DEGRADATION_WINDOW", FEDSITE_ALERT_DEGRADATION_WINDOW),
     ("FEDSITE_ALERT_STALL_ROUNDS", FEDSITE_ALERT_STALL_ROUNDS),

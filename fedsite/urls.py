@@ -71,6 +71,7 @@ urlpatterns = [
         versioning_views.training_rollback_view,
         name="training-rollback",
     ),
+    path("api/v1/", include("monitoring.api.urls")),
     path("api/v1/", include(router.urls)),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),

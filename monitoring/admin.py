@@ -22,7 +22,7 @@ from django.urls import reverse
 from django.utils.html import format_html
 
 from fedsite.errors import ServiceError
-from monitoring.models import Alert, AuditLog, Metric, SystemHealthSample
+from monitoring.models import Alert, AuditLog, Metric, SystemHealthSample, UpdateStatistics
 from monitoring.services import alert_acknowledge
 
 
@@ -260,3 +260,46 @@ class AuditLogAdmin(ViewOnlyAdmin):
     @admin.display(description="details")
     def details_pretty(self, obj: AuditLog) -> str:
         return pretty_json(obj.details)
+
+
+@admin.register(UpdateStatistics)
+class UpdateStatisticsAdmin(ViewOnlyAdmin):
+    """What the aggregation measured about each update; flagged ones are the anomalies."""
+
+    list_display = [
+        "training",
+        "round_number",
+        "agent",
+        "flagged",
+        "action",
+        "update_norm",
+        "cosine",
+        "train_loss",
+        "loss_jump",
+        "contribution",
+    ]
+    list_filter = ["flagged", "action"]
+    search_fields = ["agent__agent_id", "=training__id", "training__name"]
+    list_select_related = ["training", "agent"]
+    fields = [
+        "training",
+        "round_number",
+        "agent",
+        "update",
+        "num_examples",
+        "update_norm",
+        "cosine",
+        "train_loss",
+        "loss_jump",
+        "scores_pretty",
+        "reasons",
+        "flagged",
+        "action",
+        "contribution",
+        "created_at",
+    ]
+    readonly_fields = fields
+
+    @admin.display(description="robust z-scores")
+    def scores_pretty(self, obj: UpdateStatistics) -> str:
+        return pretty_json(obj.scores)

@@ -80,3 +80,32 @@ def stalled(values: Sequence[float], *, metric_name: str, rounds: int, min_delta
         return None
     before, recent = max(series[:-rounds]), max(series[-rounds:])
     return (recent - before) / max(abs(before), _FLOOR) <= min_delta
+
+
+MAD_TO_SIGMA = 1.4826
+"""``1 / Phi^-1(3/4)``: the MAD of a normal sample times this estimates its standard deviation."""
+MEAN_AD_TO_SIGMA = 1.2533
+"""``sqrt(pi / 2)``: the mean absolute deviation of a normal sample times this estimates its sigma."""
+
+
+def robust_z_scores(values: Sequence[float], *, min_scale: float = 0.0) -> list[float]:
+    """Robust z-scores ``(x - median) / max(1.4826 * MAD, min_scale)`` (the modified z-score of Iglewicz
+    and Hoaglin 1993, with an optional floor on the spread).
+
+    When more than half the values are equal the MAD is 0; the mean absolute deviation from the median
+    times ``sqrt(pi/2)`` is used instead (the usual fallback), so a lone outlier among identical values
+    still scores high. ``min_scale`` keeps a round whose values agree very closely from turning tiny
+    differences into large scores. When the spread is 0 and there is no floor every score is 0.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        return []
+    median = float(np.median(x))
+    deviations = np.abs(x - median)
+    scale = MAD_TO_SIGMA * float(np.median(deviations))
+    if scale <= _FLOOR * max(1.0, abs(median)):
+        scale = MEAN_AD_TO_SIGMA * float(np.mean(deviations))
+    scale = max(scale, float(min_scale))
+    if scale <= _FLOOR * max(1.0, abs(median)):
+        return [0.0] * int(x.size)
+    return [float(v) for v in (x - median) / scale]

@@ -45,6 +45,9 @@ class Alert(models.Model):
         RESOURCE_EXHAUSTED = "resource_exhausted", "resource exhausted"
         PERFORMANCE_DEGRADED = "performance_degraded", "performance degraded"
         CONVERGENCE_STALLED = "convergence_stalled", "convergence stalled"
+        UPDATE_ANOMALY = "update_anomaly", "anomalous updates"
+        AGENT_QUARANTINED = "agent_quarantined", "agent quarantined"
+        CLIENT_FAILURES = "client_failures", "agent failing its tasks"
 
     training = models.ForeignKey(
         "trainings.Training", null=True, blank=True, on_delete=models.CASCADE, related_name="alerts"
@@ -85,6 +88,50 @@ class Alert(models.Model):
 
     def __str__(self) -> str:
         return f"[{self.severity}] {self.kind}: {self.message[:60]}"
+
+
+class UpdateStatistics(models.Model):
+    """What the aggregation measured about one update, its robust z-scores and what the policy did.
+
+    One row per aggregated update of a synchronous round (monitoring/anomalies.py); ``flagged`` rows are
+    the anomalies. ``cosine`` is to the reference direction (the step that produced the round's base
+    version), null in a round without one; ``contribution`` is the agent's running contribution estimate
+    in this training after this round.
+    """
+
+    class Action(models.TextChoices):
+        NONE = "none", "none"
+        FLAGGED = "flagged", "flagged"
+        EXCLUDED = "excluded", "excluded from the aggregate"
+
+    update = models.OneToOneField(
+        "trainings.ClientUpdate", on_delete=models.CASCADE, related_name="statistics"
+    )
+    training = models.ForeignKey(
+        "trainings.Training", on_delete=models.CASCADE, related_name="update_statistics"
+    )
+    round_number = models.PositiveIntegerField()
+    agent = models.ForeignKey("clients.Agent", on_delete=models.CASCADE, related_name="update_statistics")
+    num_examples = models.PositiveIntegerField()
+    update_norm = models.FloatField()
+    cosine = models.FloatField(null=True, blank=True)
+    train_loss = models.FloatField(null=True, blank=True)
+    loss_jump = models.FloatField(null=True, blank=True)
+    scores = models.JSONField(default=dict, blank=True, help_text="Robust z-score per statistic.")
+    reasons = models.JSONField(default=list, blank=True, help_text="Statistics past their threshold.")
+    flagged = models.BooleanField(default=False, db_index=True)
+    action = models.CharField(max_length=16, choices=Action.choices, default=Action.NONE)
+    contribution = models.FloatField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["training", "round_number", "agent"]
+        indexes = [models.Index(fields=["training", "agent", "round_number"])]
+        verbose_name_plural = "update statistics"
+
+    def __str__(self) -> str:
+        state = f" {self.action}" if self.flagged else ""
+        return f"round {self.round_number} update of {self.agent_id}{state}"
 
 
 class SystemHealthSample(models.Model):

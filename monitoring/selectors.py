@@ -127,7 +127,6 @@ def training_progress(*, training: Any, metric: str | None = None) -> dict[str, 
     training has recorded. The status is :func:`monitoring.analytics.convergence_status` over the last
     ``FEDSITE_CONVERGENCE_WINDOW`` rounds.
     """
-    from monitoring import analytics
     from monitoring.models import Metric
 
     series: dict[str, list[dict[str, Any]]] = {}
@@ -137,6 +136,25 @@ def training_progress(*, training: Any, metric: str | None = None) -> dict[str, 
         .values_list("name", "round_number", "value")
     ):
         series.setdefault(name, []).append({"round": round_number, "value": value})
+    convergence = convergence_summary(series, metric)
+    max_rounds = (training.config or {}).get("max_rounds")
+    return {
+        "training_id": str(training.pk),
+        "name": training.name,
+        "status": training.status,
+        "current_round": training.current_round,
+        "max_rounds": max_rounds,
+        "progress": min(1.0, training.current_round / max_rounds) if max_rounds else None,
+        "metrics": series,
+        "convergence": convergence,
+    }
+
+
+def convergence_summary(series: dict[str, list[dict[str, Any]]], metric: str | None = None) -> dict[str, Any]:
+    """The convergence status of ``metric`` (default: the first of :data:`PROGRESS_METRICS` in ``series``),
+    :func:`monitoring.analytics.convergence_status` over the last ``FEDSITE_CONVERGENCE_WINDOW`` rounds."""
+    from monitoring import analytics
+
     chosen = metric or next((name for name in PROGRESS_METRICS if name in series), None)
     values = [point["value"] for point in series.get(chosen or "", [])]
     window = settings.FEDSITE_CONVERGENCE_WINDOW
@@ -149,21 +167,25 @@ def training_progress(*, training: Any, metric: str | None = None) -> dict[str, 
         )
         latest = values[-1]
         best = max(values) if analytics.higher_is_better(chosen) else min(values)
-    max_rounds = (training.config or {}).get("max_rounds")
     return {
-        "training_id": str(training.pk),
-        "name": training.name,
-        "status": training.status,
-        "current_round": training.current_round,
-        "max_rounds": max_rounds,
-        "progress": min(1.0, training.current_round / max_rounds) if max_rounds else None,
-        "metrics": series,
-        "convergence": {
-            "metric": chosen,
-            "status": status,
-            "window": window,
-            "tolerance": settings.FEDSITE_CONVERGENCE_TOLERANCE,
-            "latest": latest,
-            "best": best,
-        },
+        "metric": chosen,
+        "status": status,
+        "window": window,
+        "tolerance": settings.FEDSITE_CONVERGENCE_TOLERANCE,
+        "latest": latest,
+        "best": best,
     }
+
+
+def training_convergence(*, training: Any) -> dict[str, Any]:
+    """:func:`convergence_summary` of a training from the stored metrics (only the progress metrics)."""
+    from monitoring.models import Metric
+
+    series: dict[str, list[dict[str, Any]]] = {}
+    for name, round_number, value in (
+        Metric.objects.filter(training=training, name__in=PROGRESS_METRICS)
+        .order_by("name", "round_number")
+        .values_list("name", "round_number", "value")
+    ):
+        series.setdefault(name, []).append({"round": round_number, "value": value})
+    return convergence_summary(series)

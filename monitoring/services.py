@@ -510,3 +510,58 @@ def health_sample_take(*, role: str, cpu_interval: float | None = None) -> Syste
     health_samples_prune()
     resources_evaluate()
     return sample
+
+
+def agent_failures_evaluate(*, agent_id: Any, training: Any = None) -> str:
+    """Raise, repeat or resolve the ``client_failures`` alert of one agent (subject ``agent:<agent_id>``).
+
+    The agent's last ``FEDSITE_ALERT_CLIENT_FAILURE_WINDOW`` finished tasks (completed, failed, expired; by
+    completion time) are counted once there are at least ``FEDSITE_ALERT_CLIENT_FAILURE_MIN_TASKS``; a
+    failed-or-expired share at or above ``FEDSITE_ALERT_CLIENT_FAILURE_RATE`` raises (a repeat counts), a
+    share under it resolves. ``training`` is the training of the task just finished (the alert's WebSocket
+    group). Returns ``raised``, ``resolved`` or ``unchanged``.
+    """
+    from clients.models import Agent
+    from trainings.models import Task  # (trainings imports this module)
+
+    statuses = [Task.Status.COMPLETED, Task.Status.FAILED, Task.Status.EXPIRED]
+    recent = list(
+        Task.objects.filter(agent_id=agent_id, status__in=statuses)
+        .order_by("-completed_at", "-pk")
+        .values_list("status", flat=True)[: settings.FEDSITE_ALERT_CLIENT_FAILURE_WINDOW]
+    )
+    if len(recent) < settings.FEDSITE_ALERT_CLIENT_FAILURE_MIN_TASKS:
+        return "unchanged"
+    failed = sum(s == Task.Status.FAILED for s in recent)
+    expired = sum(s == Task.Status.EXPIRED for s in recent)
+    rate = (failed + expired) / len(recent)
+    name = Agent.objects.filter(pk=agent_id).values_list("agent_id", flat=True).first() or str(agent_id)
+    subject = f"agent:{name}"
+    threshold = settings.FEDSITE_ALERT_CLIENT_FAILURE_RATE
+    if rate >= threshold:
+        alert_raise(
+            kind=Alert.Kind.CLIENT_FAILURES,
+            severity=Alert.Severity.WARNING,
+            training=training,
+            subject=subject,
+            message=(
+                f"Agent {name} failed or let expire {failed + expired} of its last {len(recent)} tasks "
+                f"({rate:.0%}, threshold {threshold:.0%}): {failed} failed, {expired} expired."
+            ),
+            details={
+                "agent_id": name,
+                "tasks": len(recent),
+                "failed": failed,
+                "expired": expired,
+                "rate": rate,
+            },
+        )
+        return "raised"
+    resolved = alert_resolve(
+        kind=Alert.Kind.CLIENT_FAILURES,
+        subject=subject,
+        resolution=(
+            f"Agent {name} now fails {rate:.0%} of its last {len(recent)} tasks (under {threshold:.0%})."
+        ),
+    )
+    return "resolved" if resolved else "unchanged"

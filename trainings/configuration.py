@@ -17,6 +17,7 @@ from fedsite.errors import ValidationFailed
 from fedsite.parsers import json_check
 from flcore.errors import ConfigError
 from flcore.strategies import AggregationAlgorithm, NotEnoughUpdates, Strategy, build_strategy
+from monitoring.anomalies import anomaly_policy_parse
 from privacy.configuration import parse_privacy
 from versioning.policy import rollback_parse
 from versioning.retention import retention_parse
@@ -71,6 +72,7 @@ class TrainingConfiguration:
     metadata: dict[str, Any] = field(default_factory=dict)
     rollback: dict[str, Any] | None = None  # the automatic rollback policy (versioning/policy.py)
     retention: dict[str, Any] | None = None  # which versions keep their blobs (versioning/retention.py)
+    anomaly: dict[str, Any] | None = None  # anomaly detection on updates (monitoring/anomalies.py)
 
     # ------------------------------------------------------------------------------------------
     @classmethod
@@ -223,6 +225,10 @@ class TrainingConfiguration:
             retention, retention_errors = retention_parse(data["retention"])
             errors.update(retention_errors)
             values["retention"] = retention
+        if "anomaly" in data:
+            anomaly, anomaly_errors = anomaly_policy_parse(data["anomaly"])
+            errors.update(anomaly_errors)
+            values["anomaly"] = anomaly
         if errors:
             raise ValidationFailed(
                 "The training configuration is invalid: "

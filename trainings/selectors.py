@@ -9,7 +9,9 @@ from django.db.models import Exists, OuterRef, QuerySet
 
 from clients.models import Agent
 from clients.selectors import agents_eligible
+from monitoring.contributions import contribution_weights
 from monitoring.models import Metric
+from monitoring.selectors import training_convergence
 from trainings.models import Round, Task, Training
 from trainings.services import update_max_bytes
 
@@ -23,6 +25,13 @@ def agents_selectable() -> QuerySet[Agent]:
         agent=OuterRef("pk"), status=Task.Status.EXPIRED, completed_at__gte=OuterRef("last_seen_at")
     )
     return agents_eligible().exclude(Exists(expired_since_seen))
+
+
+def selection_weights(*, training: Training, agents: list[Agent]) -> list[float]:
+    """Weights of selection ``"reliability"``: each agent's reliability times its contribution factor in
+    this training (``monitoring.contributions.contribution_weights``; docs/monitoring.md section 5)."""
+    factors = contribution_weights(training=training, agents=agents)
+    return [agent.reliability * factors[agent.pk] for agent in agents]
 
 
 def training_get(training_id: Any) -> Training | None:
@@ -111,6 +120,7 @@ def training_status(training: Training) -> dict[str, Any]:
         else None,
         "stop_reason": training.stop_reason,
         "privacy": _privacy_summary(training),
+        "convergence": training_convergence(training=training),
         "created_at": training.created_at.isoformat(),
         "started_at": training.started_at.isoformat() if training.started_at else None,
         "finished_at": training.finished_at.isoformat() if training.finished_at else None,

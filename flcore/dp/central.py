@@ -513,7 +513,7 @@ class CentralDp(Strategy):
             for delta, weight, factor in zip(deltas, weights, scales, strict=True):
                 accumulator.add(delta, float(weight), scale=float(factor))
             return accumulator.sum(), num_unclipped
-        summed, _ = self._combine_chunked(spec, deltas, weights, scales, chunk_size)
+        summed, _, _ = self._combine_chunked(spec, deltas, weights, scales, chunk_size)
         return summed, num_unclipped
 
     def round_metrics(self, num_updates: int) -> dict[str, float]:

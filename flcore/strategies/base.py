@@ -469,6 +469,13 @@ class FlatLayout:
             self._ranges.append((tensor.name, offset, offset + tensor.num_parameters))
             offset += tensor.num_parameters
 
+    def flatten(self, update: Mapping[str, npt.NDArray[Any]]) -> npt.NDArray[np.float32]:
+        """Return ``update`` as one new float32 vector in this layout's order (names and shapes checked)."""
+        self.spec.validate(update)
+        out = np.empty(self.spec.num_parameters, dtype=np.float32)
+        self.read_inplace(update, 0, self.spec.num_parameters, out)
+        return out
+
     def read_inplace(
         self, update: Mapping[str, npt.NDArray[Any]], start: int, stop: int, out: npt.NDArray[Any]
     ) -> None:
@@ -807,6 +814,8 @@ class Strategy(abc.ABC):
     ) -> tuple[Parameters, dict[str, float]]:
         """Combine client deltas into one pseudo-gradient, in process, streaming or chunk by chunk.
 
+        :meth:`combine_measured` does the same and also measures every delta against a reference direction.
+
         Parameters
         ----------
         deltas : sequence of Parameters
@@ -833,6 +842,41 @@ class Strategy(abc.ABC):
             If there are too few updates, counts are invalid, or an update has NaN or Inf;
             :class:`~flcore.errors.SerdeError` if names or shapes differ.
         """
+        combined, metrics, _ = self._combine(deltas, num_examples, chunk_size, streaming, threads, None)
+        return combined, metrics
+
+    def combine_measured(
+        self,
+        deltas: Sequence[Parameters],
+        num_examples: Sequence[int],
+        reference: Parameters,
+        *,
+        chunk_size: int | None = None,
+        streaming: bool | None = None,
+        threads: int | None = None,
+    ) -> tuple[Parameters, dict[str, float], list[float]]:
+        """:meth:`combine`, plus ``<delta_i, reference>`` for every delta, taken in the same pass.
+
+        The combination is the same as :meth:`combine`'s, bit for bit. Each dot product is of the delta as
+        sent (before ``update_scale``), computed per cache-sized chunk while the chunk is in cache (float32
+        per chunk, summed in float64): the server's anomaly statistics cost no extra read of the updates.
+
+        Returns
+        -------
+        tuple of (Parameters, dict, list of float)
+            The pseudo-gradient, the metrics, and one dot product per delta in order.
+        """
+        return self._combine(deltas, num_examples, chunk_size, streaming, threads, reference)
+
+    def _combine(
+        self,
+        deltas: Sequence[Parameters],
+        num_examples: Sequence[int],
+        chunk_size: int | None,
+        streaming: bool | None,
+        threads: int | None,
+        reference: Parameters | None,
+    ) -> tuple[Parameters, dict[str, float], list[float]]:
         if self.asynchronous:
             raise FlcoreError(
                 f"{self.algorithm.value} is asynchronous; feed updates one at a time instead of by round."
@@ -862,6 +906,8 @@ class Strategy(abc.ABC):
             # positive finite weights a NaN or Inf anywhere makes the sum non-finite; only then are the
             # updates read again to name the culprit.
             accumulator = self.accumulator(spec, chunk_size=chunk_size or STREAMING_CHUNK_SIZE)
+            if reference is not None:
+                accumulator.set_reference(reference)
             with single_threaded_blas():
                 for delta, weight, factor in zip(deltas, weights, scales, strict=True):
                     accumulator.add(delta, float(weight), scale=float(factor), verified=not self.needs_norms)
@@ -870,12 +916,16 @@ class Strategy(abc.ABC):
             except FlcoreError:
                 _raise_if_non_finite(deltas, workers)
                 raise
+            dots = accumulator.reference_dots
         else:
             if not self.needs_norms:
                 _raise_if_non_finite(deltas, workers)
-            combined, context = self._combine_chunked(spec, deltas, weights, scales, chunk_size, workers)
+            reference_flat = None if reference is None else FlatLayout(spec).flatten(reference)
+            combined, context, dots = self._combine_chunked(
+                spec, deltas, weights, scales, chunk_size, workers, reference_flat
+            )
         metrics = {"num_updates": float(num_updates), **self.combination_metrics(weights, scales, context)}
-        return combined, metrics
+        return combined, metrics, dots
 
     def _combine_chunked(
         self,
@@ -885,10 +935,13 @@ class Strategy(abc.ABC):
         scales: npt.NDArray[np.float64],
         chunk_size: int | None,
         threads: int = 1,
-    ) -> tuple[Parameters, Any]:
+        reference: npt.NDArray[np.float32] | None = None,
+    ) -> tuple[Parameters, Any, list[float]]:
         """Both passes over cache-sized coordinate chunks, spread over ``threads`` (:func:`parallel_map`).
 
         The statistics are summed in chunk order whatever the thread count, so the result is deterministic.
+        With a flat ``reference``, the first pass also takes each unscaled row's dot product with it, chunk
+        by chunk, summed in chunk order (the returned list; empty without a reference).
         """
         layout = FlatLayout(spec)
         size = chunk_size or default_chunk_size(len(deltas))
@@ -897,8 +950,15 @@ class Strategy(abc.ABC):
         ranges = list(coordinate_chunks(total, size))
         workers = min(threads, len(ranges))
 
-        def chunk(bounds: tuple[int, int], rows: Sequence[int] | None = None) -> npt.NDArray[np.float32]:
+        index = {bounds: i for i, bounds in enumerate(ranges)}
+        dots = np.zeros((len(ranges), len(deltas)), dtype=np.float64)
+
+        def chunk(
+            bounds: tuple[int, int], rows: Sequence[int] | None = None, measure: bool = False
+        ) -> npt.NDArray[np.float32]:
             matrix = layout.stack(deltas, *bounds, rows=rows)
+            if measure and reference is not None:
+                dots[index[bounds]] = matrix @ reference[bounds[0] : bounds[1]]
             if scaled:
                 wanted = slice(None) if rows is None else list(rows)
                 matrix[wanted] *= scales.astype(np.float32)[wanted, None]
@@ -907,7 +967,9 @@ class Strategy(abc.ABC):
         context: Any = None
         if self.needs_statistics:
             statistics: npt.NDArray[np.float64] | None = None
-            for part in parallel_map(lambda bounds: self.chunk_statistics(chunk(bounds)), ranges, workers):
+            for part in parallel_map(
+                lambda bounds: self.chunk_statistics(chunk(bounds, measure=True)), ranges, workers
+            ):
                 statistics = part if statistics is None else statistics + part
             if statistics is None:  # a model whose tensors are all empty
                 statistics = self.chunk_statistics(np.zeros((len(deltas), 0), dtype=np.float32))
@@ -915,12 +977,16 @@ class Strategy(abc.ABC):
         flat = np.empty(total, dtype=np.float32)
         rows = self.combined_rows(context)
 
+        measure_here = not self.needs_statistics  # else the statistics pass measured every row
+
         def combine_range(bounds: tuple[int, int]) -> None:
-            flat[bounds[0] : bounds[1]] = self.combine_chunk(chunk(bounds, rows), weights, context)
+            matrix = chunk(bounds, rows, measure=measure_here)
+            flat[bounds[0] : bounds[1]] = self.combine_chunk(matrix, weights, context)
 
         for _ in parallel_map(combine_range, ranges, workers):
             pass
-        return unflatten(flat, spec), context
+        measured = [float(v) for v in dots.sum(axis=0)] if reference is not None else []
+        return unflatten(flat, spec), context, measured
 
     def aggregate(
         self,

@@ -126,6 +126,9 @@ class FedAvgAccumulator:
         self._count = 0
         self._total_weight = 0.0
         self._unchecked = False  # an update added with verified=True has not been checked for NaN/Inf yet
+        self._reference: npt.NDArray[np.float32] | None = None
+        self._reference_dot = 0.0
+        self.reference_dots: list[float] = []
 
     @property
     def spec(self) -> ParameterSpec:
@@ -141,6 +144,33 @@ class FedAvgAccumulator:
     def total_weight(self) -> float:
         """Sum of the weights added so far."""
         return self._total_weight
+
+    def set_reference(self, reference: Mapping[str, npt.NDArray[Any]]) -> float:
+        """Measure every later update against ``reference``: ``<update, reference>`` in the same pass.
+
+        With a reference set, each update is added chunk by chunk and, while its chunk is in cache, its dot
+        product with the reference's chunk (float32 per chunk of ``chunk_size`` elements, summed in float64)
+        is taken; :attr:`reference_dots` gets one value per added update, in order, of the update as sent
+        (before ``weight`` and ``scale``). The sum itself is unchanged bit for bit (``saxpy`` is elementwise).
+        Costs one model-sized float32 buffer. Returns the reference's L2 norm (float64).
+
+        Raises
+        ------
+        FlcoreError
+            If updates were already added, or the reference has non-finite values.
+        SerdeError
+            If its names or shapes differ from the spec.
+        """
+        if self._count:
+            raise FlcoreError("Set the reference before adding updates; its dots would miss some of them.")
+        self._spec.validate(reference)
+        flat = np.empty(self._spec.num_parameters, dtype=np.float32)
+        for name, (start, stop) in self._offsets.items():
+            flat[start:stop] = np.asarray(reference[name], dtype=np.float32).reshape(-1)
+        if not np.isfinite(flat).all():
+            raise FlcoreError("The reference direction contains NaN or Inf; every value must be finite.")
+        self._reference = flat
+        return float(np.sqrt(np.dot(flat.astype(np.float64), flat.astype(np.float64))))
 
     def _chunks(self, size: int) -> Iterable[tuple[int, int]]:
         for start in range(0, size, self._chunk_size):
@@ -158,6 +188,18 @@ class FedAvgAccumulator:
         size = flat.shape[0]
         if size == 0:
             return
+        if self._reference is not None:
+            # One chunk at a time: the dot reads the chunk the add has just brought into cache.
+            reference = self._reference[base : base + size]
+            for start, stop in self._chunks(size):
+                piece = flat[start:stop]
+                self._axpy_piece(base + start, piece, weight)
+                self._reference_dot += float(np.dot(piece, reference[start:stop]))
+            return
+        self._axpy_piece(base, flat, weight)
+
+    def _axpy_piece(self, base: int, flat: npt.NDArray[Any], weight: float) -> None:
+        size = flat.shape[0]
         target = self._accumulator[base : base + size]
         saxpy = _saxpy()
         if saxpy is not None and flat.dtype == np.float32 and flat.flags.c_contiguous:
@@ -216,9 +258,11 @@ class FedAvgAccumulator:
         if not verified:
             for name, flat in flats.items():
                 self._check_finite_inplace(name, flat)
+        self._reference_dot = 0.0
         with single_threaded_blas():
             for name, flat in flats.items():
                 self._accumulate_inplace(name, flat, value * factor)
+        self._record_reference_dot()
         self._count += 1
         self._total_weight += value
         if verified:
@@ -280,8 +324,10 @@ class FedAvgAccumulator:
                 header = _parse_header(header_bytes, size)
                 self._spec.validate_shapes({e.name: e.shape for e in header.entries})
                 pieces = [(self._offsets[e.name][0], e.begin, (e.end - e.begin) // 4) for e in header.entries]
+            self._reference_dot = 0.0
             with single_threaded_blas():
                 self._add_mapped(mapping, data_start, pieces, value * factor, check=not verified)
+            self._record_reference_dot()
         finally:
             # BufferError: a view is still referenced by the traceback of a refused update; the mapping is
             # then closed when that traceback is released.
@@ -291,6 +337,10 @@ class FedAvgAccumulator:
         self._total_weight += value
         if verified:
             self._unchecked = True
+
+    def _record_reference_dot(self) -> None:
+        if self._reference is not None:
+            self.reference_dots.append(self._reference_dot)
 
     def _is_packed(self, header_bytes: bytes, data_size: int) -> bool:
         """Whether a header describes exactly the accumulator's layout (cheap: one JSON parse, one compare).

@@ -129,6 +129,32 @@ class StrategyContract:
         else:
             assert_params_equal(favoured, balanced)
 
+    @pytest.mark.parametrize("chunk_size", [None, 7])
+    @pytest.mark.parametrize("streaming", [None, False])
+    def test_measured_combination_is_the_same_and_its_dots_match_brute_force(
+        self, rng: np.random.Generator, chunk_size: int | None, streaming: bool | None
+    ) -> None:
+        strategy = self.strategy()
+        deltas, counts = self.round_inputs(rng)
+        deltas[0] = {k: 40 * v for k, v in deltas[0].items()}  # an outlier the clipping rules scale down
+        reference = random_params(rng)
+
+        plain, plain_metrics = strategy.combine(deltas, counts, chunk_size=chunk_size, streaming=streaming)
+        measured, metrics, dots = strategy.combine_measured(
+            deltas, counts, reference, chunk_size=chunk_size, streaming=streaming
+        )
+
+        assert_params_equal(measured, plain)
+        assert metrics == plain_metrics
+        expected = [
+            sum(
+                float(np.dot(d[k].astype(np.float64).ravel(), reference[k].astype(np.float64).ravel()))
+                for k in d
+            )
+            for d in deltas
+        ]
+        np.testing.assert_allclose(dots, expected, rtol=1e-5, atol=1e-6)
+
     def test_inputs_are_not_mutated(self, rng: np.random.Generator) -> None:
         strategy = self.strategy()
         base = random_params(rng)

@@ -376,3 +376,52 @@ def test_verified_add_file_and_result_hold_at_most_two_models(tmp_path: Path) ->
 
     assert peak < 2 * spec.nbytes + spec.nbytes // 20  # the accumulator and the result, nothing else
     assert result["w"].shape == (1000, 1000)
+
+
+class TestAccumulatorAddFileMeasured(AggregatorContract):
+    """With a reference set (the server's anomaly statistics) the sum is unchanged."""
+
+    def aggregate(
+        self, updates: Sequence[Parameters], weights: Sequence[float], tmp_path: Path
+    ) -> Parameters:
+        tmp_path.mkdir(parents=True, exist_ok=True)
+        accumulator = FedAvgAccumulator(SPEC, chunk_size=11)
+        accumulator.set_reference(random_update(np.random.default_rng(5)))
+        for i, (update, weight) in enumerate(zip(updates, weights, strict=True)):
+            path = tmp_path / f"update{i}.safetensors"
+            path.write_bytes(to_bytes(update))
+            accumulator.add_file(path, weight, verified=True)
+        return accumulator.result()
+
+
+@pytest.mark.parametrize("verified", [False, True])
+def test_reference_dots_of_mapped_files_match_brute_force_and_leave_the_sum_bitwise(
+    tmp_path: Path, verified: bool
+) -> None:
+    rng = np.random.default_rng(11)
+    updates = [random_update(rng) for _ in range(5)]
+    reference = random_update(rng)
+    plain, measured = FedAvgAccumulator(SPEC, chunk_size=11), FedAvgAccumulator(SPEC, chunk_size=11)
+    norm = measured.set_reference(reference)
+    for i, update in enumerate(updates):
+        path = tmp_path / f"u{i}.safetensors"
+        path.write_bytes(to_bytes(update))
+        plain.add_file(path, 1.0 + i, scale=0.5, verified=verified)
+        measured.add_file(path, 1.0 + i, scale=0.5, verified=verified)
+
+    for name, array in plain.result().items():
+        np.testing.assert_array_equal(measured.result()[name], array)
+    flat_reference = np.concatenate([reference[t.name].astype(np.float64).ravel() for t in SPEC.tensors])
+    expected = [
+        float(np.concatenate([u[t.name].astype(np.float64).ravel() for t in SPEC.tensors]) @ flat_reference)
+        for u in updates
+    ]
+    np.testing.assert_allclose(measured.reference_dots, expected, rtol=1e-5, atol=1e-4)  # float32 chunks
+    assert norm == pytest.approx(float(np.linalg.norm(flat_reference)), rel=1e-12)
+
+
+def test_reference_after_an_update_is_refused() -> None:
+    accumulator = FedAvgAccumulator(SPEC)
+    accumulator.add(random_update(np.random.default_rng(0)), 1.0)
+    with pytest.raises(FlcoreError, match="before adding updates"):
+        accumulator.set_reference(random_update(np.random.default_rng(1)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import uuid
+from typing import Any
 
 from django.conf import settings
 from django.utils import timezone
@@ -17,6 +18,15 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from fedsite.errors import NotFound, ValidationFailed
+from monitoring.anomalies import anomaly_policy
+from monitoring.contributions import (
+    AGENT_ORDERS,
+    TRAINING_ORDERS,
+    agents_leaderboard,
+    statistics_to_dict,
+    training_anomalies,
+    training_leaderboard,
+)
 from monitoring.health import health_read
 from monitoring.models import Alert, SystemHealthSample
 from monitoring.selectors import alerts_query, health_history, health_sample_to_dict, system_health
@@ -183,3 +193,85 @@ def alerts_acknowledge_view(request: Request) -> Response:
             details={"field": "ids"},
         )
     return Response(alerts_acknowledge(alert_ids=ids, actor=request.user))
+
+
+def _training_or_404(training_id: str) -> Any:
+    from trainings.selectors import training_get  # (trainings imports this app)
+
+    training = training_get(training_id)
+    if training is None:
+        raise NotFound(f"Training {training_id!r} not found.", code="training_not_found")
+    return training
+
+
+@extend_schema(
+    tags=["monitoring"],
+    parameters=[
+        OpenApiParameter("round", int, required=False),
+        OpenApiParameter(
+            "all", bool, required=False, description="every update's statistics, not only flags"
+        ),
+    ],
+    responses={200: OpenApiTypes.OBJECT},
+)
+@api_view(["GET"])
+@permission_classes([IsAdminUser])
+def training_anomalies_view(request: Request, training_id: str) -> Response:
+    """Flagged updates of a training with their statistics, robust z-scores and the action taken."""
+    training = _training_or_404(training_id)
+    round_text = request.query_params.get("round")
+    round_number = None
+    if round_text is not None:
+        try:
+            round_number = int(round_text)
+        except ValueError:
+            round_number = -1
+        if round_number < 1:
+            raise ValidationFailed(
+                f"round must be a positive integer. Found {round_text!r}.", details={"round": "Invalid."}
+            )
+    rows = training_anomalies(
+        training=training,
+        round_number=round_number,
+        flagged_only=request.query_params.get("all") not in ("1", "true"),
+    )
+    policy = anomaly_policy((training.config or {}).get("anomaly"))
+    return Response(
+        {
+            "training_id": str(training.pk),
+            "policy": {
+                "enabled": policy.enabled,
+                "thresholds": dict(policy.thresholds),
+                "action": policy.action,
+                "quarantine_after": policy.quarantine_after,
+            },
+            "updates": [statistics_to_dict(row) for row in rows],
+        }
+    )
+
+
+@extend_schema(
+    tags=["monitoring"],
+    parameters=[
+        OpenApiParameter("order", str, required=False, description=f"one of {list(TRAINING_ORDERS)}")
+    ],
+    responses={200: OpenApiTypes.OBJECT},
+)
+@api_view(["GET"])
+@permission_classes([IsAdminUser])
+def training_leaderboard_view(request: Request, training_id: str) -> Response:
+    """Agents of a training ranked by contribution (or ``?order=``), with participation and reliability."""
+    training = _training_or_404(training_id)
+    return Response(training_leaderboard(training=training, order=request.query_params.get("order")))
+
+
+@extend_schema(
+    tags=["monitoring"],
+    parameters=[OpenApiParameter("order", str, required=False, description=f"one of {list(AGENT_ORDERS)}")],
+    responses={200: OpenApiTypes.OBJECT},
+)
+@api_view(["GET"])
+@permission_classes([IsAdminUser])
+def agents_leaderboard_view(request: Request) -> Response:
+    """Every agent ranked by mean contribution over its trainings (or ``?order=``)."""
+    return Response(agents_leaderboard(order=request.query_params.get("order")))

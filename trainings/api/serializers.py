@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rest_framework import serializers
 
+from monitoring.api.serializers import AnomalySectionSerializer
 from trainings.configuration import SERVER_ALGORITHMS
 from trainings.models import Round, Training
 from versioning.api.serializers import RetentionSectionSerializer, RollbackSectionSerializer
@@ -128,3 +129,4 @@ class TrainingConfigurationSerializer(serializers.Serializer):
     metadata = serializers.DictField(required=False)
     rollback = RollbackSectionSerializer(required=False, allow_null=True)
     retention = RetentionSectionSerializer(required=False, allow_null=True)
+    anomaly = AnomalySectionSerializer(required=False, allow_null=True)

@@ -28,8 +28,16 @@ from django.utils import timezone
 from fedsite.logs import log_event
 from flcore.dp.central import wrap_central_dp
 from flcore.errors import FlcoreError
-from flcore.parameters import ParameterSpec, l2_norm
+from flcore.parameters import Parameters, ParameterSpec, l2_norm, subtract
 from flcore.strategies import Strategy
+from monitoring.anomalies import (
+    RoundAnalysis,
+    anomaly_policy,
+    measurements_build,
+    previous_losses,
+    round_analyse,
+    round_analysis_record,
+)
 from monitoring.events import event_broadcast_on_commit
 from monitoring.models import Alert
 from monitoring.services import alert_raise, metrics_record
@@ -136,10 +144,72 @@ def round_aggregate(*, round_id: int) -> str:
 
         dispatch_chunked_aggregation(round_id=round_id, started=started)
         return "dispatched"
-    delta, combination_metrics = _combine_updates(strategy, spec, updates)
+    reference, reference_norm = _reference_direction(round_.base_version)
+    delta, combination_metrics, dots = _combine_updates(strategy, spec, updates, reference=reference)
+    analysis = _round_analysis(training, round_, config, updates, dots, reference_norm)
+    if analysis.excluded:
+        # Drop them before the strategy's result counts: the round is combined again without them (a second
+        # pass over the kept updates, only in a round that excludes something).
+        kept = [update for update in updates if update.pk not in analysis.excluded]
+        delta, combination_metrics, _ = _combine_updates(strategy, spec, kept)
     return round_finish(
-        round_id=round_id, delta=delta, combination_metrics=combination_metrics, started=started
+        round_id=round_id,
+        delta=delta,
+        combination_metrics=combination_metrics,
+        started=started,
+        analysis=analysis,
     )
+
+
+def _reference_direction(base: ModelVersion) -> tuple[Parameters | None, float | None]:
+    """The step that produced ``base`` (its parameters minus its parent's) and its norm; ``None`` for a
+    version without a parent or a zero step. The cosine statistic of monitoring/anomalies.py is to it."""
+    if base.parent_id is None:
+        return None, None
+    step = subtract(version_read_parameters(base), version_read_parameters(base.parent))
+    norm = l2_norm(step)
+    if not (norm > 0 and np.isfinite(norm)):
+        return None, None
+    return step, norm
+
+
+def _round_analysis(
+    training: Training,
+    round_: Round,
+    config: TrainingConfiguration,
+    updates: list[ClientUpdate],
+    dots: list[float] | None,
+    reference_norm: float | None,
+) -> RoundAnalysis:
+    """Score the round's updates (monitoring/anomalies.py) and decide the exclusions the policy asks for.
+
+    Exclusion never leaves the strategy with fewer updates than it needs: then the updates stay, flagged.
+    """
+    policy = anomaly_policy(config.anomaly)
+    losses = previous_losses(
+        training=training, round_number=round_.number, agent_pks=[u.agent_id for u in updates]
+    )
+    measurements = measurements_build(
+        updates=updates, dots=dots, reference_norm=reference_norm, previous_losses=losses
+    )
+    analysis = round_analyse(measurements, policy, reference_norm=reference_norm)
+    if policy.action != "exclude" or not analysis.flagged:
+        return analysis
+    excluded = frozenset(m.update_id for m in analysis.flagged)
+    try:
+        config.strategy().check_num_updates(len(updates) - len(excluded))
+    except FlcoreError:
+        log_event(
+            logger,
+            "anomaly_exclusion_skipped",
+            level=logging.WARNING,
+            training_id=training.pk,
+            round=round_.number,
+            flagged=len(excluded),
+            updates=len(updates),
+        )
+        return analysis
+    return analysis.with_exclusions(excluded)
 
 
 def _central_dp_step(
@@ -198,14 +268,27 @@ def round_updates(round_: Round) -> list[ClientUpdate]:
     return list(ClientUpdate.objects.filter(round=round_).select_related("agent").order_by("agent__agent_id"))
 
 
-def round_finish(*, round_id: int, delta: Any, combination_metrics: dict[str, float], started: float) -> str:
-    """Apply the server optimizer step to a synchronous round's combined delta and commit the version."""
+def round_finish(
+    *,
+    round_id: int,
+    delta: Any,
+    combination_metrics: dict[str, float],
+    started: float,
+    analysis: RoundAnalysis | None = None,
+) -> str:
+    """Apply the server optimizer step to a synchronous round's combined delta and commit the version.
+
+    ``analysis``: the round's anomaly statistics (stored with the version); updates it excludes are not
+    part of ``delta`` and are left out of the round's metrics.
+    """
     round_ = Round.objects.select_related("training", "base_version").get(pk=round_id)
     if round_.status != RS.AGGREGATING:
         return "skipped"
     strategy = _configuration(round_.training).strategy()
     parent = round_.base_version
     updates = round_updates(round_)
+    if analysis is not None and analysis.excluded:
+        updates = [update for update in updates if update.pk not in analysis.excluded]
     base = version_read_parameters(parent)
     state = version_read_state(parent, strategy)
     new_parameters, new_state = strategy.apply(base, delta, state)
@@ -218,6 +301,7 @@ def round_finish(*, round_id: int, delta: Any, combination_metrics: dict[str, fl
         delta=delta,
         combination_metrics=combination_metrics,
         started=started,
+        analysis=analysis,
     )
 
 
@@ -231,6 +315,7 @@ def _round_commit(
     delta: Any,
     combination_metrics: dict[str, float],
     started: float,
+    analysis: RoundAnalysis | None = None,
 ) -> str:
     """Write the new version, metrics and events; then finish the training or open the next round."""
     round_ = Round.objects.select_related("training").get(pk=round_id)
@@ -242,6 +327,8 @@ def _round_commit(
     metrics = _round_metrics(updates, delta_norm=l2_norm(delta))
     metrics.update({f"strategy_{key}": value for key, value in combination_metrics.items()})
     metrics.update(_central_evaluation(config, training, new_parameters))
+    if analysis is not None:
+        metrics.update(analysis.metrics())
     metrics["aggregation_seconds"] = time.time() - started
 
     with transaction.atomic():
@@ -271,6 +358,8 @@ def _round_commit(
         transition_round(round_, RS.COMPLETED)
         aggregation_intent_complete(round_)
         metrics_record(training=training, round_number=round_.number, values=metrics)
+        if analysis is not None:
+            round_analysis_record(training=training, round_number=round_.number, analysis=analysis)
         training.current_version = version
         accuracy = metrics.get("accuracy", metrics.get("federated_accuracy"))
         if accuracy is not None and (training.best_accuracy is None or accuracy > training.best_accuracy):
@@ -319,16 +408,23 @@ def _round_commit(
 
 
 def _combine_updates(
-    strategy: Strategy, spec: ParameterSpec, updates: list[ClientUpdate]
-) -> tuple[Any, dict[str, float]]:
+    strategy: Strategy,
+    spec: ParameterSpec,
+    updates: list[ClientUpdate],
+    *,
+    reference: Parameters | None = None,
+) -> tuple[Any, dict[str, float], list[float] | None]:
     """Combine a round's stored deltas into one pseudo-gradient with the training's strategy.
 
     Streaming rules read one update at a time into one accumulator (memory O(model)); rules that need
-    all updates at once combine coordinate chunks of memory-mapped updates (memory O(n x chunk)).
+    all updates at once combine coordinate chunks of memory-mapped updates (memory O(n x chunk)). With a
+    ``reference``, the same pass also returns each update's dot product with it (else ``None``).
     """
     strategy.check_num_updates(len(updates))
     if strategy.streaming:
         accumulator = strategy.accumulator(spec)
+        if reference is not None:
+            accumulator.set_reference(reference)
         clipped = 0
         for update in updates:
             weight = strategy.update_weight(update.num_examples, update.update_norm)
@@ -342,9 +438,12 @@ def _combine_updates(
         metrics = {"num_updates": float(len(updates))}
         if strategy.needs_norms:
             metrics["num_clipped"] = float(clipped)
-        return accumulator.result(), metrics
+        return accumulator.result(), metrics, accumulator.reference_dots if reference is not None else None
     deltas = [_update_views(update, spec) for update in updates]
-    return strategy.combine(deltas, [update.num_examples for update in updates])
+    counts = [update.num_examples for update in updates]
+    if reference is None:
+        return (*strategy.combine(deltas, counts), None)
+    return strategy.combine_measured(deltas, counts, reference)
 
 
 def _round_metrics(updates: list[ClientUpdate], *, delta_norm: float) -> dict[str, float]:

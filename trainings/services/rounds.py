@@ -220,7 +220,7 @@ def _round_settle(round_: Round, *, now: Any = None) -> str:
         return "waiting"
     for task in open_tasks:
         transition_task(task, KS.EXPIRED, reason="deadline passed")
-        agent_record_outcome(agent_id=task.agent_id, outcome="expired")
+        agent_record_outcome(agent_id=task.agent_id, outcome="expired", training=training)
     if open_tasks:
         _alert_if_agents_dropping(round_, training, tasks, open_tasks)
     private = PrivacyBudget.objects.filter(training=training).exists()

@@ -60,8 +60,8 @@ def _select_agents(
 ) -> list[Agent]:
     """Pick up to ``wanted`` eligible agents, preferring those with no task in this round yet.
 
-    Deterministic for a given (seed, round, attempt) and candidate set; weighted by reliability when the
-    training asks for it.
+    Deterministic for a given (seed, round, attempt) and candidate set; weighted by reliability and
+    contribution when the training asks for it (``trainings.selectors.selection_weights``).
     """
     tasked = dict(
         Task.objects.filter(round=round_)
@@ -69,7 +69,7 @@ def _select_agents(
         .annotate(good=Count("id", filter=Q(status__in=[KS.PENDING, KS.DELIVERED, KS.COMPLETED])))
         .values_list("agent_id", "good")
     )
-    from trainings.selectors import agents_selectable  # (selectors imports this module)
+    from trainings.selectors import agents_selectable, selection_weights  # (selectors imports this module)
 
     candidates = [a for a in agents_selectable().order_by("agent_id") if tasked.get(a.pk, 0) == 0]
     fresh = [a for a in candidates if a.pk not in tasked]
@@ -81,7 +81,7 @@ def _select_agents(
         if take <= 0:
             continue
         if config.selection == "reliability":
-            weights = np.array([a.reliability for a in pool], dtype=np.float64)
+            weights = np.array(selection_weights(training=training, agents=pool), dtype=np.float64)
             picks = rng.choice(len(pool), size=take, replace=False, p=weights / weights.sum())
         else:
             picks = rng.choice(len(pool), size=take, replace=False)

@@ -7,7 +7,9 @@ Lagrange interpolation at zero, and ``t - 1`` shares are uniformly distributed w
 Invariants: ``p`` is the smallest prime above ``2**256`` (so every 32-byte secret is a field element and a
 share fits in :data:`SHARE_BYTES` bytes); coefficients come from :mod:`secrets` (the OS's CSPRNG); x
 coordinates are distinct integers in ``[1, p)``; :func:`combine` refuses fewer than ``threshold`` shares
-instead of returning a wrong value, and refuses a result that is not a 32-byte secret (a corrupted share).
+instead of returning a wrong value, and refuses a result that is not a 32-byte secret (a range check only:
+a corrupted share almost always interpolates to another 32-byte value, which the server catches for masking
+keys by comparing the rebuilt key with the advertised public key).
 
 Cost: :func:`split` is ``n * t`` modular multiplications (Horner per party); :func:`combine` is ``O(t**2)``
 for the Lagrange coefficients of one set of x coordinates (cached, so every secret reconstructed from the
@@ -117,7 +119,7 @@ def combine(shares: Mapping[int, bytes], *, threshold: int) -> bytes:
     NotEnoughShares
         With fewer than ``threshold`` shares: nothing is interpolated.
     MessageError
-        If a share is malformed or the result is not a 32-byte secret (a share was corrupted).
+        If a share is malformed or the result is not a 32-byte secret.
     """
     if len(shares) < threshold:
         raise NotEnoughShares(

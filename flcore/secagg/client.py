@@ -111,6 +111,8 @@ class SecAggClient:
         self._directory: dict[int, AdvertiseKeys] = {}
         self._own_shares: tuple[bytes, bytes] | None = None
         self._received_shares: dict[int, tuple[bytes, bytes]] = {}
+        # X25519 is symmetric: the key that encrypts u -> v also opens v -> u (the AAD tells them apart)
+        self._share_keys: dict[int, bytes] = {}
 
     # ---------------------------------------------------------------------------------------------------
     def _expect(self, phase: ClientPhase, action: str) -> None:
@@ -190,7 +192,7 @@ class SecAggClient:
         sender = self.party_id.to_bytes(_ID, "big")
         for party in alive:
             secret = crypto.agree(self._encryption_key, seen[party].encryption_key, peer=party)
-            key = crypto.derive_key(secret, purpose=SHARE_PURPOSE, context=context)
+            key = self._share_keys[party] = crypto.derive_key(secret, purpose=SHARE_PURPOSE, context=context)
             bundle = sender + party.to_bytes(_ID, "big") + key_shares[party] + seed_shares[party]
             ciphertexts[party] = crypto.encrypt(
                 key, bundle, associated_data=share_bundle_aad(context, self.party_id, party)
@@ -224,11 +226,9 @@ class SecAggClient:
                 )
             )
         for sender in senders:
-            secret = crypto.agree(self._encryption_key, self._directory[sender].encryption_key, peer=sender)
-            key = crypto.derive_key(secret, purpose=SHARE_PURPOSE, context=context)
             try:
                 bundle = crypto.decrypt(
-                    key,
+                    self._share_keys[sender],
                     delivery.ciphertexts[sender],
                     associated_data=share_bundle_aad(context, sender, self.party_id),
                     sender=sender,

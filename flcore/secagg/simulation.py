@@ -6,8 +6,10 @@ database, but the parties and the server are the same objects.
 Invariants: every message crosses between a party and the server as ``to_bytes()`` and is parsed back by
 ``from_bytes()`` (so the run tests the serialisation too, and counts the bytes each party sends and
 receives); a party listed in a dropout set stops after the named phase and answers nothing more; the time
-of each party's and the server's work is measured separately (``time.perf_counter``), serialisation
-included, so a party's figure is what one agent would spend.
+of each party's and the server's work is measured separately, serialisation
+included, so a party's figure is what one agent would spend; both wall time (``time.perf_counter``) and
+the CPU time of the running thread (``time.thread_time``, which other processes on a busy machine do not
+inflate) are kept.
 """
 
 from __future__ import annotations
@@ -49,15 +51,18 @@ class RoundRun:
     client_bytes_sent: dict[int, int] = field(default_factory=dict)
     client_bytes_received: dict[int, int] = field(default_factory=dict)
     server_seconds: dict[str, float] = field(default_factory=dict)
+    client_cpu_seconds: dict[int, float] = field(default_factory=dict)
+    server_cpu_seconds: dict[str, float] = field(default_factory=dict)
 
 
 @contextlib.contextmanager
-def _timer(totals: dict[K, float], key: K) -> Iterator[None]:
-    start = time.perf_counter()
+def _timer(wall: dict[K, float], cpu: dict[K, float], key: K) -> Iterator[None]:
+    start, start_cpu = time.perf_counter(), time.thread_time()
     try:
         yield
     finally:
-        totals[key] = totals.get(key, 0.0) + time.perf_counter() - start
+        wall[key] = wall.get(key, 0.0) + time.perf_counter() - start
+        cpu[key] = cpu.get(key, 0.0) + time.thread_time() - start_cpu
 
 
 def identity_keys(party_ids: Collection[int]) -> tuple[dict[int, Ed25519PrivateKey], dict[int, bytes]]:
@@ -95,17 +100,19 @@ def run_round(
     sent: dict[int, int] = dict.fromkeys(clients, 0)
     received: dict[int, int] = dict.fromkeys(clients, 0)
     server_seconds: dict[str, float] = {}
+    client_cpu: dict[int, float] = dict.fromkeys(clients, 0.0)
+    server_cpu: dict[str, float] = {}
     length, bits = setup.vector_length, setup.config.bits
 
     active = [p for p in setup.party_ids if p not in set(absent)]
     # phase 1: advertise keys
     for party in active:
-        with _timer(client_seconds, party):
+        with _timer(client_seconds, client_cpu, party):
             wire = clients[party].advertise_keys().to_bytes()
         sent[party] += len(wire)
-        with _timer(server_seconds, "advertise"):
+        with _timer(server_seconds, server_cpu, "advertise"):
             server.receive_advertisement(AdvertiseKeys.from_bytes(wire))
-    with _timer(server_seconds, "advertise"):
+    with _timer(server_seconds, server_cpu, "advertise"):
         directories = {p: d.to_bytes() for p, d in server.close_advertising().items()}
     if on_phase:
         on_phase("advertise", server)
@@ -113,12 +120,12 @@ def run_round(
     active = [p for p in active if p not in set(drop_after_advertising)]
     for party in active:
         received[party] += len(directories[party])
-        with _timer(client_seconds, party):
+        with _timer(client_seconds, client_cpu, party):
             wire = clients[party].share_keys(KeyDirectory.from_bytes(directories[party])).to_bytes()
         sent[party] += len(wire)
-        with _timer(server_seconds, "share"):
+        with _timer(server_seconds, server_cpu, "share"):
             server.receive_shares(ShareKeys.from_bytes(wire))
-    with _timer(server_seconds, "share"):
+    with _timer(server_seconds, server_cpu, "share"):
         deliveries = {p: d.to_bytes() for p, d in server.close_sharing().items()}
     if on_phase:
         on_phase("share", server)
@@ -126,15 +133,15 @@ def run_round(
     active = [p for p in active if p not in set(drop_after_sharing)]
     for party in active:
         received[party] += len(deliveries[party])
-        with _timer(client_seconds, party):
+        with _timer(client_seconds, client_cpu, party):
             delivery = ShareDelivery.from_bytes(deliveries[party])
             wire = clients[party].masked_input(delivery, updates[party], rng=rng).to_bytes()
         sent[party] += len(wire)
-        with _timer(server_seconds, "masked_input"):
+        with _timer(server_seconds, server_cpu, "masked_input"):
             server.receive_masked_input(MaskedInput.from_bytes(wire, length=length, bits=bits))
         if on_phase:
             on_phase("masked_input_received", server)
-    with _timer(server_seconds, "masked_input"):
+    with _timer(server_seconds, server_cpu, "masked_input"):
         requests = {p: r.to_bytes() for p, r in server.close_collecting().items()}
     if on_phase:
         on_phase("masked_input", server)
@@ -142,12 +149,12 @@ def run_round(
     active = [p for p in active if p not in set(drop_after_masked_input)]
     for party in active:
         received[party] += len(requests[party])
-        with _timer(client_seconds, party):
+        with _timer(client_seconds, client_cpu, party):
             wire = clients[party].unmask(UnmaskRequest.from_bytes(requests[party])).to_bytes()
         sent[party] += len(wire)
-        with _timer(server_seconds, "unmask"):
+        with _timer(server_seconds, server_cpu, "unmask"):
             server.receive_unmask(UnmaskResponse.from_bytes(wire))
-    with _timer(server_seconds, "unmask"):
+    with _timer(server_seconds, server_cpu, "unmask"):
         result = server.finish()
     if on_phase:
         on_phase("unmask", server)
@@ -157,4 +164,6 @@ def run_round(
         client_bytes_sent=sent,
         client_bytes_received=received,
         server_seconds=server_seconds,
+        client_cpu_seconds=client_cpu,
+        server_cpu_seconds=server_cpu,
     )

@@ -1,14 +1,16 @@
 """Secure aggregation (``flcore.secagg``): client time, server unmasking time and bytes per agent.
 
-One in-process round per configuration (``flcore.secagg.simulation.run_round``: every message crosses as
-its wire bytes, JSON or safetensors, and is parsed back), for every N in ``--sizes`` x graph (``secagg``:
+One in-process round per configuration (``flcore.secagg.simulation.RoundDriver``: every message crosses
+as its wire bytes, JSON or safetensors, and is parsed back), for every N in ``--sizes`` x graph (``secagg``:
 the complete graph; ``secagg+``: the k-regular graph of ``3 log2 N`` neighbours) x dropout fraction in
 ``--dropouts``, each party's update ``--length`` float64 values (100k by default), 32-bit quantisation.
 
 Dropouts happen after the share-keys phase: the parties have shared their secrets and the survivors
 have masked with them, so the server must rebuild each dropped party's masking key and regenerate its
 pairwise mask with every surviving neighbour. This is the costly case the Bonawitz et al. 2017 figures
-(Section 7, 500 clients x 100k values) measure. The dropped parties are drawn with ``--seed``.
+(Section 7, 500 clients x 100k values) measure. The dropped parties are drawn with ``--seed``. The first
+two phases, which do not depend on the dropouts, run once per N and graph, and the round is forked
+(``RoundDriver.fork``) for each dropout fraction; each row's client and server times include them.
 
 Columns:
 
@@ -54,21 +56,21 @@ import numpy as np
 
 from flcore.secagg import RoundSetup, SecureAggregationConfig
 from flcore.secagg.quantisation import clip_by_l2_norm
-from flcore.secagg.simulation import run_round
+from flcore.secagg.simulation import RoundDriver, RoundRun
 
 CLIP_NORM = 10.0
 SECAGG_PLUS_THRESHOLD = 0.34
 
 
-def one_round(n: int, protocol: str, dropout: float, length: int, seed: int) -> dict[str, Any]:
-    """Run one round and return its measured row."""
+def rounds(n: int, protocol: str, dropouts: list[float], length: int, seed: int) -> list[dict[str, Any]]:
+    """Run the first two phases once, then the last two once per dropout fraction; one row each."""
     config = SecureAggregationConfig(
         protocol=protocol,
         clip_norm=CLIP_NORM,
         threshold=None if protocol == "secagg" else SECAGG_PLUS_THRESHOLD,
     )
     setup = RoundSetup(
-        session_id=f"bench/{protocol}/{n}/{dropout}",
+        session_id=f"bench/{protocol}/{n}",
         party_ids=tuple(range(1, n + 1)),
         round_seed=hashlib.sha256(f"bench {seed}".encode()).digest(),
         vector_length=length,
@@ -76,10 +78,33 @@ def one_round(n: int, protocol: str, dropout: float, length: int, seed: int) -> 
     )
     rng = np.random.default_rng(seed)
     updates = {p: rng.standard_normal(length) * 0.01 for p in setup.party_ids}
-    dropped = set(rng.choice(np.array(setup.party_ids), size=round(dropout * n), replace=False).tolist())
     started = time.perf_counter()
-    run = run_round(setup, updates, rng=rng, drop_after_sharing=dropped)
-    wall = time.perf_counter() - started
+    driver = RoundDriver(setup)
+    driver.advertise()
+    driver.share()
+    shared_wall = time.perf_counter() - started
+    rows = []
+    for dropout in dropouts:
+        dropped = set(rng.choice(np.array(setup.party_ids), size=round(dropout * n), replace=False).tolist())
+        started = time.perf_counter()
+        branch = driver.fork()
+        branch.masked_input(updates, rng=rng, drop_after_sharing=dropped)
+        run = branch.unmask()
+        wall = shared_wall + time.perf_counter() - started
+        rows.append(row(setup, run, updates, dropout, len(dropped), wall))
+        print(
+            f"N={n} {protocol} dropout={dropout:.0%}: client {rows[-1]['client_mean_s']:.3f} s, "
+            f"unmask {rows[-1]['unmask_s']:.3f} s (CPU), wall {wall:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+    return rows
+
+
+def row(
+    setup: RoundSetup, run: RoundRun, updates: dict[int, Any], dropout: float, dropped: int, wall: float
+) -> dict[str, Any]:
+    """The measured figures of one round."""
     result = run.result
     plain = np.sum([clip_by_l2_norm(updates[p], CLIP_NORM) for p in result.survivors], axis=0)
     error = float(np.abs(result.total - plain).max())
@@ -89,12 +114,12 @@ def one_round(n: int, protocol: str, dropout: float, length: int, seed: int) -> 
     traffic = [run.client_bytes_sent[p] + run.client_bytes_received[p] for p in survivors]
     sent = [run.client_bytes_sent[p] for p in survivors]
     return {
-        "n": n,
-        "graph": protocol,
+        "n": setup.num_parties,
+        "graph": setup.config.protocol,
         "neighbours": len(setup.neighbours(1)),
         "threshold": setup.threshold(1),
         "dropout": dropout,
-        "dropped": len(dropped),
+        "dropped": dropped,
         "client_mean_s": statistics.fmean(client),
         "client_max_s": max(client),
         "client_wall_mean_s": statistics.fmean(client_wall),
@@ -144,17 +169,10 @@ def main() -> None:
     if args.quick:
         args.sizes, args.length = "20,50", 10_000
     rows = []
-    for n in (int(s) for s in args.sizes.split(",")):
+    dropouts = [float(d) for d in args.dropouts.split(",")]
+    for n in (int(size) for size in args.sizes.split(",")):
         for graph in args.graphs.split(","):
-            for dropout in (float(d) for d in args.dropouts.split(",")):
-                row = one_round(n, graph, dropout, args.length, args.seed)
-                rows.append(row)
-                print(
-                    f"N={n} {graph} dropout={dropout:.0%}: client {row['client_mean_s']:.3f} s, "
-                    f"unmask {row['unmask_s']:.3f} s (CPU), round wall {row['wall_s']:.0f} s",
-                    file=sys.stderr,
-                    flush=True,
-                )
+            rows += rounds(n, graph, dropouts, args.length, args.seed)
     print_table(rows, args.length)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

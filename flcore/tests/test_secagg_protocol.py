@@ -418,3 +418,21 @@ def test_round_setup_validates_the_configuration_for_its_parties() -> None:
             vector_length=3,
             config=SecureAggregationConfig(clip_norm=1.0),
         )
+
+
+def test_a_forked_round_finishes_correctly_on_each_branch() -> None:
+    from flcore.secagg.simulation import RoundDriver
+
+    setup = _setup("secagg+", n=10, neighbours=6, threshold=3)
+    updates = _updates(setup, seed=11)
+    driver = RoundDriver(setup)
+    driver.advertise()
+    driver.share()
+    twin = driver.fork()
+    twin.masked_input(updates, rng=np.random.default_rng(0), drop_after_sharing={5})
+    branch = twin.unmask()
+    driver.masked_input(updates, rng=np.random.default_rng(1))
+    trunk = driver.unmask(drop_after_masked_input={2})
+    _assert_equals_plain_sum(branch.result, updates, set(setup.party_ids) - {5})
+    _assert_equals_plain_sum(trunk.result, updates, set(setup.party_ids))
+    assert driver.server is not twin.server and trunk.result.responders != branch.result.responders

@@ -18,8 +18,8 @@ Flower's messaging (so it times the cryptography and the masks, not the transpor
 Degree ``k`` and threshold ``t`` are those of ``bench/secagg.py`` (Flower's ``num_shares = k + 1``: the
 party and its neighbours). For the complete graph the server's per-dropped-party loop (one
 ``combine_shares`` and N - d pairs, identical for every dropped party) runs for at most ``--timed-dropped``
-(default 10) parties and is scaled to all of them (the table's note says where). CPU seconds of the thread, as in
-``bench/secagg.py``.
+(default 10) parties and is scaled to all of them (the table's note says where). CPU seconds of the
+thread, as in ``bench/secagg.py``.
 
 Usage::
 

@@ -139,3 +139,39 @@ def test_through_the_asgi_application_the_file_is_sent_by_the_server_with_the_sa
     assert response.headers["content-type"] == "application/octet-stream"
     assert "x-fedsite-sendfile" not in response.headers
     assert AuditLog.objects.filter(action="version.download", object_id=str(version.pk)).count() == 1
+
+
+def test_a_server_offering_path_send_gets_one_pathsend_message(tmp_path: Any) -> None:
+    """The ASGI extension ``http.response.pathsend``: the file leaves as a path, not as body messages."""
+    from fedsite.http_protocol import SENDFILE_HEADER, SENDFILE_SCOPE_KEY, BlobSendMiddleware
+
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(b"x" * 1000)
+    seen_scope: dict[str, Any] = {}
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen_scope.update(scope)
+        headers = [(b"content-length", b"1000"), (SENDFILE_HEADER, str(blob).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def run(extensions: dict[str, Any]) -> list[dict[str, Any]]:
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "GET", "path": "/x", "headers": [], "extensions": extensions}
+        await BlobSendMiddleware(app)(scope, None, send)
+        return sent
+
+    with_pathsend = asyncio.run(run({"http.response.pathsend": {}}))
+    assert seen_scope[SENDFILE_SCOPE_KEY] is True
+    assert [m["type"] for m in with_pathsend] == ["http.response.start", "http.response.pathsend"]
+    assert with_pathsend[1]["path"] == str(blob)
+    assert all(k != SENDFILE_HEADER for k, _ in with_pathsend[0]["headers"])
+
+    without = asyncio.run(run({}))
+    assert [m["type"] for m in without] == ["http.response.start", "http.response.body", "http.response.body"]
+    assert without[1]["body"] == b"x" * 1000 and without[1]["more_body"] is True
+    assert without[2].get("more_body", False) is False

@@ -1,5 +1,8 @@
 """ASGI entry point: HTTP (Django, behind the request limits) and WebSockets (Channels) on one server.
 
+Django's requests run their sync code on kept threads (:class:`ReusedThreadASGIHandler`), not on a thread
+started and joined per request.
+
 The agent long-poll (``GET /api/v1/agent/tasks/next``) is routed to :class:`LongPollHandler`, Django's
 ASGI handler without the middleware chain and without the per-request thread that
 ``asgiref.sync.ThreadSensitiveContext`` gives every Django request: thousands of polls wait on one event
@@ -17,10 +20,13 @@ import os
 from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "fedsite.settings")
-django_asgi_app = get_asgi_application()
+get_asgi_application()  # django.setup(); the HTTP handler used is ReusedThreadASGIHandler below
 
+import threading  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from typing import Any  # noqa: E402
 
+from asgiref.sync import ThreadSensitiveContext  # noqa: E402
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
@@ -33,6 +39,48 @@ from monitoring.routing import websocket_urlpatterns  # noqa: E402
 from trainings.api.agent_views import DIRECT_SCOPE_KEY  # noqa: E402
 
 LONG_POLL_PATH = "/api/v1/agent/tasks/next"
+#: One-thread executors kept for Django's requests (more are made, and dropped after, under a burst).
+REQUEST_THREADS_KEPT = 16
+
+
+class ReusedThreadASGIHandler(ASGIHandler):
+    """Django's ASGI handler, running each request's sync code on a kept one-thread executor.
+
+    Django gives every request a ``ThreadSensitiveContext``, which starts a new thread for the request's
+    first sync call and joins it at the end: a thread start and stop per upload or download. Here the
+    context runs on one of :data:`REQUEST_THREADS_KEPT` executors handed from request to request (one
+    request at a time each, as Django requires; a WSGI server reuses its threads the same way); when all
+    are busy, a request gets a new one, shut down after it.
+    """
+
+    def __init__(self, kept: int = REQUEST_THREADS_KEPT) -> None:
+        super().__init__()
+        self._kept = kept
+        self._lock = threading.Lock()
+        self._idle: list[ThreadPoolExecutor] = []
+
+    def _take(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        return ThreadPoolExecutor(max_workers=1, thread_name_prefix="django-request")
+
+    def _give_back(self, executor: ThreadPoolExecutor) -> None:
+        with self._lock:
+            if len(self._idle) < self._kept:
+                self._idle.append(executor)
+                return
+        executor.shutdown(wait=False)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            raise ValueError(f"Django can only handle ASGI/HTTP connections, not {scope['type']}.")
+        executor = self._take()
+        try:
+            async with ThreadSensitiveContext(executor=executor):
+                await self.handle(scope, receive, send)
+        finally:
+            self._give_back(executor)
 
 
 class LongPollHandler(ASGIHandler):
@@ -67,7 +115,7 @@ application = ProtocolTypeRouter(
     {
         # Per-endpoint body limits and read deadlines before Django reads a byte (fedsite/limits.py).
         "http": RequestLimitsMiddleware(
-            BlobSendMiddleware(AgentLongPollRouter(django_asgi_app, LongPollHandler()))
+            BlobSendMiddleware(AgentLongPollRouter(ReusedThreadASGIHandler(), LongPollHandler()))
         ),
         "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }

@@ -116,3 +116,34 @@ def test_the_asgi_middleware_chain_is_not_adapted_to_sync(caplog: pytest.LogCapt
         ASGIHandler()
     adapted = [r.getMessage() for r in caplog.records if "adapted" in r.getMessage()]
     assert adapted == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_django_requests_reuse_kept_threads_instead_of_one_new_thread_each(make_agent: Any) -> None:
+    """Downloads, uploads and the API run their sync code on kept threads, the same ones request after
+    request (Django alone starts and joins a thread per request)."""
+    from fedsite.asgi import application
+
+    _, token = make_agent()
+    connection.close()
+
+    def request_threads() -> set[threading.Thread]:  # the objects: an ident may be reused by a new thread
+        return {t for t in threading.enumerate() if t.name.startswith("django-request")}
+
+    async def requests(count: int) -> list[set[threading.Thread]]:
+        transport = httpx.ASGITransport(app=application)
+        seen = []
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            for _ in range(count):
+                response = await client.get(
+                    "/api/v1/agent/tasks/next/", headers={"Authorization": f"Bearer {token}"}
+                )
+                assert response.status_code in (301, 404, 405), response.status_code  # a Django request
+                health = await client.get("/api/health")
+                assert health.status_code == 200
+                seen.append(request_threads())
+        return seen
+
+    seen = asyncio.run(requests(6))
+    assert seen[0], "no kept request thread"
+    assert all(s == seen[0] for s in seen[1:]), seen

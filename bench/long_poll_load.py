@@ -72,6 +72,7 @@ async def _agent_loop(client: Any, token: str, args: argparse.Namespace, stop_at
 
     headers = {"Authorization": f"Bearer {token}"}
     while time.time() < stop_at:
+        poll_started = time.time()
         try:
             response = await client.get(
                 f"{args.server}/api/v1/agent/tasks/next", params={"wait": args.poll_wait}, headers=headers
@@ -88,7 +89,12 @@ async def _agent_loop(client: Any, token: str, args: argparse.Namespace, stop_at
             continue
         received = time.time()
         task = response.json()
-        record: dict[str, Any] = {"task_id": task["task_id"], "round": task["round"], "received": received}
+        record: dict[str, Any] = {
+            "task_id": task["task_id"],
+            "round": task["round"],
+            "received": received,
+            "poll_started": poll_started,
+        }
         try:
             model = await client.get(f"{args.server}{task['model']['url']}", headers=headers)
             if model.status_code != 200:
@@ -191,6 +197,7 @@ def run_one(args: argparse.Namespace, agents: int) -> dict[str, Any]:
         "FEDSITE_MEDIA_ROOT": str(workdir / "media"),
         "FEDSITE_PUBLIC_BASE_URL": server_url,
         "OPENBLAS_NUM_THREADS": "1",
+        "FEDSITE_METRICS_TOKEN": "bench-metrics-token",  # the bench reads the server's long-poll gauge
     }
     os.environ.update(env)
     processes = Processes()
@@ -329,7 +336,11 @@ def run_one(args: argparse.Namespace, agents: int) -> dict[str, Any]:
         def polls_open() -> bool:
             """The server's own gauge (``fedsite_open_long_polls`` on /metrics) has nearly every agent."""
             try:
-                text = httpx.get(f"{server_url}/metrics", timeout=10).text
+                text = httpx.get(
+                    f"{server_url}/metrics",
+                    headers={"Authorization": "Bearer bench-metrics-token"},
+                    timeout=10,
+                ).text
             except httpx.HTTPError:
                 return False
             for line in text.splitlines():
@@ -351,7 +362,8 @@ def run_one(args: argparse.Namespace, agents: int) -> dict[str, Any]:
             connection.close()
             return done
 
-        wait_until(finished, max(10.0, stop_at - time.time()), f"training {training.pk} to finish", 0.5)
+        with contextlib.suppress(TimeoutError):  # reported as not completed, with what was delivered
+            wait_until(finished, max(10.0, stop_at - time.time()), f"training {training.pk} to finish", 0.5)
         run_seconds = time.time() - run_started
         cpu_used = _cpu_seconds(server.pid) - cpu_before
         sampler.stop()
@@ -374,6 +386,15 @@ def run_one(args: argparse.Namespace, agents: int) -> dict[str, Any]:
             r["received"] - opened[r["round"]] for r in records if "received" in r and r["round"] in opened
         ]
         errors = [r["error"] for r in records if "error" in r]
+        slow = sorted(
+            (
+                round(r["received"] - opened[r["round"]], 3),
+                r["round"],
+                round(r["poll_started"] - opened[r["round"]], 3),
+            )
+            for r in records
+            if "received" in r and r["round"] in opened and r["received"] - opened[r["round"]] > 2.0
+        )
         ordered = sorted(latencies)
         return {
             "agents": agents,
@@ -383,6 +404,7 @@ def run_one(args: argparse.Namespace, agents: int) -> dict[str, Any]:
             "delivered": len(latencies),
             "errors": len(errors),
             "error_kinds": sorted(set(errors))[:5],
+            "slow": slow[-10:],
             "p50": statistics.median(ordered) if ordered else float("nan"),
             "p99": ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
             if ordered
@@ -395,8 +417,16 @@ def run_one(args: argparse.Namespace, agents: int) -> dict[str, Any]:
             "db_connections": max(sampler.connections, default=0),
         }
     finally:
+        with contextlib.suppress(Exception):  # this process's pooled connections: the next N drops the db
+            from django.db import connection as db_connection
+
+            db_connection.close()
+            db_connection.close_pool()
         processes.stop_all()
-        subprocess.run(["rm", "-rf", str(workdir)], check=False)
+        if args.keep_logs:
+            print(f"logs kept in {workdir}", file=sys.stderr)
+        else:
+            subprocess.run(["rm", "-rf", str(workdir)], check=False)
 
 
 def main() -> None:
@@ -410,6 +440,7 @@ def main() -> None:
     parser.add_argument("--pg", default="postgres://postgres@127.0.0.1:5432")
     parser.add_argument("--redis-db", type=int, default=12)
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per N, at most")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the server, worker and client logs")
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--server", help=argparse.SUPPRESS)
     parser.add_argument("--tokens", help=argparse.SUPPRESS)
@@ -451,6 +482,8 @@ def main() -> None:
     for r in results:
         if r["error_kinds"]:
             print(f"N={r['agents']}: errors {r['error_kinds']}")
+        if r["slow"]:
+            print(f"N={r['agents']}: deliveries over 2 s (latency, round, poll start - opened): {r['slow']}")
 
 
 if __name__ == "__main__":

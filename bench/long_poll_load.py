@@ -123,14 +123,20 @@ def client_main(args: argparse.Namespace) -> None:
     def out(record: dict[str, Any]) -> None:
         sink.write(json.dumps(record) + "\n")
 
-    async def main() -> None:
-        limits = httpx.Limits(max_connections=len(tokens) + 10, max_keepalive_connections=len(tokens) + 10)
+    async def one_agent(token: str, stop_at: float, index: int) -> None:
+        # One client (and connection) per agent: httpx's pool scans its connections on every request, so
+        # one pool shared by thousands of agents costs O(N) per request. Starts are spread over 10 s so
+        # that thousands of connects do not overflow the server's listen backlog at once.
+        await asyncio.sleep(10.0 * index / max(1, len(tokens)))
         timeout = httpx.Timeout(args.poll_wait + 30, connect=30)
-        async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
-            print("READY", flush=True)
-            start_line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-            stop_at = float(start_line.strip() or 0)
-            await asyncio.gather(*(_agent_loop(client, t, args, stop_at, out) for t in tokens))
+        async with httpx.AsyncClient(timeout=timeout) as client:
+            await _agent_loop(client, token, args, stop_at, out)
+
+    async def main() -> None:
+        print("READY", flush=True)
+        start_line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        stop_at = float(start_line.strip() or 0)
+        await asyncio.gather(*(one_agent(t, stop_at, i) for i, t in enumerate(tokens)))
 
     asyncio.run(main())
 
@@ -435,7 +441,7 @@ def main() -> None:
     parser.add_argument("--per-round", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--poll-wait", type=float, default=30.0)
-    parser.add_argument("--client-processes", type=int, default=2)
+    parser.add_argument("--client-processes", type=int, default=4)
     parser.add_argument("--database", default="fedsite_bench")
     parser.add_argument("--pg", default="postgres://postgres@127.0.0.1:5432")
     parser.add_argument("--redis-db", type=int, default=12)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -107,26 +106,14 @@ def _poll_once(agent: Any) -> dict[str, Any] | None:
         _release_connection()
 
 
-def _start_poll(authorization: str | None, client_ip: str | None) -> tuple[Any, dict[str, Any] | None]:
-    """Authenticate, record the heartbeat, look for a task: one trip to a worker thread, one connection."""
+def _prepare_poll(authorization: str | None, client_ip: str | None) -> Any:
     try:
         agent = agent_authenticate(authorization=authorization, client_ip=client_ip)
         agent_touch(agent=agent)
         services.rounds_try_open_waiting_if_any()
-        task = services.task_next_for_agent(agent=agent)
-        return agent, (task_payload(task) if task is not None else None)
+        return agent
     finally:
         _release_connection()
-
-
-#: Threads for the database work of long-polls served by ``fedsite.asgi`` (as many as pooled connections:
-#: more would wait for a connection, fewer would leave connections idle while polls queue).
-def _pooled_connections() -> int:
-    pool = settings.DATABASES["default"].get("OPTIONS", {}).get("pool")
-    return int(pool.get("max_size", 16)) if isinstance(pool, dict) else 16
-
-
-_poll_executor = ThreadPoolExecutor(max_workers=max(4, _pooled_connections()), thread_name_prefix="long-poll")
 
 
 def _database_caller(request: HttpRequest) -> Callable[[Callable[..., Any]], Any]:
@@ -134,9 +121,7 @@ def _database_caller(request: HttpRequest) -> Callable[[Callable[..., Any]], Any
     direct = bool(getattr(request, "scope", {}).get(DIRECT_SCOPE_KEY))
 
     def wrap(function: Callable[..., Any]) -> Any:
-        if direct:
-            return sync_to_async(function, thread_sensitive=False, executor=_poll_executor)
-        return sync_to_async(function)
+        return sync_to_async(function, thread_sensitive=not direct)
 
     return wrap
 
@@ -173,12 +158,11 @@ async def next_task_view(request: HttpRequest) -> HttpResponse:
         if shutdown.is_set():
             return _shutting_down_response()
         in_thread = _database_caller(request)
-        agent, payload = await in_thread(_start_poll)(
-            request.headers.get("Authorization"), client_ip(request)
-        )
+        agent = await in_thread(_prepare_poll)(request.headers.get("Authorization"), client_ip(request))
         deadline = time.monotonic() + wait
         with open_long_polls.track():  # the gauge of /api/system/health and /metrics
             while True:
+                payload = await in_thread(_poll_once)(agent)
                 if payload is not None:
                     return JsonResponse(payload)
                 if shutdown.is_set():
@@ -195,7 +179,6 @@ async def next_task_view(request: HttpRequest) -> HttpResponse:
                     agent.pk, remaining if reliable else min(remaining, RECHECK_SECONDS)
                 )
                 if woken and not shutdown.is_set():
-                    payload = await in_thread(_poll_once)(agent)
                     continue
                 if shutdown.is_set() or (not reliable and time.monotonic() > deadline - 0.05):
                     payload = await in_thread(_poll_once)(agent)
@@ -204,7 +187,6 @@ async def next_task_view(request: HttpRequest) -> HttpResponse:
                     return _shutting_down_response() if shutdown.is_set() else HttpResponse(status=204)
                 if time.monotonic() >= deadline - 0.05:
                     return HttpResponse(status=204)
-                payload = await in_thread(_poll_once)(agent)  # the periodic re-check while the broker is away
     except ServiceError as exc:
         response = error_response(exc)
         if exc.status_code == 401:

@@ -104,10 +104,10 @@ def agent_worker(args: argparse.Namespace) -> None:
             self.current: dict[str, Any] = {}
             upload = self._http.upload_update
 
-            def timed_upload(url: str, blob: bytes, meta: dict[str, Any]) -> Any:
+            def timed_upload(url: str, blob: bytes, meta: dict[str, Any], **kwargs: Any) -> Any:
                 self.current["upload_start"] = time.time()
                 try:
-                    return upload(url, blob, meta)
+                    return upload(url, blob, meta, **kwargs)
                 finally:
                     self.current["upload_end"] = time.time()
 
@@ -332,6 +332,9 @@ def main() -> None:
         help="set DATABASE_CONN_MAX_AGE for server and worker (default: the settings' default, 0)",
     )
     parser.add_argument("--agent-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--floor-server", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--directory", help=argparse.SUPPRESS)
     parser.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--server", help=argparse.SUPPRESS)
@@ -339,6 +342,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.agent_worker:
         agent_worker(args)
+        return
+    if args.floor_server:
+        floor_server(args)
         return
 
     hidden = [int(h) for h in args.hidden.split(",") if h.strip()]
@@ -564,6 +570,17 @@ def run(
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=args.poll_wait + 10)
     agent_records = [json.loads(line) for line in agents_out.read_text().splitlines() if line.strip()]
+    last_version = max(versions.values(), key=lambda v: v.number)
+    from versioning.blobs import blob_local_path
+
+    floor = measure_floor(
+        blob_path=Path(blob_local_path(last_version.blob_name) or ""),
+        agents=args.agents,
+        reps=args.rounds,
+        processes=processes,
+        workdir=workdir,
+        env=env,
+    )
     return render_report(
         args=args,
         training=training,
@@ -578,7 +595,95 @@ def run(
         cpu=(cpu_before, cpu_after),
         run_seconds=run_seconds,
         setup_seconds=setup_seconds,
+        floor=floor,
     )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The floor: the same bytes through loopback with a plain static file server (stdlib), in the same run
+# ----------------------------------------------------------------------------------------------------------
+def floor_server(args: argparse.Namespace) -> None:
+    """``--floor-server``: a stdlib ThreadingHTTPServer on ``--directory``; POST reads and drops bodies."""
+    import functools
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(SimpleHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            remaining = int(self.headers.get("Content-Length", "0"))
+            while remaining > 0:
+                remaining -= len(self.rfile.read(min(remaining, 1 << 20)))
+            self.send_response(204)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    handler = functools.partial(Handler, directory=args.directory)
+    ThreadingHTTPServer(("127.0.0.1", args.port), handler).serve_forever()
+
+
+def measure_floor(
+    *, blob_path: Path, agents: int, reps: int, processes: Processes, workdir: Path, env: dict[str, str]
+) -> dict[str, float]:
+    """Wall time for ``agents`` concurrent clients to GET the version blob and POST it back, per round."""
+    import httpx
+
+    directory = workdir / "floor"
+    directory.mkdir(exist_ok=True)
+    (directory / "model.safetensors").write_bytes(blob_path.read_bytes())
+    payload = blob_path.read_bytes()
+    port = free_port()
+    processes.start(
+        "floor-server",
+        [PYTHON, __file__, "--floor-server", "--port", str(port), "--directory", str(directory)],
+        env=env,
+        log=workdir / "floor.log",
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return httpx.get(f"{base}/", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(up, 30, "the floor's static file server")
+    clients = [httpx.Client(timeout=120) for _ in range(agents)]
+    rounds: list[float] = []
+    downloads: list[float] = []
+    uploads: list[float] = []
+    for _ in range(reps):
+        barrier = threading.Barrier(agents + 1)
+
+        def one(client: httpx.Client, barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            started = time.monotonic()
+            body = client.get(f"{base}/model.safetensors").content
+            assert len(body) == len(payload)
+            got = time.monotonic()
+            client.post(f"{base}/update", content=payload)
+            downloads.append(got - started)
+            uploads.append(time.monotonic() - got)
+
+        threads = [threading.Thread(target=one, args=(c,)) for c in clients]
+        for thread in threads:
+            thread.start()
+        barrier.wait()
+        started = time.monotonic()
+        for thread in threads:
+            thread.join()
+        rounds.append(time.monotonic() - started)
+    for client in clients:
+        client.close()
+    return {
+        "round": statistics.median(rounds),
+        "download": statistics.median(downloads),
+        "upload": statistics.median(uploads),
+        "bytes": float(len(payload)),
+    }
 
 
 def _worker_ready() -> bool:
@@ -655,6 +760,7 @@ def render_report(
     cpu: tuple[dict[str, float], dict[str, float]],
     run_seconds: float,
     setup_seconds: float,
+    floor: dict[str, float],
 ) -> str:
     lines: list[str] = []
     out = lines.append
@@ -774,6 +880,21 @@ def render_report(
     means = {k: statistics.fmean(r[k] for r in per_round) for k in keys}
     out("| median | " + " | ".join(f"{medians[k]:.3f}" for k in keys) + " |")
     out("| mean | " + " | ".join(f"{means[k]:.3f}" for k in keys) + " |")
+    out("")
+    out(
+        f"Floor, measured in this run: {args.agents} concurrent clients (threads, httpx) each GET the last "
+        f"version's blob ({floor['bytes'] / 2**20:.2f} MiB) and POST the same bytes back, to a plain stdlib "
+        "static file server (ThreadingHTTPServer) on loopback, median of "
+        f"{args.rounds} repetitions:"
+    )
+    out("")
+    out("| what | seconds |")
+    out("|---|---:|")
+    out(f"| floor: all {args.agents} downloads + uploads of one round (wall) | {floor['round']:.3f} |")
+    out(f"| floor: one download (median) | {floor['download']:.3f} |")
+    out(f"| floor: one upload (median) | {floor['upload']:.3f} |")
+    out(f"| fedsite: median overhead beyond training per round | {medians['overhead']:.3f} |")
+    out(f"| fedsite: median overhead minus the floor's round | {medians['overhead'] - floor['round']:.3f} |")
     out("")
     share = {k: 100 * means[k] / means["total"] for k in keys}
     out(

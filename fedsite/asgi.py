@@ -1,23 +1,122 @@
-"""ASGI entry point: HTTP (Django, behind the request limits) and WebSockets (Channels) on one server."""
+"""ASGI entry point: HTTP (Django, behind the request limits) and WebSockets (Channels) on one server.
+
+Django's requests run their sync code on kept threads (:class:`ReusedThreadASGIHandler`), not on a thread
+started and joined per request.
+
+The agent long-poll (``GET /api/v1/agent/tasks/next``) is routed to :class:`LongPollHandler`, Django's
+ASGI handler without the middleware chain and without the per-request thread that
+``asgiref.sync.ThreadSensitiveContext`` gives every Django request: thousands of polls wait on one event
+loop, each holding a future and a socket, no thread (trainings/wakeup.py). Its database work runs in the
+event loop's shared executor. It is an async view that authenticates with the agent token itself, sets no
+cookie and reads no session, so the middleware it skips (sessions, CSRF, messages, authentication,
+clickjacking, security headers on a JSON response, Prometheus' request counters) has nothing to do for it.
+Model downloads whose blob is sent from a file (``trainings.api.agent_views.BlobFileResponse``) leave the
+application as one ``http.response.pathsend`` message when the server offers the extension
+(fedsite/http_protocol.py), else in large chunks read here (:class:`BlobSendMiddleware`).
+"""
 
 import os
 
 from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "fedsite.settings")
-django_asgi_app = get_asgi_application()
+get_asgi_application()  # django.setup(); the HTTP handler used is ReusedThreadASGIHandler below
 
+import threading  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+from typing import Any  # noqa: E402
+
+from asgiref.sync import ThreadSensitiveContext  # noqa: E402
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+from django.core.handlers.asgi import ASGIHandler  # noqa: E402
+from django.core.handlers.exception import convert_exception_to_response  # noqa: E402
 
+from fedsite.http_protocol import BlobSendMiddleware  # noqa: E402
 from fedsite.limits import RequestLimitsMiddleware  # noqa: E402
 from monitoring.routing import websocket_urlpatterns  # noqa: E402
+from trainings.api.agent_views import DIRECT_SCOPE_KEY  # noqa: E402
+
+LONG_POLL_PATH = "/api/v1/agent/tasks/next"
+#: One-thread executors kept for Django's requests (more are made, and dropped after, under a burst).
+REQUEST_THREADS_KEPT = 16
+
+
+class ReusedThreadASGIHandler(ASGIHandler):
+    """Django's ASGI handler, running each request's sync code on a kept one-thread executor.
+
+    Django gives every request a ``ThreadSensitiveContext``, which starts a new thread for the request's
+    first sync call and joins it at the end: a thread start and stop per upload or download. Here the
+    context runs on one of :data:`REQUEST_THREADS_KEPT` executors handed from request to request (one
+    request at a time each, as Django requires; a WSGI server reuses its threads the same way); when all
+    are busy, a request gets a new one, shut down after it.
+    """
+
+    def __init__(self, kept: int = REQUEST_THREADS_KEPT) -> None:
+        super().__init__()
+        self._kept = kept
+        self._lock = threading.Lock()
+        self._idle: list[ThreadPoolExecutor] = []
+
+    def _take(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        return ThreadPoolExecutor(max_workers=1, thread_name_prefix="django-request")
+
+    def _give_back(self, executor: ThreadPoolExecutor) -> None:
+        with self._lock:
+            if len(self._idle) < self._kept:
+                self._idle.append(executor)
+                return
+        executor.shutdown(wait=False)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            raise ValueError(f"Django can only handle ASGI/HTTP connections, not {scope['type']}.")
+        executor = self._take()
+        try:
+            async with ThreadSensitiveContext(executor=executor):
+                await self.handle(scope, receive, send)
+        finally:
+            self._give_back(executor)
+
+
+class LongPollHandler(ASGIHandler):
+    """Django's ASGI handler for the agent long-poll alone: URL resolution and the view, nothing else."""
+
+    def load_middleware(self, is_async: bool = False) -> None:
+        self._view_middleware: list[Any] = []
+        self._template_response_middleware: list[Any] = []
+        self._exception_middleware: list[Any] = []
+        self._middleware_chain = convert_exception_to_response(self._get_response_async)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        # No ThreadSensitiveContext: it would start a thread for this request and keep it for the wait.
+        await self.handle({**scope, DIRECT_SCOPE_KEY: True}, receive, send)
+
+
+class AgentLongPollRouter:
+    """Send ``GET`` long-polls to :class:`LongPollHandler` and every other HTTP request to Django."""
+
+    def __init__(self, django_app: Any, long_poll_app: Any) -> None:
+        self.django_app = django_app
+        self.long_poll_app = long_poll_app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("method") == "GET" and scope.get("path") == LONG_POLL_PATH:
+            await self.long_poll_app(scope, receive, send)
+        else:
+            await self.django_app(scope, receive, send)
+
 
 application = ProtocolTypeRouter(
     {
         # Per-endpoint body limits and read deadlines before Django reads a byte (fedsite/limits.py).
-        "http": RequestLimitsMiddleware(django_asgi_app),
+        "http": RequestLimitsMiddleware(
+            BlobSendMiddleware(AgentLongPollRouter(ReusedThreadASGIHandler(), LongPollHandler()))
+        ),
         "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )

@@ -157,5 +157,42 @@ def blob_local_path(name: str) -> str | None:
         return None
 
 
+class BlobHashMismatch(Exception):
+    """A stored blob's bytes do not hash to the sha256 it is recorded under (``actual`` is what they do)."""
+
+    def __init__(self, name: str, expected: str, actual: str) -> None:
+        super().__init__(f"{name}: sha256 {actual}, expected {expected}")
+        self.name, self.expected, self.actual = name, expected, actual
+
+
+#: (path, sha256) -> (size, mtime_ns, inode) of the file when this process last hashed it and it matched.
+_verified_files: dict[tuple[str, str], tuple[int, int, int]] = {}
+
+
+def blob_verified_path(name: str, sha256: str) -> tuple[str, int] | None:
+    """The local path and size of blob ``name``, checked to hash to ``sha256``; None if not on local disk.
+
+    The file is hashed (one sequential read) the first time this process asks for it and whenever its
+    size, mtime or inode changed since; in between a blob, immutable and content-addressed, costs one
+    ``stat``. Raises :class:`BlobHashMismatch` when the bytes do not match (nothing is remembered then, so
+    every later call hashes again and refuses again).
+    """
+    path = blob_local_path(name)
+    if path is None:
+        return None
+    stat = os.stat(path)
+    signature = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    if _verified_files.get((path, sha256)) != signature:
+        digest = hashlib.sha256()
+        with open(path, "rb", buffering=0) as handle:
+            while chunk := handle.read(SPOOL_CHUNK_BYTES):
+                digest.update(chunk)
+        if digest.hexdigest() != sha256:
+            _verified_files.pop((path, sha256), None)
+            raise BlobHashMismatch(name, sha256, digest.hexdigest())
+        _verified_files[(path, sha256)] = signature
+    return path, stat.st_size
+
+
 def blob_exists(name: str) -> bool:
     return default_storage.exists(name)

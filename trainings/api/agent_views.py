@@ -1,20 +1,32 @@
 """Agent protocol v1: long-poll for a task, download a model version, upload an update, give a task back.
 
-The long-poll is an async view so thousands of waiting agents cost no threads; the rest are DRF views.
+The long-poll is an async view. Served by ``fedsite.asgi`` (its :class:`~fedsite.asgi.LongPollHandler`:
+no middleware, no per-request thread; ``scope[DIRECT_SCOPE_KEY]`` is set) a waiting poll holds no thread
+and makes no query: it awaits a wake-up (trainings/wakeup.py), and one shared re-check per process
+(:data:`shared_recheck`) catches lost ones. Its database work then runs in the event loop's shared
+executor. Through Django's own handler (the test client, another ASGI setup) the same view runs with
+thread-sensitive database calls, as Django requires there. The rest are DRF views.
+
+A model download is checked against the version's sha256 before it is served: the blob is hashed in one
+pass the first time this process serves it, and again whenever its size, mtime or inode change
+(:func:`versioning.blobs.blob_verified_path`); a mismatch is a 409 ``blob_corrupted`` with a critical
+alert, never a served byte. The bytes then go out without passing through Python: named to
+:class:`fedsite.http_protocol.BlobSendMiddleware` (a path-send where the server offers one). Every served
+download is one row of the audit log (``version.download``, the agent and its task).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.core.files.storage import default_storage
 from django.db import connection
-from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse
+from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import serializers, status
@@ -33,15 +45,27 @@ from fedsite.errors import (
     ServiceUnavailable,
     ValidationFailed,
 )
+from fedsite.http_protocol import SENDFILE_CHUNK_BYTES, SENDFILE_HEADER, SENDFILE_SCOPE_KEY
 from fedsite.parsers import StrictJSONParser
 from fedsite.throttling import client_ip
 from monitoring.health import open_long_polls
 from trainings import services
 from trainings.selectors import task_payload
-from trainings.wakeup import shutdown, wait_for_wakeup
+from trainings.services.tasks import agent_download_record, agent_download_task, tasks_agents_with_work
+from trainings.wakeup import SharedRecheck, shutdown, wait_for_wakeup, wakeups_ready
+from versioning.blobs import BlobHashMismatch, blob_verified_path
 from versioning.models import ModelVersion
 
+#: Re-check interval of a waiting poll while wake-ups are unreliable (the channel layer is away).
 RECHECK_SECONDS = 2.0
+#: Interval of the one re-check per process that catches lost wake-ups while polls wait.
+SHARED_RECHECK_SECONDS = 5.0
+#: How long a poll waits for this loop's wake-up listener to subscribe before trusting wake-ups.
+LISTENER_READY_SECONDS = 0.5
+#: Scope key set by ``fedsite.asgi.LongPollHandler``: no ThreadSensitiveContext around this request.
+DIRECT_SCOPE_KEY = "fedsite.direct_long_poll"
+
+shared_recheck = SharedRecheck(SHARED_RECHECK_SECONDS)
 #: Retry-After of the 503 that answers long-polls when the server shuts down (a restart takes seconds).
 SHUTDOWN_RETRY_AFTER_SECONDS = 2
 
@@ -92,6 +116,16 @@ def _prepare_poll(authorization: str | None, client_ip: str | None) -> Any:
         _release_connection()
 
 
+def _database_caller(request: HttpRequest) -> Callable[[Callable[..., Any]], Any]:
+    """``sync_to_async`` for this poll's database calls (see the module docstring for which kind)."""
+    direct = bool(getattr(request, "scope", {}).get(DIRECT_SCOPE_KEY))
+
+    def wrap(function: Callable[..., Any]) -> Any:
+        return sync_to_async(function, thread_sensitive=not direct)
+
+    return wrap
+
+
 def _release_connection() -> None:
     if not connection.in_atomic_block:  # (tests wrap requests in a transaction; never close one)
         connection.close()
@@ -123,11 +157,12 @@ async def next_task_view(request: HttpRequest) -> HttpResponse:
         wait = _parse_wait(request.GET.getlist("wait"))
         if shutdown.is_set():
             return _shutting_down_response()
-        agent = await sync_to_async(_prepare_poll)(request.headers.get("Authorization"), client_ip(request))
+        in_thread = _database_caller(request)
+        agent = await in_thread(_prepare_poll)(request.headers.get("Authorization"), client_ip(request))
         deadline = time.monotonic() + wait
         with open_long_polls.track():  # the gauge of /api/system/health and /metrics
             while True:
-                payload = await sync_to_async(_poll_once)(agent)
+                payload = await in_thread(_poll_once)(agent)
                 if payload is not None:
                     return JsonResponse(payload)
                 if shutdown.is_set():
@@ -135,12 +170,23 @@ async def next_task_view(request: HttpRequest) -> HttpResponse:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return HttpResponse(status=204)
-                await wait_for_wakeup(agent.pk, min(remaining, RECHECK_SECONDS))
-                if shutdown.is_set() or time.monotonic() > deadline - 0.05:
-                    payload = await sync_to_async(_poll_once)(agent)
+                shared_recheck.ensure_running(tasks_agents_with_work)
+                reliable = await wakeups_ready(min(remaining, LISTENER_READY_SECONDS))
+                remaining = deadline - time.monotonic()
+                # Wake-ups reach this loop: wait for one (or the deadline) with no query of our own.
+                # Otherwise (broker away) re-check every RECHECK_SECONDS, as plain polling would.
+                woken = await wait_for_wakeup(
+                    agent.pk, remaining if reliable else min(remaining, RECHECK_SECONDS)
+                )
+                if woken and not shutdown.is_set():
+                    continue
+                if shutdown.is_set() or (not reliable and time.monotonic() > deadline - 0.05):
+                    payload = await in_thread(_poll_once)(agent)
                     if payload is not None:
                         return JsonResponse(payload)
                     return _shutting_down_response() if shutdown.is_set() else HttpResponse(status=204)
+                if time.monotonic() >= deadline - 0.05:
+                    return HttpResponse(status=204)
     except ServiceError as exc:
         response = error_response(exc)
         if exc.status_code == 401:
@@ -166,7 +212,8 @@ class ModelDownloadView(APIView):
             version = ModelVersion.objects.get(pk=version_id)
         except (ModelVersion.DoesNotExist, ValueError, DjangoValidationError) as exc:
             raise NotFound(f"No model version {version_id!r}.", code="version_not_found") from exc
-        if not services.agent_may_download(agent=request.auth, version=version):
+        task = agent_download_task(agent=request.auth, version=version)
+        if task is None:
             raise Forbidden(
                 "This agent has no task in the training of this model version.", code="not_your_model"
             )
@@ -175,13 +222,40 @@ class ModelDownloadView(APIView):
             response = HttpResponse(status=304)
             response["ETag"] = etag
             return response
-        response = FileResponse(
-            default_storage.open(version.blob_name, "rb"), content_type="application/octet-stream"
-        )
+        response = _verified_blob_response(request, version)
+        agent_download_record(agent=request.auth, version=version, task=task)
         response["ETag"] = etag
-        response["Content-Length"] = str(version.size_bytes)
         response["X-Model-Version"] = str(version.number)
         return response
+
+
+def _verified_blob_response(request: Request, version: ModelVersion) -> HttpResponse | StreamingHttpResponse:
+    """The version's bytes, checked against its sha256 (409 ``blob_corrupted`` and an alert if not)."""
+    from versioning.services import _corrupted, version_open_verified
+
+    try:
+        local = blob_verified_path(version.blob_name, version.blob_sha256)
+    except BlobHashMismatch as exc:
+        raise _corrupted(version, exc.actual, blob="weights", expected=version.blob_sha256) from exc
+    if local is None:  # not on local disk: copied to a temporary file, hashed in the same pass
+        verified = version_open_verified(version=version, actor=request.auth)
+        remote = FileResponse(verified, content_type="application/octet-stream")
+        remote["Content-Length"] = str(version.size_bytes)
+        return remote
+    path, size = local
+    if getattr(request._request, "scope", {}).get(SENDFILE_SCOPE_KEY):  # fedsite.asgi sends the file
+        response: HttpResponse | StreamingHttpResponse = HttpResponse(content_type="application/octet-stream")
+        response[SENDFILE_HEADER.decode()] = path
+    else:
+        response = _LargeBlockFileResponse(open(path, "rb"), content_type="application/octet-stream")  # noqa: SIM115 (the response closes it)
+    response["Content-Length"] = str(size)
+    return response
+
+
+class _LargeBlockFileResponse(FileResponse):
+    """A FileResponse read in large blocks (Django's 4 KiB make a thousand messages of a 4 MiB model)."""
+
+    block_size = SENDFILE_CHUNK_BYTES
 
 
 UPDATE_RESPONSE = inline_serializer(

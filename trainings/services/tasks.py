@@ -15,6 +15,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from datetime import timedelta
 from typing import Any
 
@@ -170,6 +171,31 @@ def task_next_for_agent(*, agent: Agent) -> Task | None:
     )
 
 
+def tasks_agents_with_work(agent_keys: Collection[str]) -> set[str]:
+    """Which of these waiting agents (``str`` of their pks) may have a task now: the shared re-check.
+
+    One query for the undelivered tasks of collecting rounds (a few rows per open round, whatever the
+    number of waiting agents), and one for running asynchronous trainings, whose tasks are issued on
+    demand: while one runs, every waiting agent is named, since any of them may get a task when it asks.
+    """
+    waiting = set(agent_keys)
+    if not waiting:
+        return set()
+    now = timezone.now()
+    pending = {
+        str(pk)
+        for pk in Task.objects.filter(
+            status=KS.PENDING,
+            deadline__gt=now,
+            round__status=RS.COLLECTING,
+            round__training__status=TS.RUNNING,
+        ).values_list("agent_id", flat=True)
+    }
+    if Training.objects.filter(status=TS.RUNNING, algorithm__in=list(ASYNCHRONOUS_ALGORITHMS)).exists():
+        return waiting
+    return pending & waiting
+
+
 def _get_agent_task(agent: Agent, task_id: Any) -> Task:
     try:
         task = Task.objects.select_related("round__training", "agent").get(pk=task_id)
@@ -178,6 +204,28 @@ def _get_agent_task(agent: Agent, task_id: Any) -> Task:
     if task.agent_id != agent.pk:
         raise Forbidden("This task belongs to another agent.", code="not_your_task")
     return task
+
+
+def agent_download_task(*, agent: Agent, version: ModelVersion) -> Task | None:
+    """The agent's newest task in the training of ``version``; None means it may not download it."""
+    return (
+        Task.objects.filter(agent=agent, round__training_id=version.training_id)
+        .select_related("round")
+        .order_by("-created_at")
+        .first()
+    )
+
+
+def agent_download_record(*, agent: Agent, version: ModelVersion, task: Task) -> None:
+    """Audit one model download served to an agent: one row naming the version, the task and its round."""
+    from monitoring.services import audit_record
+
+    audit_record(
+        actor=agent,
+        action="version.download",
+        obj=version,
+        details={"number": version.number, "task_id": str(task.pk), "round": task.round.number},
+    )
 
 
 def agent_may_download(*, agent: Agent, version: ModelVersion) -> bool:

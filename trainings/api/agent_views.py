@@ -55,6 +55,7 @@ from trainings.services.tasks import agent_download_record, agent_download_task,
 from trainings.wakeup import SharedRecheck, shutdown, wait_for_wakeup, wakeups_ready
 from versioning.blobs import BlobHashMismatch, blob_verified_path
 from versioning.models import ModelVersion
+from versioning.services import version_require_blob
 
 #: Re-check interval of a waiting poll while wake-ups are unreliable (the channel layer is away).
 RECHECK_SECONDS = 2.0
@@ -222,6 +223,7 @@ class ModelDownloadView(APIView):
             response = HttpResponse(status=304)
             response["ETag"] = etag
             return response
+        version_require_blob(version)  # 410 version_pruned: retention deleted its weights
         response = _verified_blob_response(request, version)
         agent_download_record(agent=request.auth, version=version, task=task)
         response["ETag"] = etag

@@ -175,3 +175,17 @@ def test_a_server_offering_path_send_gets_one_pathsend_message(tmp_path: Any) ->
     assert [m["type"] for m in without] == ["http.response.start", "http.response.body", "http.response.body"]
     assert without[1]["body"] == b"x" * 1000 and without[1]["more_body"] is True
     assert without[2].get("more_body", False) is False
+
+
+@pytest.mark.django_db
+def test_a_pruned_version_is_410_not_500_and_is_not_audited(client: Any, tasked: Any) -> None:
+    """An agent asking for an old version whose weights retention deleted gets a clear 410."""
+    from django.utils import timezone
+
+    _, token, version = tasked
+    ModelVersion.objects.filter(pk=version.pk).update(blob_name="", blob_pruned_at=timezone.now())
+    response = client.get(f"/api/v1/agent/models/{version.pk}", HTTP_AUTHORIZATION=f"Bearer {token}")
+    assert response.status_code == 410, response.content
+    error = response.json()["error"]
+    assert error["code"] == "version_pruned" and "pruned" in error["message"]
+    assert not AuditLog.objects.filter(action="version.download", object_id=str(version.pk)).exists()

@@ -2,8 +2,9 @@
 
 Protocol (the seed's): the browser sends ``{"action": "subscribe", "training_id": "..."}`` (and
 ``unsubscribe``, ``ping``); the server sends ``{"type": "metric_update" | "round_completed" |
-"training_completed" | "alert" | ..., "training_id": "...", ...}``. Only staff users (session login) may
-subscribe. The consumer holds no logic beyond that.
+"training_completed" | "alert" | ..., "training_id": "...", ...}``; every connection also gets the
+events of no training (system alerts: ``"training_id": null``) without subscribing. Only staff users
+(session login) may connect. The consumer holds no logic beyond that.
 
 Invariants: no frame a client sends raises out of the consumer. A binary, non-JSON or non-object frame
 gets ``{"type": "error", ...}`` and the socket stays open; a frame over ``FEDSITE_WS_MAX_FRAME_BYTES``
@@ -24,7 +25,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 
-from monitoring.events import training_group
+from monitoring.events import SYSTEM_GROUP, training_group
 
 logger = logging.getLogger("monitoring.consumers")
 
@@ -98,6 +99,9 @@ class TrainingEventsConsumer(AsyncJsonWebsocketConsumer):
         if self.layer_failed:
             await self._close_unavailable()
             return
+        if not await self._layer_call("group_add", SYSTEM_GROUP):  # system alerts reach every dashboard
+            return
+        self.groups_joined.add(SYSTEM_GROUP)
         await self.send_json({"type": "connected", "client_id": self.client_id})
 
     async def disconnect(self, code: int) -> None:

@@ -90,18 +90,30 @@ BROKER_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutEr
 channel_layer_outage = BrokerOutage()
 
 
+#: Every staff WebSocket joins this group on connect: events of no training (system alerts) go to it.
+SYSTEM_GROUP = "system_events"
+
+
 def training_group(training_id: Any) -> str:
     return f"training_{str(training_id).replace('-', '')}"
 
 
+def event_group(training_id: Any) -> str:
+    """The group of a training's events, or :data:`SYSTEM_GROUP` for ``training_id=None``."""
+    return SYSTEM_GROUP if training_id is None else training_group(training_id)
+
+
 def event_send(*, training_id: Any, event: str, payload: dict[str, Any]) -> None:
-    """Send now (use ``event_broadcast_on_commit`` from inside transactions). Never raises."""
+    """Send now (use ``event_broadcast_on_commit`` from inside transactions). Never raises.
+
+    ``training_id=None`` sends a system event (``"training_id": null``) to every connected dashboard."""
     layer = get_channel_layer()
     if layer is None or channel_layer_outage.should_skip():
         return
-    message = {"type": "training.event", "event": event, "training_id": str(training_id), "payload": payload}
+    subject = None if training_id is None else str(training_id)
+    message = {"type": "training.event", "event": event, "training_id": subject, "payload": payload}
     try:
-        async_to_sync(layer.group_send)(training_group(training_id), message)
+        async_to_sync(layer.group_send)(event_group(training_id), message)
     except BROKER_ERRORS as exc:  # a dashboard event must never break a round (nor the request that sent it)
         channel_layer_outage.failed(f"event {event} training_id={training_id}", exc)
     except Exception:

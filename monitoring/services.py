@@ -95,11 +95,11 @@ def _alert_payload(alert: Alert, action: str) -> dict[str, Any]:
 
 
 def _alert_broadcast(alert: Alert, action: str) -> None:
-    """``alert`` event to the training's subscribers after commit (system alerts have no group)."""
-    if alert.training_id is not None:
-        event_broadcast_on_commit(
-            training_id=alert.training_id, event="alert", payload=_alert_payload(alert, action)
-        )
+    """``alert`` event after commit: to the training's subscribers, or to every dashboard for a system
+    alert (no training)."""
+    event_broadcast_on_commit(
+        training_id=alert.training_id, event="alert", payload=_alert_payload(alert, action)
+    )
 
 
 def alert_raise(

@@ -154,3 +154,43 @@ def test_subscribe_to_unknown_or_invalid_training_gets_an_error(admin_user, trai
 
     assert reply["type"] == "error"
     assert expected in reply["message"]
+
+
+def test_a_system_alert_reaches_every_staff_socket_without_a_subscription(admin_user: Any) -> None:
+    """Alerts of no training (resource exhaustion, say) go to every dashboard; a training's stay with its
+    subscribers."""
+    from django.db import transaction
+
+    from monitoring.models import Alert
+    from monitoring.services import alert_raise
+
+    training = make_training("not subscribed")
+    session = _session_for(admin_user)
+
+    def raise_both() -> None:
+        with transaction.atomic():
+            alert_raise(kind=Alert.Kind.TOO_FEW_AGENTS, message="a training's alert", training=training)
+            alert_raise(
+                kind=Alert.Kind.RESOURCE_EXHAUSTED,
+                message="disk almost full",
+                severity=Alert.Severity.CRITICAL,
+                subject="system:disk",
+            )
+
+    async def run() -> tuple[dict[str, Any], bool]:
+        communicator = _communicator(session)
+        connected, _ = await communicator.connect()
+        assert connected
+        assert (await communicator.receive_json_from(timeout=5))["type"] == "connected"
+        await sync_to_async(raise_both)()
+        event = await communicator.receive_json_from(timeout=5)
+        nothing_more = await communicator.receive_nothing(timeout=0.5)
+        await communicator.disconnect()
+        return event, nothing_more
+
+    event, nothing_more = async_to_sync(run)()
+
+    assert event["type"] == "alert" and event["training_id"] is None
+    assert event["action"] == "raised"
+    assert event["alert"]["message"] == "disk almost full" and event["alert"]["severity"] == "critical"
+    assert nothing_more, "the training's alert must not reach a socket that did not subscribe to it"

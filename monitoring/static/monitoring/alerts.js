@@ -1,9 +1,8 @@
 /*
  * Alerts page: acknowledge one (POST /api/alerts/<id>/acknowledge) or many (POST /api/alerts/acknowledge
  * {"ids": [...]}); new and changed alerts arrive over the WebSocket (the page subscribes to the trainings
- * still running, or to the filtered one) and are inserted at the top when they match the filters. Alerts
- * without a training (resource alerts) have no WebSocket group: while the socket is down, and every 30 s
- * for those, the page asks /api/alerts for the newest ones.
+ * still running, or to the filtered one; system alerts reach every socket) and are inserted at the top
+ * when they match the filters. Only while the socket is down does the page ask /api/alerts, every 5 s.
  */
 (function () {
   "use strict";
@@ -165,9 +164,10 @@
 
   const badge = document.getElementById("live-state");
   let pollTimer = null;
+  let wasDown = false;
   function poll(every) {
     if (pollTimer) window.clearInterval(pollTimer);
-    pollTimer = window.setInterval(pollAlerts, every);
+    pollTimer = every ? window.setInterval(pollAlerts, every) : null;
   }
   window.FedLive.connect({
     trainingIds: JSON.parse(document.getElementById("live-trainings").textContent),
@@ -176,7 +176,9 @@
     },
     onState(state) {
       window.FedLive.showState(badge, state);
-      poll(state === "live" ? 30000 : 5000);
+      if (state === "live" && wasDown) pollAlerts(); // what arrived while it was down
+      wasDown = state !== "live";
+      poll(state === "live" ? 0 : 5000);
     },
   });
   updateSelection();

@@ -324,6 +324,7 @@
   // --- WebSocket ------------------------------------------------------------------------------
   function handleEvent(message) {
     if (message.training_id && message.training_id !== trainingId) return;
+    if (message.type === "alert" && !message.training_id) return; // a system alert, on the alerts page
     switch (message.type) {
       case "metric_update":
         if (message.metric) addMetric(message.metric.name, message.metric.round ?? message.round, message.metric.value);

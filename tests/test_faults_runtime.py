@@ -366,9 +366,17 @@ def test_pool_discards_connections_that_died_while_pooled() -> None:
     pool = connection.pool
     assert pool is not None
     connection.close()
+    # Start from an empty pool: earlier tests may have left a dozen idle connections, and psycopg_pool
+    # backs off 1, 2, 4, ... s between failed checks, so drawing through that many dead ones outlasts its
+    # 30 s timeout. Closed connections handed back are dropped (min_size 0), so three remain below.
+    idle = []
+    while pool.get_stats().get("pool_available", 0) > 0:
+        idle.append(pool.getconn())
+    for conn in idle:
+        conn.close()
+        pool.putconn(conn)
     held = [pool.getconn() for _ in range(3)]
-    while pool.get_stats().get("pool_available", 0) > 0:  # every idle connection of the pool
-        held.append(pool.getconn())
+    assert pool.get_stats().get("pool_available", 0) == 0
     pids = [conn.info.backend_pid for conn in held]
     for conn in held:
         pool.putconn(conn)

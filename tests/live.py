@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 from django.conf import settings
-from django.db import connection
+from django.db import close_old_connections, connection
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -159,3 +159,15 @@ def spawn_agents(
         agents.append((process, log))
     stack["processes"].extend(agents)
     return agents
+
+
+def wait_until_finished(stack: dict[str, Any], training: Any, seconds: float) -> str:
+    """Poll the database until the training ends (or `seconds` pass); return the tails of every log."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        close_old_connections()
+        training.refresh_from_db()
+        if training.is_terminal:
+            break
+        time.sleep(1)
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(stack["tmp"].glob("*.log")))

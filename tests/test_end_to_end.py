@@ -13,21 +13,8 @@ from typing import Any
 
 import httpx
 import pytest
-from django.db import close_old_connections
 
-from tests.live import BIN, ROOT, child_env, free_port, spawn_agents, stop
-
-
-def _wait_until_finished(stack: dict[str, Any], training: Any, seconds: float) -> str:
-    """Poll the database until the training ends; return the tails of every process's log."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        close_old_connections()
-        training.refresh_from_db()
-        if training.is_terminal:
-            break
-        time.sleep(1)
-    return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(stack["tmp"].glob("*.log")))
+from tests.live import BIN, ROOT, child_env, free_port, spawn_agents, stop, wait_until_finished
 
 
 @pytest.fixture
@@ -135,7 +122,7 @@ def test_three_agents_over_http_reach_085_on_digits(live_stack: dict[str, Any]) 
         )
     )
     agents = spawn_agents(live_stack, tokens, training.pk)
-    logs = _wait_until_finished(live_stack, training, 420)
+    logs = wait_until_finished(live_stack, training, 420)
     assert training.status == Training.Status.COMPLETED, f"{training.status} {training.stop_reason}\n{logs}"
     assert training.best_accuracy is not None and training.best_accuracy >= 0.85, logs
     completed = Round.objects.filter(training=training, status=Round.Status.COMPLETED)
@@ -194,7 +181,7 @@ def test_fedbuff_with_agent_processes_on_the_real_stack(live_stack: dict[str, An
         seed="11",
         poll_wait="5",
     )
-    logs = _wait_until_finished(live_stack, training, 300)
+    logs = wait_until_finished(live_stack, training, 300)
     assert training.status == Training.Status.COMPLETED, f"{training.status} {training.stop_reason}\n{logs}"
     completed = Round.objects.filter(training=training, status=Round.Status.COMPLETED).order_by("number")
     assert [r.number for r in completed] == [1, 2, 3, 4, 5, 6], logs
@@ -241,7 +228,7 @@ def test_multikrum_split_across_real_workers(live_stack: dict[str, Any]) -> None
         )
     )
     spawn_agents(live_stack, tokens, training.pk, partition=("--partition", "iid"), seed="2", poll_wait="5")
-    logs = _wait_until_finished(live_stack, training, 300)
+    logs = wait_until_finished(live_stack, training, 300)
     assert training.status == Training.Status.COMPLETED, f"{training.status} {training.stop_reason}\n{logs}"
     rounds = Round.objects.filter(training=training, status=Round.Status.COMPLETED)
     assert rounds.count() == 3

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from tests.live import spawn_agents
-from tests.test_end_to_end import _wait_until_finished, live_stack  # noqa: F401 - the fixture
+from tests.live import spawn_agents, wait_until_finished
+from tests.test_end_to_end import live_stack  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.e2e
 
@@ -97,7 +97,7 @@ def test_attackers_make_the_policy_roll_back_to_the_best_version_and_it_recovers
         poll_wait="5",
         per_agent=dict.fromkeys(attackers, ATTACKERS),
     )
-    logs = _wait_until_finished(live_stack, training, 420)
+    logs = wait_until_finished(live_stack, training, 420)
     assert training.status == Training.Status.COMPLETED, f"{training.status} {training.stop_reason}\n{logs}"
 
     versions = list(training.versions.order_by("number"))

@@ -13,16 +13,24 @@ from __future__ import annotations
 
 import re
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from django.conf import settings
-from django.db import close_old_connections
 
-from tests.live import BIN, ROOT, PrivateRedis, child_env, free_port, spawn_agents, stop, wait_healthy
+from tests.live import (
+    BIN,
+    ROOT,
+    PrivateRedis,
+    child_env,
+    free_port,
+    spawn_agents,
+    stop,
+    wait_healthy,
+    wait_until_finished,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -86,10 +94,6 @@ def two_hosts(transactional_db: Any, tmp_path: Path) -> Iterator[dict[str, Any]]
         redis.stop()
 
 
-def _logs(stack: dict[str, Any]) -> str:
-    return "\n".join(f"--- {p.name}\n{p.read_text()[-2500:]}" for p in sorted(stack["tmp"].glob("*.log")))
-
-
 def test_a_training_runs_across_two_web_processes_and_two_workers(two_hosts: dict[str, Any]) -> None:
     from clients.services import agent_create
     from trainings.configuration import TrainingConfiguration
@@ -133,14 +137,7 @@ def test_a_training_runs_across_two_web_processes_and_two_workers(two_hosts: dic
             seed=str(21 + list(hosts).index(host)),
         )
 
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        close_old_connections()
-        training.refresh_from_db()
-        if training.is_terminal:
-            break
-        time.sleep(1)
-    logs = _logs(two_hosts)
+    logs = wait_until_finished(two_hosts, training, 300)
     assert training.status == Training.Status.COMPLETED, f"{training.status} {training.stop_reason}\n{logs}"
 
     completed = list(

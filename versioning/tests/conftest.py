@@ -10,16 +10,7 @@ import numpy as np
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 
-from fedsite.celery import app as celery_app
 from flcore.parameters import ParameterSpec, to_bytes
-
-
-@pytest.fixture
-def eager_celery() -> Any:
-    previous = celery_app.conf.task_always_eager
-    celery_app.conf.task_always_eager = True
-    yield
-    celery_app.conf.task_always_eager = previous
 
 
 @pytest.fixture

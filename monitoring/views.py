@@ -409,6 +409,7 @@ def alerts_page(request: HttpRequest) -> HttpResponse:
         "trainings": trainings,
         "live_trainings": live_trainings,
         "limit": MAX_ALERTS_PAGE,
+        "embedded": settings.EMBEDDED,
     }
     return render(request, "monitoring/alerts.html", context)
 

@@ -2,7 +2,9 @@
  * Alerts page: acknowledge one (POST /api/alerts/<id>/acknowledge) or many (POST /api/alerts/acknowledge
  * {"ids": [...]}); new and changed alerts arrive over the WebSocket (the page subscribes to the trainings
  * still running, or to the filtered one; system alerts reach every socket) and are inserted at the top
- * when they match the filters. Only while the socket is down does the page ask /api/alerts, every 5 s.
+ * when they match the filters. The page asks /api/alerts every 5 s while the socket is down, and in the
+ * embedded mode every 15 s even while it is up: there the in-memory channel layer reaches only the web
+ * process, so an alert raised elsewhere (a command, another process) sends no event.
  */
 (function () {
   "use strict";
@@ -164,6 +166,7 @@
 
   const badge = document.getElementById("live-state");
   let pollTimer = null;
+  const embedded = root.dataset.embedded === "1";
   let wasDown = false;
   function poll(every) {
     if (pollTimer) window.clearInterval(pollTimer);
@@ -178,7 +181,7 @@
       window.FedLive.showState(badge, state);
       if (state === "live" && wasDown) pollAlerts(); // what arrived while it was down
       wasDown = state !== "live";
-      poll(state === "live" ? 0 : 5000);
+      poll(state === "live" ? (embedded ? 15000 : 0) : 5000);
     },
   });
   updateSelection();

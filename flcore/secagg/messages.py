@@ -11,6 +11,7 @@ refused before any crypto touches it; ``M.from_bytes(m.to_bytes()) == m`` for ev
 
 from __future__ import annotations
 
+import abc
 import base64
 import binascii
 import hashlib
@@ -118,15 +119,17 @@ def _from_json_bytes(data: bytes, message: str) -> Any:
         raise MessageError(f"{message} is not valid UTF-8 JSON: {error}.") from None
 
 
-class _JsonBytes:
-    """``to_bytes``/``from_bytes`` as UTF-8 JSON of ``to_json``/``from_json``."""
+class _JsonBytes(abc.ABC):
+    """``to_bytes``/``from_bytes`` as UTF-8 JSON of ``to_json``/``from_json``, which each message defines."""
 
+    @abc.abstractmethod
     def to_json(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """The message as a JSON object."""
 
     @classmethod
+    @abc.abstractmethod
     def from_json(cls, data: Mapping[str, Any]) -> Self:
-        raise NotImplementedError
+        """The message from its JSON object, every field checked (MessageError naming the field)."""
 
     def to_bytes(self) -> bytes:
         """Compact UTF-8 JSON."""

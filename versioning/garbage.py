@@ -65,6 +65,8 @@ class CollectionReport:
     sessions: int = 0
     enrollment_keys: int = 0
     tasks: int = 0
+    operator_tokens: int = 0
+    outbox: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -117,6 +119,8 @@ def _collect(report: CollectionReport, *, training_id: Any, tick: Progress) -> N
         report.sessions = _clear_sessions(now)
         report.enrollment_keys = _clear_enrollment_keys(now)
         report.tasks = _clear_tasks(now)
+        report.operator_tokens = _clear_operator_tokens(now)
+        report.outbox = _clear_outbox(now)
     log_event(logger, "garbage_collected", dry_run=report.dry_run, **_flat(report))
 
 
@@ -125,7 +129,13 @@ def _flat(report: CollectionReport) -> dict[str, Any]:
     for kind in ("versions", "updates", "orphans"):
         for key, value in asdict(getattr(report, kind)).items():
             flat[f"{kind}_{key}"] = value
-    flat.update(sessions=report.sessions, enrollment_keys=report.enrollment_keys, tasks=report.tasks)
+    flat.update(
+        sessions=report.sessions,
+        enrollment_keys=report.enrollment_keys,
+        tasks=report.tasks,
+        operator_tokens=report.operator_tokens,
+        outbox=report.outbox,
+    )
     return flat
 
 
@@ -354,7 +364,7 @@ def blobs_remove_condemned(names: list[str]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Records: sessions, enrolment keys, tasks
+# Records: sessions, enrolment keys, tasks, operator tokens, aggregation outbox
 # ---------------------------------------------------------------------------------------------------
 def _clear_sessions(now: datetime) -> int:
     """Expired sessions (what ``manage.py clearsessions`` removes, for the database backends)."""
@@ -403,3 +413,29 @@ def _clear_tasks(now: datetime) -> int:
             return done
         _, by_model = Task.objects.filter(pk__in=pks).delete()
         done += by_model.get(Task._meta.label, 0)
+
+
+def _clear_operator_tokens(now: datetime) -> int:
+    """Operator tokens (knox) past their expiry: they authenticate nothing any more.
+
+    knox deletes an expired token only when that very token is presented again, so tokens that are simply
+    forgotten would stay for ever. Tokens that never expire (``expiry`` NULL) are kept.
+    """
+    from knox.models import AuthToken
+
+    deleted, _ = AuthToken.objects.filter(expiry__lt=now).delete()
+    return deleted
+
+
+def _clear_outbox(now: datetime) -> int:
+    """Aggregation intents of rounds that left ``aggregating`` more than the outbox retention ago.
+
+    A row with ``completed_at`` set is never relayed again (the beat check skips it); it stays only as
+    a record of sends, failures and runs, which the round's own timestamps and the logs keep as well.
+    Rows of rounds still aggregating (``completed_at`` NULL) are never touched.
+    """
+    from trainings.models import AggregationOutbox
+
+    cutoff = now - timedelta(days=settings.FEDSITE_OUTBOX_RETENTION_DAYS)
+    deleted, _ = AggregationOutbox.objects.filter(completed_at__lt=cutoff).delete()
+    return deleted

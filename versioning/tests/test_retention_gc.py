@@ -451,3 +451,44 @@ def test_records_still_useful_are_kept(
     assert report.tasks == 0 and Task.objects.count() == tasks  # the training still runs
     assert report.enrollment_keys == 0
     assert EnrollmentKey.objects.filter(pk__in=[recent_revoked.pk, unlimited.pk]).count() == 2
+
+
+@pytest.mark.django_db
+def test_expired_operator_tokens_and_old_aggregation_intents_are_deleted(
+    make_agent: Any,
+    make_training: Any,
+    run_round: Any,
+    staff_client: Any,
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    from knox.models import AuthToken
+
+    from clients.services import operator_token_create
+    from trainings.models import AggregationOutbox
+
+    def token(days: float) -> Any:
+        return operator_token_create(username=staff_client.user.username, expires_in_days=days, actor="t")[0]
+
+    expired, valid, forever = token(1), token(1), token(0)
+    AuthToken.objects.filter(pk=expired.pk).update(expiry=timezone.now() - timedelta(seconds=1))
+    assert forever.expiry is None
+
+    tokens = [make_agent()[1], make_agent()[1]]
+    training = make_training(max_rounds=4)
+    for _ in range(3):
+        run_round(training, tokens, [0.3, 0.1])
+    intents = list(AggregationOutbox.objects.filter(round__training=training).order_by("round__number"))
+    assert len(intents) == 3 and all(row.completed_at is not None for row in intents)
+    old = timezone.now() - timedelta(days=8)  # past the 7-day default
+    AggregationOutbox.objects.filter(pk=intents[0].pk).update(completed_at=old)
+    AggregationOutbox.objects.filter(pk=intents[1].pk).update(completed_at=None, created_at=old)  # in flight
+
+    dry = _collect(django_capture_on_commit_callbacks, dry_run=True)
+    assert (dry.operator_tokens, dry.outbox) == (1, 1)
+    assert AuthToken.objects.count() == 3 and AggregationOutbox.objects.count() == 3
+
+    real = _collect(django_capture_on_commit_callbacks)
+    assert (real.operator_tokens, real.outbox) == (1, 1)
+    assert set(AuthToken.objects.values_list("pk", flat=True)) == {valid.pk, forever.pk}
+    left = set(AggregationOutbox.objects.values_list("pk", flat=True))
+    assert left == {intents[1].pk, intents[2].pk}  # the in-flight one and the recent one stay

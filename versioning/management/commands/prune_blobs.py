@@ -46,6 +46,8 @@ def report_table(report: CollectionReport) -> Table:
     table.add_row("expired sessions", str(report.sessions), "-", "-")
     table.add_row("dead enrolment keys", str(report.enrollment_keys), "-", "-")
     table.add_row("old unfinished tasks", str(report.tasks), "-", "-")
+    table.add_row("expired operator tokens", str(report.operator_tokens), "-", "-")
+    table.add_row("old aggregation intents", str(report.outbox), "-", "-")
     table.add_row("total", "", "", f"{report.bytes_freed} ({_size(report.bytes_freed)})", style="bold")
     return table
 

@@ -48,7 +48,14 @@ from trainings.services.trainings import (
     _configuration,
     is_asynchronous,
 )
-from trainings.state import lock_round, lock_training, transition_round, transition_task, transition_training
+from trainings.state import (
+    PLAIN,
+    lock_round,
+    lock_training,
+    transition_round,
+    transition_task,
+    transition_training,
+)
 
 logger = logging.getLogger("trainings")
 
@@ -75,6 +82,10 @@ def _round_open_next(training: Training) -> Round:
 def _round_try_select(round_: Round, training: Training) -> bool:
     """WAITING -> COLLECTING if at least the minimum of agents is eligible; else alert once and wait."""
     config = _configuration(training)
+    if config.secure_aggregation is not None:  # the secagg protocol's phases (trainings/services/secagg.py)
+        from trainings.services.secagg import secagg_round_try_open
+
+        return secagg_round_try_open(round_, training, config)
     budget = PrivacyBudget.objects.filter(training=training).first()
     if budget is not None:
         return _round_open_private(round_, training, config, budget)
@@ -204,7 +215,9 @@ def _round_settle(round_: Round, *, now: Any = None) -> str:
     from trainings.services.asynchronous import _asynchronous_round_settle  # (it imports this module)
 
     if round_.status != RS.COLLECTING:
-        return "not_collecting"
+        from trainings.services.secagg import ROUND_STATES, secagg_round_settle
+
+        return secagg_round_settle(round_, now=now) if round_.status in ROUND_STATES else "not_collecting"
     if is_asynchronous(round_.training):
         return _asynchronous_round_settle(round_)
     now = now or timezone.now()
@@ -240,18 +253,7 @@ def _round_settle(round_: Round, *, now: Any = None) -> str:
             f"{round_.attempt} attempts; the training has failed. "
             "Enrol or start more agents and start a new training."
         )
-        transition_round(round_, RS.FAILED, error=message)
-        alert_raise(
-            kind=Alert.Kind.TRAINING_FAILED,
-            severity=Alert.Severity.CRITICAL,
-            training=training,
-            round_number=round_.number,
-            message=message,
-        )
-        locked = lock_training(training.pk)
-        transition_training(locked, TS.FAILED, reason=f"round {round_.number} failed")
-        _broadcast_training_finished(locked)
-        return "failed"
+        return _round_fail_training(round_, training, message)
     missing = config.min_clients - completed
     agents = _select_agents(round_, training, config, config.max_clients - completed)
     alert_raise(
@@ -274,6 +276,22 @@ def _round_settle(round_: Round, *, now: Any = None) -> str:
     transition_round(round_, RS.COLLECTING)
     _issue_tasks(round_, training, config, agents)
     return "reopened"
+
+
+def _round_fail_training(round_: Round, training: Training, message: str, *, protocol: str = PLAIN) -> str:
+    """The round's last attempt failed: fail it and the training, with a critical alert."""
+    transition_round(round_, RS.FAILED, error=message, protocol=protocol)
+    alert_raise(
+        kind=Alert.Kind.TRAINING_FAILED,
+        severity=Alert.Severity.CRITICAL,
+        training=training,
+        round_number=round_.number,
+        message=message,
+    )
+    locked = lock_training(training.pk)
+    transition_training(locked, TS.FAILED, reason=f"round {round_.number} failed")
+    _broadcast_training_finished(locked)
+    return "failed"
 
 
 def _alert_round_empty(round_: Round, training: Training) -> None:
@@ -391,6 +409,9 @@ def rounds_check_deadlines() -> dict[str, int]:
     now = timezone.now()
     summary["expired_async_tasks"] = _expire_asynchronous_tasks(now)
     summary.update(aggregations_recover(now=now))
+    from trainings.services.secagg import secagg_rounds_check_deadlines
+
+    summary.update(secagg_rounds_check_deadlines(now))
     due = Round.objects.filter(status=RS.COLLECTING, deadline__lte=now).values_list("pk", flat=True)
     for round_id in due:
         with transaction.atomic():

@@ -856,9 +856,6 @@ class FederatedClient:
             return self._give_back(
                 task, "This agent has no secure-aggregation identity key (run it with --state-dir).", log
             )
-        if party.dropped:  # tests only: behave like an agent that crashed after the phase it was told
-            log.warning("dropping out of secure aggregation (--secagg-drop-after %s)", party.drop_after)
-            return self._outcome(task, "abandoned", f"dropped after {party.drop_after}")
         secagg = task.config.get("secagg")
         if not isinstance(secagg, dict):
             return self._give_back(task, "The task has no 'secagg' object in its config.", log)
@@ -903,6 +900,11 @@ class FederatedClient:
             log.error("could not send the secure-aggregation answer: %s", exc)
             return self._outcome(task, "rejected", str(exc))
         log.info("%s answered (%d bytes)", task.kind, len(body))
+        if party.dropped:  # tests only: behave like an agent that crashed right after this phase
+            log.warning(
+                "stopping: dropping out of secure aggregation (--secagg-drop-after %s)", party.drop_after
+            )
+            self.stop()
         return TaskOutcome(
             task.task_id, task.training_id, task.round, "uploaded", update_sha256=str(receipt.get("sha256"))
         )

@@ -15,13 +15,14 @@ Invariants:
   ``w = min(num_examples, weight_cap) / weight_cap`` (trainings/secagg_config.py says why); the agent
   refuses an unmask request that asks for both shares of one neighbour (SecAggClient does).
 - ``drop_after`` (tests only) makes the agent stop answering after the named phase, as a crashed agent
-  would; ``record_dir`` (tests only) writes the clipped delta and its weight, so a test can compute the
-  plain weighted mean the server must reproduce.
+  would; ``record_dir`` (tests only) writes the clipped delta, its weight and its quantised vector, so a
+  test can compute the plain weighted mean the server must reproduce and search storage for them.
 """
 
 from __future__ import annotations
 
 import base64
+import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,7 @@ from flcore.secagg import (
     ShareDelivery,
     UnmaskRequest,
 )
-from flcore.secagg.quantisation import clip_by_l2_norm
+from flcore.secagg.quantisation import clip_by_l2_norm, quantise
 
 IDENTITY_KEY_FILE = "identity_ed25519.key"
 IDENTITY_PROOF_LABEL = b"fedsite/identity-key/v1/"
@@ -101,7 +102,8 @@ class SecAggParty:
     drop_after : {"advertise", "share", "upload"} or None
         Tests only: after answering that phase, answer no further phase of any round.
     record_dir : Path or None
-        Tests only: write ``<session>-<party>.npz`` with the clipped delta ``u`` and the weight ``w``.
+        Tests only: write ``<session>-<party>.npz`` with the clipped delta ``u``, the weight ``w`` and the
+        quantised vector (before masking).
     """
 
     identity_key: Ed25519PrivateKey
@@ -175,15 +177,30 @@ class SecAggParty:
             weight_cap=int(secagg["weight_cap"]),
             num_examples=num_examples,
         )
+        recording = copy.deepcopy(rng) if self.record_dir is not None else None
         try:
             masked = client.masked_input(ShareDelivery.from_json(secagg["delivery"]), vector, rng=rng)
         except Exception:
             self.sessions.pop(client.setup.session_id, None)
             raise
-        if self.record_dir is not None:
+        if recording is not None and self.record_dir is not None:
+            # the quantised vector is the one masked_input drew: its only randomness is the rounding
+            config = client.setup.config
+            quantised = quantise(
+                vector,
+                clip_norm=config.clip_norm,
+                bits=config.bits,
+                num_parties=client.setup.num_parties,
+                rng=recording,
+            )
             self.record_dir.mkdir(parents=True, exist_ok=True)
             name = client.setup.session_id.replace("/", "_")
-            np.savez(self.record_dir / f"{name}-{client.party_id}.npz", clipped=clipped, weight=weight)
+            np.savez(
+                self.record_dir / f"{name}-{client.party_id}.npz",
+                clipped=clipped,
+                weight=weight,
+                quantised=quantised,
+            )
         self._after("upload")
         return masked.to_bytes()
 

@@ -91,15 +91,16 @@ def answer(
 
 
 def needles(vector: np.ndarray) -> list[bytes]:
-    """Byte patterns of an update that must appear nowhere in storage: float32 and float64 runs."""
-    flat = np.asarray(vector, dtype=np.float64).ravel()
-    patterns = []
-    for dtype in (np.float32, np.float64):
-        raw = flat.astype(dtype).tobytes()
-        width = 8 * np.dtype(dtype).itemsize  # eight consecutive values: no accidental match
-        patterns.append(raw[:width])
-        patterns.append(raw[len(raw) // 2 : len(raw) // 2 + width])
-    return patterns
+    """Byte patterns of an update that must appear nowhere in storage: runs of eight values as float32 and
+    float64 (and in the vector's own dtype, for a quantised one), from its start and its middle. A run
+    holds no zero (a run of zeros is in every blob), so a match cannot be an accident."""
+    flat = np.asarray(vector).ravel()
+    starts = [i for i in range(flat.size - 7) if np.all(flat[i : i + 8] != 0)]
+    if not starts:
+        raise ValueError("the vector has no run of eight non-zero values to search for")
+    picks = sorted({starts[0], starts[len(starts) // 2]})
+    dtypes = [np.float32, np.float64] + ([flat.dtype] if flat.dtype.kind in "ui" else [])
+    return [flat[i : i + 8].astype(dtype).tobytes() for dtype in dtypes for i in picks]
 
 
 def storage_haystack() -> list[tuple[str, bytes]]:
@@ -127,8 +128,10 @@ def scan_for(vectors: dict[str, np.ndarray]) -> list[str]:
     haystack = storage_haystack()
     hits = []
     for name, vector in vectors.items():
-        flat = np.asarray(vector, dtype=np.float64).ravel()
+        flat = np.asarray(vector).ravel()
         texts = [repr(float(np.float32(flat[i]))).encode() for i in range(min(3, flat.size)) if flat[i]]
+        if flat.dtype.kind in "ui":
+            texts = []  # small integers as text are everywhere; their binary runs are what would leak
         for where, data in haystack:
             if any(pattern in data for pattern in needles(flat)):
                 hits.append(f"{name} as binary in {where}")

@@ -342,3 +342,12 @@ def test_an_agent_refuses_an_unmask_request_for_both_shares_of_a_neighbour() -> 
     honest = UnmaskRequest(survivors=(1, 2, 3), dropped=())
     assert KeyDirectory  # (imported for the directory objects above)
     assert parties[2].unmask({**base, "request": honest.to_json()})
+
+
+def test_a_masked_input_gets_the_upload_body_limit_not_the_json_one(settings: Any) -> None:
+    from fedsite.limits import body_limit_for
+
+    secagg = body_limit_for("/api/v1/agent/tasks/6f1c2f5e/secagg").max_bytes
+    assert secagg == body_limit_for("/api/v1/agent/tasks/6f1c2f5e/update").max_bytes
+    assert secagg > settings.FEDSITE_MAX_JSON_BODY_BYTES
+    assert body_limit_for("/api/v1/agent/identity-key").max_bytes == settings.FEDSITE_MAX_JSON_BODY_BYTES

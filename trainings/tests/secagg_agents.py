@@ -107,11 +107,18 @@ def storage_haystack() -> list[tuple[str, bytes]]:
     """Every text, JSON and bytes column of every table, and every file of the blob store."""
     found: list[tuple[str, bytes]] = []
     with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = 'public' "
-            "AND data_type IN ('text', 'character varying', 'jsonb', 'json', 'bytea')"
-        )
-        columns = cursor.fetchall()
+        if connection.vendor == "postgresql":  # every table, Django's or not
+            cursor.execute(
+                "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = "
+                "'public' AND data_type IN ('text', 'character varying', 'jsonb', 'json', 'bytea')"
+            )
+            columns = cursor.fetchall()
+        else:  # the embedded SQLite: every column of every table
+            columns = [
+                (table, column.name)
+                for table in connection.introspection.table_names(cursor)
+                for column in connection.introspection.get_table_description(cursor, table)
+            ]
         for table, column in columns:
             cursor.execute(f'SELECT "{column}" FROM "{table}" WHERE "{column}" IS NOT NULL')
             for (value,) in cursor.fetchall():

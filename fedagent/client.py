@@ -76,6 +76,8 @@ MODEL_HEADER_ALLOWANCE = 1024 * 1024
 #: Downloaded models kept in memory (the current one and the previous, for overlapping trainings).
 MODEL_CACHE_SIZE = 2
 
+#: Errors of a secure-aggregation phase that make the agent give the task back (it never answers then).
+REFUSALS = (SecAggError, SecAggTaskError, AgentError, FlcoreError, LookupError, TypeError, ValueError)
 #: What an agent reports with a masked input: its evaluation of the round's model, never of its update.
 EVALUATION_METRICS = ("eval_accuracy", "eval_loss", "eval_num_examples")
 
@@ -881,7 +883,9 @@ class FederatedClient:
                     rng=np.random.default_rng(),
                 )
                 meta = {"metrics": {k: metrics[k] for k in EVALUATION_METRICS if metrics.get(k) is not None}}
-        except (SecAggError, SecAggTaskError, FlcoreError, KeyError, TypeError, ValueError) as exc:
+        except (AgentApiError, AgentStopped):
+            raise
+        except REFUSALS as exc:
             return self._give_back(task, f"Secure aggregation refused: {type(exc).__name__}: {exc}", log)
         try:
             receipt = self._http.submit_secagg(

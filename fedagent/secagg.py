@@ -168,8 +168,11 @@ class SecAggParty:
         num_examples: int,
         rng: np.random.Generator,
     ) -> bytes:
-        """Phase 3: the clipped, weighted delta, quantised and masked (safetensors)."""
+        """Phase 3: the clipped, weighted delta, quantised and masked (safetensors); in a training with
+        distributed DP (``secagg["distributed_dp"]``), this agent's Skellam share, masked as it is."""
         client = self._client(secagg)
+        if "distributed_dp" in secagg:
+            return self._masked_share(client, secagg, delta, rng)
         vector, clipped, weight = masked_input_vector(
             delta,
             spec,
@@ -201,6 +204,20 @@ class SecAggParty:
                 weight=weight,
                 quantised=quantised,
             )
+        self._after("upload")
+        return masked.to_bytes()
+
+    def _masked_share(
+        self, client: SecAggClient, secagg: dict[str, Any], delta: Parameters, rng: np.random.Generator
+    ) -> bytes:
+        from fedagent.local_dp import distributed_dp_share
+
+        try:
+            share = distributed_dp_share(delta, secagg["distributed_dp"], rng)
+            masked = client.masked_integers(ShareDelivery.from_json(secagg["delivery"]), share)
+        except Exception:
+            self.sessions.pop(client.setup.session_id, None)
+            raise
         self._after("upload")
         return masked.to_bytes()
 

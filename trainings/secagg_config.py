@@ -102,10 +102,12 @@ def secure_aggregation_parse(
         check_strategy_compatible(algorithm)
     except ConfigError as exc:
         errors["algorithm"] = str(exc)
-    if privacy is not None:
+    if privacy is not None and privacy.get("mode") != "distributed":
         errors["privacy"] = (
-            "secure_aggregation cannot be combined with server-side differential privacy: central DP clips "
-            "and noises individual updates, which the server never sees with secure aggregation, and local "
-            "DP is not wired into the masked input yet. Set privacy to null or turn secure_aggregation off."
+            "secure_aggregation cannot be combined with central or local differential privacy: central DP "
+            "clips and noises individual updates, which the server never sees with secure aggregation, and "
+            "local DP is not wired into the masked input. Use privacy.mechanism 'distributed_skellam' "
+            "(each agent adds Skellam noise before masking), set privacy to null, or turn "
+            "secure_aggregation off."
         )
     return (None, errors) if errors else (parsed.to_dict(), {})

@@ -144,36 +144,7 @@ def _round_open_private(
     event, q = budget_next_event(budget, eligible=len(eligible))
     allowed, epsilon = budget_allows(budget, event)
     if not allowed:
-        reason = (
-            f"privacy budget exhausted: round {round_.number} would take epsilon to {epsilon:.4f}, "
-            f"over the budget {budget.epsilon} (delta {budget.delta}); spent {budget.spent_epsilon:.4f}"
-        )
-        transition_round(round_, RS.CANCELLED, error=reason)
-        locked = lock_training(training.pk)
-        transition_training(locked, TS.BUDGET_EXHAUSTED, reason=reason)
-        _cancel_open_training_tasks(locked)
-        alert_raise(
-            kind=Alert.Kind.PRIVACY_BUDGET,
-            severity=Alert.Severity.CRITICAL,
-            training=training,
-            round_number=round_.number,
-            message=f"Training stopped: {reason}.",
-            details={
-                "spent_epsilon": budget.spent_epsilon,
-                "next_epsilon": epsilon,
-                "budget_epsilon": budget.epsilon,
-            },
-        )
-        _broadcast_training_finished(locked)
-        log_event(
-            logger,
-            "budget_exhausted",
-            training_id=training.pk,
-            round=round_.number,
-            spent=f"{budget.spent_epsilon:.4f}",
-            next=f"{epsilon:.4f}",
-        )
-        return False
+        return _round_budget_exhausted(round_, training, budget, epsilon)
     rng = np.random.default_rng(secrets.randbits(128))
     selected = [agent for agent in eligible if rng.random() < q]
     round_.metrics = {"privacy_sampling_probability": q, "privacy_eligible_agents": float(len(eligible))}
@@ -188,6 +159,40 @@ def _round_open_private(
     if not selected:  # an empty Poisson sample still releases (noise only); close it now
         _round_settle(round_)
     return True
+
+
+def _round_budget_exhausted(round_: Round, training: Training, budget: PrivacyBudget, epsilon: float) -> bool:
+    """The round (waiting, locked) would overspend: cancel it and end the training ``budget_exhausted``."""
+    reason = (
+        f"privacy budget exhausted: round {round_.number} would take epsilon to {epsilon:.4f}, "
+        f"over the budget {budget.epsilon} (delta {budget.delta}); spent {budget.spent_epsilon:.4f}"
+    )
+    transition_round(round_, RS.CANCELLED, error=reason)
+    locked = lock_training(training.pk)
+    transition_training(locked, TS.BUDGET_EXHAUSTED, reason=reason)
+    _cancel_open_training_tasks(locked)
+    alert_raise(
+        kind=Alert.Kind.PRIVACY_BUDGET,
+        severity=Alert.Severity.CRITICAL,
+        training=training,
+        round_number=round_.number,
+        message=f"Training stopped: {reason}.",
+        details={
+            "spent_epsilon": budget.spent_epsilon,
+            "next_epsilon": epsilon,
+            "budget_epsilon": budget.epsilon,
+        },
+    )
+    _broadcast_training_finished(locked)
+    log_event(
+        logger,
+        "budget_exhausted",
+        training_id=training.pk,
+        round=round_.number,
+        spent=f"{budget.spent_epsilon:.4f}",
+        next=f"{epsilon:.4f}",
+    )
+    return False
 
 
 def rounds_try_open_waiting() -> int:

@@ -46,8 +46,9 @@ from clients.models import Agent
 from clients.services import agent_record_outcome
 from fedsite.errors import Conflict, Forbidden, NotFound, PayloadTooLarge, ValidationFailed
 from fedsite.logs import log_event
+from flcore.dp.skellam import padded_dimension, skellam_decode
 from flcore.errors import ConfigError, FlcoreError
-from flcore.parameters import ParameterSpec, unflatten
+from flcore.parameters import ParameterSpec, scale, unflatten
 from flcore.secagg import (
     AdvertiseKeys,
     InvalidSignature,
@@ -58,16 +59,19 @@ from flcore.secagg import (
     RoundSetup,
     SecAggError,
     SecAggServer,
+    SecureAggregationConfig,
     ShareKeys,
     UnmaskResponse,
 )
 from monitoring.events import event_broadcast_on_commit
 from monitoring.models import Alert
 from monitoring.services import alert_raise
+from privacy.models import PrivacyBudget
+from privacy.services import budget_allows, skellam_event, skellam_parameters
 from trainings.configuration import TrainingConfiguration
 from trainings.models import Round, SecAggMessage, SecAggSession, Task, Training
 from trainings.outbox import aggregation_intent_record
-from trainings.services.rounds import _round_fail_training
+from trainings.services.rounds import _round_budget_exhausted, _round_fail_training
 from trainings.services.tasks import _get_agent_task, _task_config, _wake_agents
 from trainings.services.trainings import _configuration
 from trainings.state import (
@@ -177,14 +181,24 @@ def secagg_round_try_open(round_: Round, training: Training, config: TrainingCon
             )
         return False
     spec = ParameterSpec.from_json(training.parameter_spec)
+    budget = _distributed_budget(training)
+    quantiser = secagg.quantiser_config()
+    vector_length = spec.num_parameters + 1
+    if budget is not None:  # distributed DP: never open a round whose Skellam event would overspend
+        allowed, epsilon = budget_allows(budget, skellam_event(budget))
+        if not allowed:
+            return _round_budget_exhausted(round_, training, budget, epsilon)
+        # the agents' Skellam shares are the inputs, in the budget's modulus and rotated dimension
+        quantiser = SecureAggregationConfig.from_dict({**quantiser.to_dict(), "bits": int(budget.bits or 0)})
+        vector_length = padded_dimension(spec.num_parameters)
     round_.attempt += 1
     parties = {str(index + 1): str(agent.pk) for index, agent in enumerate(agents)}
     setup = RoundSetup(
         session_id=f"{training.pk}/round-{round_.number}/attempt-{round_.attempt}",
         party_ids=tuple(range(1, len(agents) + 1)),
         round_seed=secrets.token_bytes(32),
-        vector_length=spec.num_parameters + 1,
-        config=secagg.quantiser_config(),
+        vector_length=vector_length,
+        config=quantiser,
     )
     session = SecAggSession.objects.create(
         round=round_,
@@ -535,12 +549,23 @@ def _close_phase(round_: Round, session: SecAggSession) -> str:
                 }
                 for p, d in deliveries.items()
             }
+            budget = _distributed_budget(training)
+            if budget is not None:
+                parameters = _skellam_parameters(budget, setup).to_json()
+                for body in bodies.values():
+                    body["distributed_dp"] = parameters
             timeout = max(secagg.phase_timeout_seconds, config.round_timeout)
             return _next_phase(round_, session, Phase.MASKED_INPUT, bodies, timeout)
         if phase == Phase.MASKED_INPUT:
             if answered < config.min_clients:
                 raise NotEnoughSurvivors(
                     f"only {answered} masked inputs arrived; the round needs {config.min_clients}"
+                )
+            budget = _distributed_budget(training)
+            if budget is not None and answered < int(budget.noise_agents or 0):
+                raise NotEnoughSurvivors(
+                    f"only {answered} masked inputs arrived; the privacy accounting counts the Skellam noise "
+                    f"of {budget.noise_agents} agents, so fewer may not be released"
                 )
             requests = server.close_collecting()
             bodies = {p: {"request": r.to_json()} for p, r in requests.items()}
@@ -667,14 +692,22 @@ def secagg_aggregate(*, round_id: int, started: float | None = None) -> str:
             f"Round {round_.number} is aggregating but has no secure-aggregation session to unmask."
         )
     server = _server(session, upto=Phase.UNMASK, with_inputs=True)
-    result = server.finish()
-    total = result.total
-    weight_sum = float(total[-1]) / secagg.clip_norm
-    if not weight_sum > result.error_bound / secagg.clip_norm:
-        raise SecAggError(f"The unmasked sum of weights is {weight_sum:.6g}: no weight to average by.")
-    mean = total[:-1] / weight_sum
-    delta = unflatten(mean, ParameterSpec.from_json(training.parameter_spec))
-    extra = _round_metrics(session, result, weight_sum)
+    spec = ParameterSpec.from_json(training.parameter_spec)
+    budget = _distributed_budget(training)
+    if budget is not None:
+        # distributed DP: the unmasked sum is the Skellam-noised sum of the clipped deltas (unweighted)
+        result = server.finish_integers()
+        setup = RoundSetup.from_json(session.setup)
+        total = skellam_decode(result.total.astype(np.int64), _skellam_parameters(budget, setup), spec)
+        delta = scale(total, 1.0 / len(result.survivors))
+        extra = _round_metrics(session, result, float(len(result.survivors)))
+    else:
+        result = server.finish()
+        weight_sum = float(result.total[-1]) / secagg.clip_norm
+        if not weight_sum > result.error_bound / secagg.clip_norm:
+            raise SecAggError(f"The unmasked sum of weights is {weight_sum:.6g}: no weight to average by.")
+        delta = unflatten(result.total[:-1] / weight_sum, spec)
+        extra = _round_metrics(session, result, weight_sum)
     outcome = round_finish(
         round_id=round_id,
         delta=delta,
@@ -709,6 +742,15 @@ def _round_metrics(session: SecAggSession, result: Any, weight_sum: float) -> di
             if total > 0:
                 metrics[target] = sum(v * w for v, w in pairs) / total
     return metrics
+
+
+def _distributed_budget(training: Training) -> PrivacyBudget | None:
+    return PrivacyBudget.objects.filter(training=training, mode=PrivacyBudget.Mode.DISTRIBUTED).first()
+
+
+def _skellam_parameters(budget: PrivacyBudget, setup: RoundSetup) -> Any:
+    """The round's Skellam parameters: the budget's, with a rotation seed from the public round seed."""
+    return skellam_parameters(budget, rotation_seed=int.from_bytes(setup.round_seed[:4], "big"))
 
 
 def secagg_task_fields(task: Task) -> dict[str, Any]:

@@ -351,3 +351,61 @@ def test_a_masked_input_gets_the_upload_body_limit_not_the_json_one(settings: An
     assert secagg == body_limit_for("/api/v1/agent/tasks/6f1c2f5e/update").max_bytes
     assert secagg > settings.FEDSITE_MAX_JSON_BODY_BYTES
     assert body_limit_for("/api/v1/agent/identity-key").max_bytes == settings.FEDSITE_MAX_JSON_BODY_BYTES
+
+
+@pytest.mark.django_db
+def test_distributed_skellam_dp_rides_on_secure_aggregation_and_the_guard_refuses_an_overspending_round(
+    client: Any,
+    make_agent: Any,
+    make_training: Any,
+    django_capture_on_commit_callbacks: Any,
+    eager_celery: Any,
+) -> None:
+    from privacy.accounting import composed_epsilon
+    from privacy.models import PrivacyBudget
+    from privacy.services import skellam_event
+
+    agents = make_parties(client, make_agent, 3, "ddp")
+    training = make_training(
+        min_clients_per_round=3,
+        max_clients_per_round=3,
+        max_rounds=3,
+        secure_aggregation=SECAGG,
+        privacy={"mechanism": "distributed_skellam", "epsilon": 20.0, "min_agents": 2, "clip_norm": 1.0},
+    )
+    budget = PrivacyBudget.objects.get(training=training)
+    assert budget.mode == PrivacyBudget.Mode.DISTRIBUTED
+    event = skellam_event(budget)
+    one, two = (composed_epsilon([event] * k, delta=budget.delta, accountant="rdp") for k in (1, 2))
+    # a budget that affords exactly one round: the guard must refuse to open the second
+    PrivacyBudget.objects.filter(pk=budget.pk).update(epsilon=(one + two) / 2)
+    round_ = Round.objects.get(training=training, number=1)
+    with django_capture_on_commit_callbacks(execute=True):
+        for kind in ("secagg_advertise", "secagg_share", "secagg_masked_input", "secagg_unmask"):
+            _phase(client, training, agents, kind)
+    round_.refresh_from_db()
+    assert round_.status == Round.Status.COMPLETED, round_.error
+    budget.refresh_from_db()
+    assert budget.ledger.count() == 1 and budget.spent_epsilon == pytest.approx(one)
+
+    # the version moved by the mean of the clipped deltas plus Skellam noise of three agents
+    spec = ParameterSpec.from_json(training.parameter_spec)
+    expected = np.mean(
+        [
+            masked_input_vector(a["delta"], spec, clip_norm=1.0, weight_cap=1, num_examples=1)[1]
+            for a in agents.values()
+        ],
+        axis=0,
+    )
+    version = training.versions.get(number=1)
+    base, new = version_read_parameters(version.parent), version_read_parameters(version)
+    got = np.concatenate([(new[t.name] - base[t.name]).astype(np.float64).ravel() for t in spec.tensors])
+    noise_sd = np.sqrt(2 * 3 * budget.skellam_agent_mu) / budget.skellam_scale / 3
+    assert np.abs(got - expected).max() < 6 * noise_sd + 3 / budget.skellam_scale
+    assert np.abs(got - expected).max() > 0  # noise was added
+
+    training.refresh_from_db()
+    assert training.status == Training.Status.BUDGET_EXHAUSTED, training.stop_reason
+    second = Round.objects.get(training=training, number=2)
+    assert second.status == Round.Status.CANCELLED and not second.tasks.exists()
+    assert not SecAggSession.objects.filter(round=second).exists()

@@ -5,11 +5,13 @@ SecAgg+ with a degree-6 neighbour graph and threshold 3; one agent drops out aft
 three after uploading their masked inputs (``--secagg-drop-after``). The new version must be the plain
 weighted mean of the nine survivors' clipped deltas, which the agents wrote to a test directory
 (``--secagg-record-dir``), within the quantisation bound; and no table of the database nor any blob of
-the store may hold any agent's clipped delta or its quantised vector.
+the store may hold any agent's clipped delta or its quantised vector. And a round survives a restart of
+the web server and the worker in the middle of its phases (the agents frozen meanwhile).
 """
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 import numpy as np
@@ -120,3 +122,78 @@ def test_ten_agents_with_dropouts_give_the_survivors_weighted_mean_and_store_no_
 
     hits = scan_for({**{f"{k} clipped": v for k, v in clipped.items()}, **quantised})
     assert hits == [], hits
+
+
+def _restart(stack: dict[str, Any], index: int, name: str) -> None:
+    """Stop process ``index`` of the stack (SIGTERM, as a deploy does) and start it again, same command."""
+    import subprocess
+
+    from tests.live import ROOT
+
+    process, log = stack["processes"][index]
+    process.terminate()
+    process.wait(timeout=30)
+    log.close()
+    new_log = open(stack["tmp"] / f"{name}-restarted.log", "wb")  # noqa: SIM115 - closed by the fixture
+    again = subprocess.Popen(
+        process.args, cwd=ROOT, env=stack["env"], stdout=new_log, stderr=subprocess.STDOUT
+    )
+    stack["processes"][index] = (again, new_log)
+
+
+def test_a_round_resumes_after_the_web_server_and_the_worker_restart_mid_protocol(
+    live_stack: dict[str, Any],  # noqa: F811 - the fixture
+) -> None:
+    from django.db import close_old_connections
+
+    from clients.models import Agent
+    from clients.services import agent_create
+    from trainings.configuration import TrainingConfiguration
+    from trainings.models import Round, SecAggSession, Training
+    from trainings.services import training_create, training_start
+    from trainings.services.secagg import ROUND_STATES, SHARING
+
+    tokens = {f"rs-agent-{i}": agent_create(agent_id=f"rs-agent-{i}")[1] for i in range(4)}
+    training = training_create(
+        configuration=TrainingConfiguration.from_dict(
+            {
+                "name": "e2e secure aggregation restart",
+                "model_type": "logreg",
+                "input_dim": 64,
+                "num_classes": 10,
+                "min_clients_per_round": 4,
+                "max_clients_per_round": 4,
+                "max_rounds": 2,
+                "round_timeout_seconds": 120,
+                "seed": 6,
+                "secure_aggregation": {"protocol": "secagg", "clip_norm": 2.0, "phase_timeout_seconds": 120},
+            }
+        )
+    )
+    tmp = live_stack["tmp"]
+    per_agent = {agent_id: ("--state-dir", str(tmp / f"state-{agent_id}")) for agent_id in tokens}
+    agents = spawn_agents(live_stack, tokens, training.pk, poll_wait="5", per_agent=per_agent)
+    keyed = Agent.objects.filter(agent_id__in=tokens).exclude(identity_public_key="")
+    wait_for(lambda: (close_old_connections(), keyed.count() == 4)[1], 120, "four identity keys")
+    training_start(training_id=training.pk)
+
+    def sharing() -> bool:
+        close_old_connections()
+        return Round.objects.filter(training=training, number=1, status=SHARING).exists()
+
+    wait_for(sharing, 120, "round 1 to reach the share phase")
+    for process, _ in agents:  # freeze the agents, so the round is surely mid-protocol while we restart
+        process.send_signal(signal.SIGSTOP)
+    close_old_connections()
+    during = Round.objects.get(training=training, number=1).status
+    _restart(live_stack, 0, "server")  # the ASGI server: the protocol state must come back from the rows
+    _restart(live_stack, 1, "worker")  # and the worker that will unmask the sum
+    for process, _ in agents:
+        process.send_signal(signal.SIGCONT)
+    assert during in ROUND_STATES, during
+    logs = wait_until_finished(live_stack, training, 300)
+    assert training.status == Training.Status.COMPLETED, f"{training.status} {training.stop_reason}\n{logs}"
+    first = Round.objects.get(training=training, number=1)
+    assert first.attempt == 1, logs  # resumed, not re-opened
+    assert SecAggSession.objects.get(round=first).phase == SecAggSession.Phase.COMPLETED
+    assert first.metrics["secagg_survivors"] == 4

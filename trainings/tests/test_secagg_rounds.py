@@ -409,3 +409,80 @@ def test_distributed_skellam_dp_rides_on_secure_aggregation_and_the_guard_refuse
     second = Round.objects.get(training=training, number=2)
     assert second.status == Round.Status.CANCELLED and not second.tasks.exists()
     assert not SecAggSession.objects.filter(round=second).exists()
+
+
+@pytest.fixture
+def wsgi_transport() -> Any:
+    """The Django application as an httpx transport, keeping the test's connection (as the test client)."""
+    import httpx
+    from django.core import signals
+    from django.core.wsgi import get_wsgi_application
+    from django.db import close_old_connections
+
+    signals.request_started.disconnect(close_old_connections)
+    signals.request_finished.disconnect(close_old_connections)
+    try:
+        yield httpx.WSGITransport(app=get_wsgi_application())
+    finally:
+        signals.request_started.connect(close_old_connections)
+        signals.request_finished.connect(close_old_connections)
+
+
+@pytest.mark.django_db(transaction=True)  # the agents' requests commit, as over real HTTP
+def test_fedagent_runs_the_phases_and_gives_back_an_unmask_request_for_both_shares(
+    client: Any,
+    make_agent: Any,
+    make_training: Any,
+    django_capture_on_commit_callbacks: Any,
+    eager_celery: Any,
+    wsgi_transport: Any,
+) -> None:
+    """fedagent's FederatedClient over the real views: a server (here, a tampered task) that asks one
+    agent for both shares of a neighbour gets the task back with the reason, and nothing from it."""
+    from fedagent.client import FederatedClient
+    from fedagent.http import AgentHttpClient
+
+    agents = make_parties(client, make_agent, 3, "sdk")
+    training = make_training(
+        min_clients_per_round=2, max_clients_per_round=3, max_rounds=1, secure_aggregation=SECAGG
+    )
+    rng = np.random.default_rng(0)
+    clients = {}
+    for agent_id, info in agents.items():
+        sdk = FederatedClient(
+            agent_id=agent_id,
+            server="http://testserver",
+            token=info["token"],
+            eval_fraction=0.0,
+            poll_wait=0,
+            max_attempts=1,
+            secagg=info["party"],
+        )
+        sdk._http.close()
+        sdk._http = AgentHttpClient(
+            "http://testserver", info["token"], max_attempts=1, transport=wsgi_transport, log=sdk._log
+        )
+        sdk.add_dataset("private", rng.normal(size=(30, 4)), rng.integers(0, 3, size=30))
+        clients[agent_id] = sdk
+    round_ = Round.objects.get(training=training, number=1)
+    with django_capture_on_commit_callbacks(execute=True):
+        for _ in ("advertise", "share", "masked input"):
+            for sdk in clients.values():
+                outcome = sdk.run_one(wait=0)
+                assert outcome is not None and outcome.status == "uploaded", outcome
+        assert Round.objects.get(pk=round_.pk).status == UNMASKING
+        greedy = Task.objects.get(round=round_, agent=agents["sdk-0"]["agent"], kind="secagg_unmask")
+        request = greedy.config["secagg"]["request"]
+        victim = next(p for p in request["survivors"] if p != greedy.config["secagg"]["party_id"])
+        greedy.config["secagg"]["request"] = {"survivors": request["survivors"], "dropped": [victim]}
+        greedy.save(update_fields=["config"])
+        outcomes = {agent_id: sdk.run_one(wait=0) for agent_id, sdk in clients.items()}
+    assert outcomes["sdk-0"].status == "failed" and "both" in outcomes["sdk-0"].detail
+    greedy.refresh_from_db()
+    assert greedy.status == Task.Status.FAILED and "both" in greedy.failure_reason
+    assert not SecAggMessage.objects.filter(agent=agents["sdk-0"]["agent"], phase="unmask").exists()
+    round_.refresh_from_db()
+    assert round_.status == Round.Status.COMPLETED, round_.error  # t = 2 of 3: the two others suffice
+    assert round_.metrics["secagg_responders"] == 2
+    for sdk in clients.values():
+        sdk.close()

@@ -418,8 +418,13 @@ def _command_run(args: argparse.Namespace) -> int:
     token = _read_token(args)
     secagg = None
     if args.state_dir is not None:
+        try:
+            identity_key = load_or_create_identity_key(args.state_dir)
+        except (OSError, ValueError) as exc:
+            log.error("could not load or create the identity key in --state-dir %s: %s", args.state_dir, exc)
+            return EXIT_USAGE
         secagg = SecAggParty(
-            identity_key=load_or_create_identity_key(args.state_dir),
+            identity_key=identity_key,
             drop_after=args.secagg_drop_after,
             record_dir=args.secagg_record_dir,
         )

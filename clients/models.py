@@ -42,6 +42,13 @@ class Agent(models.Model):
     capabilities = models.JSONField(default=dict, blank=True)
     enrolled_via = models.CharField(max_length=16, choices=EnrolledVia.choices, default=EnrolledVia.OPERATOR)
     last_seen_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    identity_public_key = models.CharField(
+        max_length=64,
+        blank=True,
+        editable=False,
+        help_text="Base64 Ed25519 public key the agent signs its secure-aggregation keys with; set once.",
+    )
+    identity_key_registered_at = models.DateTimeField(null=True, blank=True, editable=False)
     tasks_completed = models.PositiveIntegerField(default=0)
     tasks_failed = models.PositiveIntegerField(default=0)
     tasks_expired = models.PositiveIntegerField(default=0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import json
@@ -302,3 +304,80 @@ def operator_token_revoke(*, token_key: str | None = None, username: str | None 
             details={"token_keys": keys, "username": username},
         )
     return deleted
+
+
+IDENTITY_KEY_BYTES = 32
+IDENTITY_PROOF_LABEL = b"fedsite/identity-key/v1/"
+
+
+def identity_key_proof_payload(agent_id: str, public_key: bytes) -> bytes:
+    """What an agent signs with its new identity key to prove it holds the private half."""
+    return IDENTITY_PROOF_LABEL + agent_id.encode("utf-8") + b"/" + public_key
+
+
+def _decode_b64_field(value: Any, field: str, length: int) -> bytes:
+    if not isinstance(value, str) or len(value) > 4 * length:
+        raise ValidationFailed(
+            f"{field} must be a base64 string of {length} bytes.", details={field: "Required."}
+        )
+    try:
+        decoded = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValidationFailed(f"{field} is not valid base64.", details={field: "Not base64."}) from exc
+    if len(decoded) != length:
+        raise ValidationFailed(
+            f"{field} must decode to {length} bytes. Found {len(decoded)}.", details={field: "Wrong length."}
+        )
+    return decoded
+
+
+def agent_register_identity_key(*, agent: Agent, public_key: Any, proof: Any) -> tuple[Agent, bool]:
+    """Register the agent's Ed25519 identity key, once; returns ``(agent, created)``.
+
+    ``proof`` is the key's signature of :func:`identity_key_proof_payload`, so nobody registers a key they
+    do not hold. The same key again is a no-op (200); a different key once one is set is a 409: a key
+    that could be swapped later would let whoever holds the agent's token impersonate it in secure
+    aggregation. Every registration is in the audit log.
+    """
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    key = _decode_b64_field(public_key, "public_key", IDENTITY_KEY_BYTES)
+    signature = _decode_b64_field(proof, "proof", 64)
+    try:
+        Ed25519PublicKey.from_public_bytes(key).verify(
+            signature, identity_key_proof_payload(agent.agent_id, key)
+        )
+    except (InvalidSignature, ValueError) as exc:
+        raise ValidationFailed(
+            "proof must be the Ed25519 signature, by the key being registered, of "
+            "'fedsite/identity-key/v1/<agent_id>/' followed by the 32 key bytes.",
+            details={"proof": "Invalid signature."},
+            code="bad_identity_proof",
+        ) from exc
+    encoded = base64.b64encode(key).decode("ascii")
+    with transaction.atomic():
+        locked = Agent.objects.select_for_update().get(pk=agent.pk)
+        if locked.identity_public_key == encoded:
+            return locked, False
+        if not locked.identity_public_key:
+            locked.identity_public_key = encoded
+            locked.identity_key_registered_at = timezone.now()
+            locked.save(update_fields=["identity_public_key", "identity_key_registered_at"])
+            audit_record(
+                actor=locked, action="agent.identity_key_register", obj=locked, details={"key": encoded}
+            )
+            return locked, True
+    # outside the transaction, so the refusal stays in the audit log although the request fails
+    audit_record(
+        actor=locked,
+        action="agent.identity_key_refused",
+        obj=locked,
+        details={"registered": locked.identity_public_key, "offered": encoded},
+    )
+    raise Conflict(
+        f"Agent {locked.agent_id} already registered another identity key on "
+        f"{locked.identity_key_registered_at:%Y-%m-%d %H:%M} UTC; it cannot be changed. Restore the "
+        "agent's state directory, or have the operator enrol it again under a new id.",
+        code="identity_key_set",
+    )

@@ -58,6 +58,7 @@ from fedagent.http import AgentHttpClient
 from fedagent.local_dp import MECHANISMS as LOCAL_DP_MECHANISMS
 from fedagent.local_dp import LocalDpConfig, LocalDpHooks, local_dp_hooks
 from fedagent.logs import ContextLogger, configure_logging
+from fedagent.secagg import DROP_PHASES, SecAggParty, load_or_create_identity_key
 from fedagent.stragglers import StragglerPolicy
 
 EXIT_OK = 0
@@ -115,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--token-file",
         type=Path,
         help="read the token from this file; after enrolling, write it there (mode 0600)",
+    )
+    run.add_argument(
+        "--state-dir",
+        type=Path,
+        default=_env("FEDAGENT_STATE_DIR"),
+        help="keep the agent's Ed25519 identity key here (mode 0600; created if absent) and take part in "
+        "secure-aggregation trainings (default $FEDAGENT_STATE_DIR; none: such tasks are given back)",
     )
     run.add_argument("--dataset", required=True, choices=["digits", "mnist"])
     run.add_argument("--mnist-path", help="MNIST .npz file for --dataset mnist")
@@ -188,6 +196,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="a straggler gives the task back (POST fail) instead of uploading partial work (FedAvg)",
     )
 
+    simulation.add_argument(
+        "--secagg-drop-after",
+        choices=list(DROP_PHASES),
+        help="tests only: stop answering secure-aggregation tasks after this phase, like a crashed agent",
+    )
+    simulation.add_argument(
+        "--secagg-record-dir",
+        type=Path,
+        help="tests only: write each clipped delta and its weight here (it is what the server must not see)",
+    )
     privacy = run.add_argument_group(
         "local differential privacy",
         "Clip each delta and add noise before it leaves the agent. A training that requires local DP sends "
@@ -398,6 +416,21 @@ def _command_run(args: argparse.Namespace) -> int:
         len(y_eval),
     )
     token = _read_token(args)
+    secagg = None
+    if args.state_dir is not None:
+        try:
+            identity_key = load_or_create_identity_key(args.state_dir)
+        except (OSError, ValueError) as exc:
+            log.error("could not load or create the identity key in --state-dir %s: %s", args.state_dir, exc)
+            return EXIT_USAGE
+        secagg = SecAggParty(
+            identity_key=identity_key,
+            drop_after=args.secagg_drop_after,
+            record_dir=args.secagg_record_dir,
+        )
+    elif args.secagg_drop_after or args.secagg_record_dir:
+        log.error("--secagg-drop-after and --secagg-record-dir need --state-dir")
+        return EXIT_USAGE
     client = FederatedClient(
         agent_id=args.agent_id,
         server=args.server,
@@ -411,6 +444,7 @@ def _command_run(args: argparse.Namespace) -> int:
         update_transform=privacy.update_transform,  # applies the attack (if any) when no local DP is in force
         trainer_factory=privacy.trainer_factory,
         straggler=straggler,
+        secagg=secagg,
         capabilities={
             "dataset": args.dataset,
             "partition": args.partition,

@@ -48,10 +48,21 @@ from fedagent.errors import (
 from fedagent.http import AgentHttpClient
 from fedagent.logs import ContextLogger
 from fedagent.protocol import TERMINAL_TRAINING_STATUSES, ModelRef, Task, validate_agent_id
+from fedagent.secagg import (
+    KIND_ADVERTISE,
+    KIND_MASKED_INPUT,
+    KIND_SHARE,
+    KIND_UNMASK,
+    SECAGG_KINDS,
+    SecAggParty,
+    SecAggTaskError,
+    identity_registration,
+)
 from fedagent.stragglers import StragglerPolicy, straggler_rng
 from fedagent.trainer import FitConfig, Trainer, ZooTrainer
 from flcore.errors import FlcoreError
 from flcore.parameters import Parameters, ParameterSpec, from_bytes, sha256_hex, subtract, to_bytes
+from flcore.secagg import SecAggError
 
 #: Environment variables read when the matching constructor argument is not given.
 ENV_SERVER = "FEDAGENT_SERVER"
@@ -64,6 +75,11 @@ DEFAULT_HEARTBEAT_INTERVAL = 30.0
 MODEL_HEADER_ALLOWANCE = 1024 * 1024
 #: Downloaded models kept in memory (the current one and the previous, for overlapping trainings).
 MODEL_CACHE_SIZE = 2
+
+#: Errors of a secure-aggregation phase that make the agent give the task back (it never answers then).
+REFUSALS = (SecAggError, SecAggTaskError, AgentError, FlcoreError, LookupError, TypeError, ValueError)
+#: What an agent reports with a masked input: its evaluation of the round's model, never of its update.
+EVALUATION_METRICS = ("eval_accuracy", "eval_loss", "eval_num_examples")
 
 TrainerFactory = Callable[[ModelRef], Trainer]
 """Builds the :class:`Trainer` for a task's model from ``task.model`` (``spec`` is None for custom models)."""
@@ -213,6 +229,9 @@ class FederatedClient:
         Simulate a straggler (FedProx experiments): on each task, with the policy's probability, train only
         part of the local work, or give the task back when ``drop`` is set; default never
         (see :mod:`fedagent.stragglers`).
+    secagg : SecAggParty, optional
+        This agent's secure-aggregation side (its Ed25519 identity key, registered at :meth:`connect`);
+        without it, secure-aggregation tasks are given back.
     """
 
     def __init__(
@@ -235,6 +254,7 @@ class FederatedClient:
         backoff_base: float = 0.5,
         backoff_max: float = 30.0,
         straggler: StragglerPolicy | None = None,
+        secagg: SecAggParty | None = None,
     ) -> None:
         self.agent_id = validate_agent_id(agent_id)
         server = server or os.environ.get(ENV_SERVER)
@@ -250,6 +270,7 @@ class FederatedClient:
         self.poll_wait = poll_wait
         self.update_transform = update_transform
         self.straggler = straggler
+        self.secagg = secagg
         self.capabilities = dict(capabilities or {})
         self._heartbeat_override = heartbeat_interval
         self.heartbeat_interval = heartbeat_interval or DEFAULT_HEARTBEAT_INTERVAL
@@ -318,6 +339,10 @@ class FederatedClient:
             self._log.info("enrolled")
         reply = self._http.heartbeat("idle", self._capabilities())
         self._learn_interval(reply.get("heartbeat_interval"))
+        if self.secagg is not None:
+            public_key, proof = identity_registration(self.agent_id, self.secagg.identity_key)
+            self._http.register_identity_key(public_key, proof)
+            self._log.info("identity key registered (%s...)", public_key[:12])
         self._connected = True
         self._log.info("connected to %s (heartbeat every %ss)", self.server, self.heartbeat_interval)
 
@@ -646,10 +671,33 @@ class FederatedClient:
 
     def _do_task(self, task: Task, log: ContextLogger) -> TaskOutcome:
         log.info(
-            "task received (model version %d, deadline %s)", task.model.number, task.deadline.isoformat()
+            "task received (%s, model version %d, deadline %s)",
+            task.kind,
+            task.model.number,
+            task.deadline.isoformat(),
         )
+        if task.kind in SECAGG_KINDS:
+            return self._do_secagg_task(task, log)
         if task.kind != "fit":
             return self._give_back(task, f"This agent only handles 'fit' tasks, not {task.kind!r}.", log)
+        trained = self._train(task, log)
+        if isinstance(trained, TaskOutcome):
+            return trained
+        delta, metrics, num_examples, train_seconds = trained
+        blob = to_bytes(delta)
+        if len(blob) > task.max_update_bytes:
+            return self._give_back(
+                task, f"The update is {len(blob)} bytes; the task allows {task.max_update_bytes}.", log
+            )
+        meta = {"num_examples": num_examples, "metrics": metrics}
+        digest = sha256_hex(blob)
+        return self._upload(task, blob, meta, digest, train_seconds, log)
+
+    def _train(
+        self, task: Task, log: ContextLogger
+    ) -> TaskOutcome | tuple[Parameters, dict[str, float | int | None], int, float]:
+        """Download the task's model, evaluate it, train, and return ``(delta, metrics, num_examples,
+        train_seconds)``; or the outcome of a task given back or refused on the way."""
         try:
             config = FitConfig.from_json(task.config)
         except FlcoreError as exc:
@@ -717,7 +765,6 @@ class FederatedClient:
                     return self._give_back(
                         task, f"Local training diverged: tensor {name!r} is not finite.", log
                     )
-            blob = to_bytes(delta)
         except MemoryError:
             return self._give_back(task, "Out of memory during local training.", log)
         except Exception as exc:
@@ -726,10 +773,6 @@ class FederatedClient:
 
         if fit.num_examples <= 0:
             return self._give_back(task, f"The trainer reported num_examples={fit.num_examples}.", log)
-        if len(blob) > task.max_update_bytes:
-            return self._give_back(
-                task, f"The update is {len(blob)} bytes; the task allows {task.max_update_bytes}.", log
-            )
         metrics: dict[str, float | int | None] = {k: _finite_or_none(v) for k, v in fit.metrics.items()}
         metrics.update(
             eval_loss=_finite_or_none(evaluation.loss) if evaluation else None,
@@ -741,8 +784,20 @@ class FederatedClient:
             metrics.setdefault(key, None)
         if straggled is not None:
             metrics["straggler"] = int(straggled)
-        meta = {"num_examples": int(fit.num_examples), "metrics": metrics}
-        digest = sha256_hex(blob)
+        return delta, metrics, int(fit.num_examples), train_seconds
+
+    def _upload(
+        self,
+        task: Task,
+        blob: bytes,
+        meta: dict[str, Any],
+        digest: str,
+        train_seconds: float,
+        log: ContextLogger,
+    ) -> TaskOutcome:
+        """Upload a fit task's update and say what became of it."""
+        metrics = meta["metrics"]
+        num_examples = int(meta["num_examples"])
         try:
             # Retried until the task's deadline: the bytes are kept until a 2xx (or a 409 that settles it).
             receipt = self._http.upload_update(task.upload_url, blob, meta, deadline=task.deadline)
@@ -780,7 +835,7 @@ class FederatedClient:
             log.warning("the server stored sha256 %s; the agent sent %s", receipt.sha256, digest)
         log.info(
             "update uploaded (%d examples, eval_accuracy=%s, train_loss=%s, %.2fs)%s",
-            fit.num_examples,
+            num_examples,
             metrics["eval_accuracy"],
             metrics["train_loss"],
             train_seconds,
@@ -792,8 +847,70 @@ class FederatedClient:
             task.round,
             "uploaded",
             update_sha256=digest,
-            num_examples=int(fit.num_examples),
+            num_examples=num_examples,
             metrics=metrics,
+        )
+
+    def _do_secagg_task(self, task: Task, log: ContextLogger) -> TaskOutcome:
+        """Answer one phase of secure aggregation (fedagent/secagg.py); refusals are given back."""
+        party = self.secagg
+        if party is None:
+            return self._give_back(
+                task, "This agent has no secure-aggregation identity key (run it with --state-dir).", log
+            )
+        secagg = task.config.get("secagg")
+        if not isinstance(secagg, dict):
+            return self._give_back(task, "The task has no 'secagg' object in its config.", log)
+        meta: dict[str, Any] | None = None
+        binary = task.kind == KIND_MASKED_INPUT
+        try:
+            if task.kind == KIND_ADVERTISE:
+                body = party.advertise(secagg)
+            elif task.kind == KIND_SHARE:
+                body = party.share(secagg)
+            elif task.kind == KIND_UNMASK:
+                body = party.unmask(secagg)
+            else:
+                trained = self._train(task, log)
+                if isinstance(trained, TaskOutcome):
+                    return trained
+                delta, metrics, num_examples, _ = trained
+                body = party.masked_input(
+                    secagg,
+                    delta,
+                    ParameterSpec.from_json(task.model.parameters),
+                    num_examples=num_examples,
+                    rng=np.random.default_rng(),
+                )
+                meta = {"metrics": {k: metrics[k] for k in EVALUATION_METRICS if metrics.get(k) is not None}}
+        except (AgentApiError, AgentStopped):
+            raise
+        except REFUSALS as exc:
+            return self._give_back(task, f"Secure aggregation refused: {type(exc).__name__}: {exc}", log)
+        try:
+            receipt = self._http.submit_secagg(
+                task.upload_url, body, binary=binary, meta=meta, deadline=task.deadline
+            )
+        except AgentApiError as exc:
+            if exc.status == 401:
+                raise
+            if exc.code == "task_closed":
+                return self._outcome(task, "closed", exc.message)
+            log.error("secure-aggregation answer refused: %s", exc)
+            return self._outcome(task, "rejected", str(exc))
+        except AgentStopped:
+            raise
+        except AgentError as exc:
+            log.error("could not send the secure-aggregation answer: %s", exc)
+            return self._outcome(task, "rejected", str(exc))
+        log.info("%s answered (%d bytes)", task.kind, len(body))
+        if party.dropped:  # tests only: behave like an agent that crashed right after this phase
+            log.warning(
+                "stopping: dropping out of secure aggregation (--secagg-drop-after %s)", party.drop_after
+            )
+            self.stop()
+        return TaskOutcome(
+            task.task_id, task.training_id, task.round, "uploaded", update_sha256=str(receipt.get("sha256"))
         )
 
     def _make_trainer(self, model: ModelRef) -> Trainer:

@@ -543,6 +543,34 @@ class AgentHttpClient:
             replayed=reply.status == 200,
         )
 
+    def register_identity_key(self, public_key: str, proof: str) -> dict[str, Any]:
+        """``POST identity-key``: register this agent's Ed25519 identity key (base64), once."""
+        payload = self.request("POST", "identity-key", json={"public_key": public_key, "proof": proof}).json()
+        if not isinstance(payload, dict):
+            raise ProtocolError(f"identity-key answered {payload!r}, not an object.")
+        return payload
+
+    def submit_secagg(
+        self,
+        upload_url: str,
+        body: bytes,
+        *,
+        binary: bool,
+        meta: dict[str, Any] | None = None,
+        deadline: datetime | None = None,
+    ) -> dict[str, Any]:
+        """``POST tasks/<task_id>/secagg``: a phase's answer (JSON, or the masked input's safetensors).
+
+        Safe to retry until ``deadline``: the same bytes again are answered 200 with the same receipt.
+        """
+        headers = {"Content-Type": "application/octet-stream" if binary else "application/json"}
+        if meta is not None:
+            headers["X-SecAgg-Meta"] = json.dumps(meta, allow_nan=False, separators=(",", ":"))
+        payload = self.request("POST", upload_url, retry_until=deadline, content=body, headers=headers).json()
+        if not isinstance(payload, dict):
+            raise ProtocolError(f"secagg answered {payload!r}, not an object.")
+        return payload
+
     def fail_task(self, task_id: str, reason: str, *, timeout: float | None = None) -> None:
         """``POST tasks/<task_id>/fail``: give the task back, saying why (at most 1000 characters)."""
         self.request(

@@ -113,7 +113,8 @@ class Task:
     task_id, training_id : str
         UUIDs.
     kind : str
-        ``"fit"`` in protocol v1.
+        ``"fit"``, or in a secure-aggregation training one of ``"secagg_advertise"``, ``"secagg_share"``,
+        ``"secagg_masked_input"``, ``"secagg_unmask"`` (answered at ``upload_url``, see fedagent.secagg).
     round : int
         The round of the training this task belongs to.
     deadline : datetime

@@ -9,10 +9,11 @@ Invariants, whatever a client sends:
 - every refusal has the API's JSON error shape and ``Connection: close``, so the rest of the body is
   never read.
 
-Only the update upload takes ``FEDSITE_MAX_UPDATE_BYTES`` (the tighter per-task limit is applied by the
-view); the rest of the API takes ``FEDSITE_MAX_JSON_BODY_BYTES`` and everything else (admin and dashboard
-forms) ``FEDSITE_MAX_FORM_BODY_BYTES``. Once a request's body is complete, ``receive`` is passed through
-untouched, so Django's wait for a client disconnect during a long-poll has no deadline.
+Only the update upload and the secure-aggregation answer take ``FEDSITE_MAX_UPDATE_BYTES`` (the tighter
+per-task limit is applied by the view); the rest of the API takes ``FEDSITE_MAX_JSON_BODY_BYTES`` and
+everything else (admin and dashboard forms) ``FEDSITE_MAX_FORM_BODY_BYTES``. Once a request's body is
+complete, ``receive`` is passed through untouched, so Django's wait for a client disconnect during a
+long-poll has no deadline.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from typing import Any
 
 from django.conf import settings
 
-UPLOAD_PATH = re.compile(r"\A/api/v1/agent/tasks/[^/]+/update/?\Z")
+# the update upload, and a secure-aggregation answer (a masked input is model-sized)
+UPLOAD_PATH = re.compile(r"\A/api/v1/agent/tasks/[^/]+/(update|secagg)/?\Z")
 # Room for the multipart boundaries, part headers and the ``meta`` part around the update itself.
 MULTIPART_OVERHEAD_BYTES = 256 * 1024
 

@@ -7,13 +7,13 @@ from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
 
-from clients.api.views import AgentViewSet, EnrollView, HeartbeatView
+from clients.api.views import AgentViewSet, EnrollView, HeartbeatView, IdentityKeyView
 from fedsite import api_docs
 from fedsite.operator_views import OperatorLoginView, OperatorLogoutAllView, OperatorLogoutView
 from monitoring.api import views as monitoring_views
 from monitoring.prometheus import metrics_view
 from privacy.api.views import training_privacy
-from trainings.api import agent_views
+from trainings.api import agent_views, secagg_views
 from trainings.api import views as training_views
 from versioning.api import views as versioning_views
 from versioning.api.views import ModelVersionViewSet
@@ -27,6 +27,8 @@ router.register("versions", ModelVersionViewSet, basename="version")
 agent_protocol = [
     path("enroll", EnrollView.as_view(), name="agent-enroll"),
     path("heartbeat", HeartbeatView.as_view(), name="agent-heartbeat"),
+    path("identity-key", IdentityKeyView.as_view(), name="agent-identity-key"),
+    path("tasks/<str:task_id>/secagg", secagg_views.SecAggSubmitView.as_view(), name="agent-secagg"),
     path("tasks/next", agent_views.next_task_view, name="agent-next-task"),
     path("tasks/<str:task_id>/update", agent_views.UpdateUploadView.as_view(), name="agent-update"),
     path("tasks/<str:task_id>/fail", agent_views.TaskFailView.as_view(), name="agent-task-fail"),

@@ -19,6 +19,7 @@ from flcore.errors import ConfigError
 from flcore.strategies import AggregationAlgorithm, NotEnoughUpdates, Strategy, build_strategy
 from monitoring.anomalies import anomaly_policy_parse
 from privacy.configuration import parse_privacy
+from trainings.secagg_config import SecAggTrainingConfig, secure_aggregation_parse
 from versioning.policy import rollback_parse
 from versioning.retention import retention_parse
 
@@ -73,6 +74,7 @@ class TrainingConfiguration:
     rollback: dict[str, Any] | None = None  # the automatic rollback policy (versioning/policy.py)
     retention: dict[str, Any] | None = None  # which versions keep their blobs (versioning/retention.py)
     anomaly: dict[str, Any] | None = None  # anomaly detection on updates (monitoring/anomalies.py)
+    secure_aggregation: dict[str, Any] | None = None  # masked rounds (trainings/secagg_config.py)
 
     # ------------------------------------------------------------------------------------------
     @classmethod
@@ -229,6 +231,12 @@ class TrainingConfiguration:
             anomaly, anomaly_errors = anomaly_policy_parse(data["anomaly"])
             errors.update(anomaly_errors)
             values["anomaly"] = anomaly
+        if "secure_aggregation" in data:
+            secure, secure_errors = secure_aggregation_parse(
+                data["secure_aggregation"], algorithm=algorithm.value, privacy=privacy
+            )
+            errors.update(secure_errors)
+            values["secure_aggregation"] = secure
         if errors:
             raise ValidationFailed(
                 "The training configuration is invalid: "
@@ -267,6 +275,12 @@ class TrainingConfiguration:
     def strategy(self) -> Strategy:
         """The validated aggregation strategy of this training."""
         return build_strategy(self.algorithm.value, self.hyperparameters)
+
+    def secagg(self) -> SecAggTrainingConfig | None:
+        """Secure aggregation of this training, or None for plain rounds."""
+        if self.secure_aggregation is None:
+            return None
+        return SecAggTrainingConfig.from_dict(self.secure_aggregation)
 
     def model_spec_json(self) -> dict[str, Any]:
         return {

@@ -91,6 +91,10 @@ class Round(models.Model):
 class Task(models.Model):
     class Kind(models.TextChoices):
         FIT = "fit", "fit"
+        SECAGG_ADVERTISE = "secagg_advertise", "secure aggregation: advertise keys"
+        SECAGG_SHARE = "secagg_share", "secure aggregation: share keys"
+        SECAGG_MASKED_INPUT = "secagg_masked_input", "secure aggregation: train and upload masked input"
+        SECAGG_UNMASK = "secagg_unmask", "secure aggregation: unmask"
 
     class Status(models.TextChoices):
         PENDING = "pending", "pending"
@@ -184,3 +188,66 @@ class AggregationOutbox(models.Model):
 
     def __str__(self) -> str:
         return f"aggregation intent for {self.round_id} (sends {self.sends})"
+
+
+class SecAggSession(models.Model):
+    """One attempt of a secure-aggregation round (trainings/services/secagg.py): its public setup and phase.
+
+    Holds only public values: the round setup (parties, graph seed, configuration) and which agent is which
+    party. What each agent sent is in :class:`SecAggMessage`; the server's protocol state is rebuilt from
+    these rows at every step, so a restarted web or worker process resumes the round where it was.
+    """
+
+    class Phase(models.TextChoices):
+        ADVERTISE = "advertise", "advertise keys"
+        SHARE = "share", "share keys"
+        MASKED_INPUT = "masked_input", "masked input"
+        UNMASK = "unmask", "unmasking"
+        AGGREGATING = "aggregating", "aggregating"
+        COMPLETED = "completed", "completed"
+        FAILED = "failed", "failed"
+
+    round = models.ForeignKey(Round, on_delete=models.CASCADE, related_name="secagg_sessions")
+    attempt = models.PositiveIntegerField()
+    phase = models.CharField(max_length=16, choices=Phase.choices, default=Phase.ADVERTISE)
+    setup = models.JSONField(help_text="flcore.secagg.RoundSetup.to_json(): public round parameters.")
+    parties = models.JSONField(help_text="Party id (decimal string) -> agent pk.")
+    deadline = models.DateTimeField(db_index=True)
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    closed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["round", "attempt"]
+        constraints = [
+            models.UniqueConstraint(fields=["round", "attempt"], name="unique_secagg_session_per_attempt"),
+        ]
+
+    def __str__(self) -> str:
+        return f"secure aggregation of {self.round_id}, attempt {self.attempt} ({self.phase})"
+
+
+class SecAggMessage(models.Model):
+    """What one agent sent in one phase: public keys and signature, encrypted share bundles, a reference
+    to its masked input (a safetensors blob), or its unmask response. Never an unmasked value."""
+
+    session = models.ForeignKey(SecAggSession, on_delete=models.CASCADE, related_name="messages")
+    agent = models.ForeignKey("clients.Agent", on_delete=models.CASCADE, related_name="+")
+    party_id = models.PositiveBigIntegerField()
+    phase = models.CharField(max_length=16, choices=SecAggSession.Phase.choices)
+    body = models.JSONField(default=dict, blank=True)
+    blob_name = models.CharField(max_length=255, blank=True)
+    blob_sha256 = models.CharField(max_length=64, blank=True)
+    size_bytes = models.PositiveBigIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["session", "phase", "party_id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["session", "agent", "phase"], name="unique_secagg_message_per_agent_phase"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.phase} of party {self.party_id} in {self.session_id}"

@@ -46,7 +46,7 @@ def task_payload(task: Task) -> dict[str, Any]:
     round_ = task.round
     training = round_.training
     version = task.base_version or round_.base_version
-    return {
+    payload = {
         "task_id": str(task.pk),
         "kind": task.kind,
         "training_id": str(training.pk),
@@ -64,6 +64,11 @@ def task_payload(task: Task) -> dict[str, Any]:
         "upload_url": f"/api/v1/agent/tasks/{task.pk}/update",
         "max_update_bytes": update_max_bytes(training),
     }
+    if task.kind != Task.Kind.FIT:  # a secure-aggregation phase: answered at its own endpoint
+        from trainings.services.secagg import secagg_task_fields
+
+        payload.update(secagg_task_fields(task))
+    return payload
 
 
 def training_metrics_series(training: Training) -> dict[str, list[dict[str, float]]]:

@@ -463,6 +463,9 @@ class AgentProcesses:
         Environment overrides for every agent.
     extra_args : sequence of str
         Appended to every agent's command line.
+    state_root : Path, optional
+        Give every agent ``--state-dir <state_root>/<agent_id>`` (its identity key, for trainings with
+        secure aggregation).
     grace_seconds : float
         SIGTERM-to-SIGKILL delay on stop.
     """
@@ -483,6 +486,7 @@ class AgentProcesses:
         poll_wait: float = 10.0,
         env: Mapping[str, str | None] | None = None,
         extra_args: Sequence[str] = (),
+        state_root: Path | None = None,
         grace_seconds: float = 15.0,
     ) -> None:
         self.server_url = server_url
@@ -521,6 +525,8 @@ class AgentProcesses:
                 argv += ["--exit-when-training-done", str(training_id)]
             if mnist_path:
                 argv += ["--mnist-path", mnist_path]
+            if state_root is not None:
+                argv += ["--state-dir", str(state_root / credential.agent_id)]
             argv += list(extra_args)
             self.processes.append(
                 ManagedProcess(
@@ -1024,6 +1030,9 @@ def run_federation(
                     mnist_path=plan.mnist_path,
                     poll_wait=plan.poll_wait,
                     env=plan.env,
+                    state_root=plan.log_dir / "agents" / "state"
+                    if plan.configuration.secure_aggregation
+                    else None,
                 )
             )
             agents_wait_online(

@@ -16,7 +16,14 @@ from rest_framework.views import APIView
 
 from clients.models import AGENT_ID_PATTERN, Agent
 from clients.selectors import agent_is_online
-from clients.services import agent_create, agent_enroll, agent_rotate_token, agent_set_status, agent_touch
+from clients.services import (
+    agent_create,
+    agent_enroll,
+    agent_register_identity_key,
+    agent_rotate_token,
+    agent_set_status,
+    agent_touch,
+)
 from fedsite.agent_auth import AgentTokenAuthentication, IsAgent
 from fedsite.errors import ValidationFailed
 from fedsite.parsers import StrictJSONParser
@@ -116,6 +123,45 @@ class HeartbeatView(APIView):
                 "server_time": timezone.now().isoformat(),
                 "heartbeat_interval": settings.FEDSITE_HEARTBEAT_INTERVAL,
             }
+        )
+
+
+IDENTITY_KEY_REQUEST = inline_serializer(
+    "IdentityKeyRequest",
+    {
+        "public_key": serializers.CharField(help_text="base64 of the 32-byte Ed25519 public key"),
+        "proof": serializers.CharField(
+            help_text="base64 Ed25519 signature of 'fedsite/identity-key/v1/<agent_id>/' + the key bytes"
+        ),
+    },
+)
+IDENTITY_KEY_RESPONSE = inline_serializer(
+    "IdentityKeyResponse",
+    {"agent_id": serializers.CharField(), "public_key": serializers.CharField()},
+)
+
+
+class IdentityKeyView(APIView):
+    """``POST /api/v1/agent/identity-key``: register the agent's Ed25519 identity key, once (secure
+    aggregation signs its round keys with it). 201 when set, 200 for the same key again, 409 for another."""
+
+    authentication_classes = [AgentTokenAuthentication]
+    permission_classes = [IsAgent]
+    parser_classes = [StrictJSONParser]
+
+    @extend_schema(
+        tags=["agent protocol"],
+        request=IDENTITY_KEY_REQUEST,
+        responses={201: IDENTITY_KEY_RESPONSE, 200: IDENTITY_KEY_RESPONSE},
+    )
+    def post(self, request: Request) -> Response:
+        body = _json_body(request)
+        agent, created = agent_register_identity_key(
+            agent=request.auth, public_key=body.get("public_key"), proof=body.get("proof")
+        )
+        return Response(
+            {"agent_id": agent.agent_id, "public_key": agent.identity_public_key},
+            status=status.HTTP_201_CREATED if created else status.HTTP_200_OK,
         )
 
 

@@ -33,7 +33,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from flcore.secagg import crypto, shamir
 from flcore.secagg.errors import InvalidSignature, MessageError, NotEnoughSurvivors, ProtocolViolation
-from flcore.secagg.masks import PAIRWISE_PURPOSE, SELF_PURPOSE, MaskExpander, pairwise_sign, reduce_inplace
+from flcore.secagg.masks import (
+    PAIRWISE_PURPOSE,
+    SELF_PURPOSE,
+    MaskExpander,
+    mask_dtype,
+    pairwise_sign,
+    reduce_inplace,
+)
 from flcore.secagg.messages import (
     AdvertiseKeys,
     KeyDirectory,
@@ -206,11 +213,37 @@ class SecAggClient:
         """Phase 3: open the neighbours' share bundles, quantise ``update`` and add every mask to it."""
         self._expect(ClientPhase.SHARED, "upload a masked input")
         values = np.asarray(update, dtype=np.float64).reshape(-1)
-        if values.size != self.setup.vector_length:
+        self._check_length(values.size)
+        senders = self._open_deliveries(delivery)
+        config = self.setup.config
+        quantised = quantise(
+            values, clip_norm=config.clip_norm, bits=config.bits, num_parties=self.setup.num_parties, rng=rng
+        )
+        return self._mask(quantised, senders)
+
+    def masked_integers(self, delivery: ShareDelivery, values: npt.ArrayLike) -> MaskedInput:
+        """Phase 3 for an input already in ``Z_(2**bits)`` (e.g. a distributed-DP Skellam share): mask it
+        as it is, with no clipping or quantisation here."""
+        self._expect(ClientPhase.SHARED, "upload a masked input")
+        integers = np.asarray(values)
+        bits = self.setup.config.bits
+        if integers.dtype.kind not in "ui" or integers.ndim != 1:
+            raise ValueError(f"The integer input of party {self.party_id} must be a 1-D integer array.")
+        self._check_length(integers.size)
+        if integers.size and (int(integers.min()) < 0 or int(integers.max()) >> bits):
+            raise ValueError(f"The integer input of party {self.party_id} must lie in [0, 2**{bits}).")
+        senders = self._open_deliveries(delivery)
+        return self._mask(integers.astype(mask_dtype(bits)), senders)
+
+    def _check_length(self, size: int) -> None:
+        if size != self.setup.vector_length:
             raise ValueError(
-                f"The update of party {self.party_id} has {values.size} values; this round sums "
+                f"The update of party {self.party_id} has {size} values; this round sums "
                 f"{self.setup.vector_length}."
             )
+
+    def _open_deliveries(self, delivery: ShareDelivery) -> list[int]:
+        """Decrypt the neighbours' share bundles (aborting on any bad one); returns the senders."""
         context = self.setup.context
         senders = sorted(delivery.ciphertexts)
         strangers = [p for p in senders if p not in self._directory or p == self.party_id]
@@ -240,11 +273,12 @@ class SecAggClient:
             start = 2 * _ID
             middle = start + shamir.SHARE_BYTES
             self._received_shares[sender] = (bundle[start:middle], bundle[middle:])
-        config = self.setup.config
+        return senders
+
+    def _mask(self, masked: npt.NDArray[np.unsignedinteger], senders: list[int]) -> MaskedInput:
+        """Add the self mask and the pairwise masks to ``masked`` (in place) and end phase 3."""
+        config, context = self.setup.config, self.setup.context
         expander = MaskExpander(length=self.setup.vector_length, bits=config.bits, context=context)
-        masked = quantise(
-            values, clip_norm=config.clip_norm, bits=config.bits, num_parties=self.setup.num_parties, rng=rng
-        )
         expander.add_inplace(masked, self._self_mask_seed, purpose=SELF_PURPOSE)
         for sender in senders:
             secret = crypto.agree(self._masking_key, self._directory[sender].masking_key, peer=sender)

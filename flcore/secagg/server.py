@@ -276,6 +276,44 @@ class SecAggServer:
         NotEnoughSurvivors
             If some neighbourhood has fewer than ``t`` responders (nothing is unmasked; the round failed).
         """
+        total = self._unmask()
+        config, survivors = self.setup.config, len(self.uploaded)
+        result = dequantise_sum(
+            total,
+            clip_norm=config.clip_norm,
+            bits=config.bits,
+            num_parties=self.setup.num_parties,
+            num_summands=survivors,
+        )
+        return self._result(
+            result,
+            error_bound(
+                clip_norm=config.clip_norm,
+                bits=config.bits,
+                num_parties=self.setup.num_parties,
+                num_summands=survivors,
+            ),
+        )
+
+    def finish_integers(self) -> SecAggResult:
+        """End phase 4 for integer inputs (:meth:`SecAggClient.masked_integers`): the unmasked sum modulo
+        ``2**bits`` as it is (uint), to be decoded by whoever encoded the inputs; ``error_bound`` is 0."""
+        return self._result(self._unmask(), 0.0)
+
+    def _result(self, total: npt.NDArray[np.generic], bound: float) -> SecAggResult:
+        survivors, shared = set(self.uploaded), self.shared
+        self.phase = ServerPhase.DONE
+        return SecAggResult(
+            total=total,  # type: ignore[arg-type]
+            survivors=tuple(sorted(survivors)),
+            responders=tuple(sorted(self.responders)),
+            dropped_after_advertising=tuple(sorted(set(self.advertisements) - shared)),
+            dropped_after_sharing=tuple(sorted(shared - survivors)),
+            error_bound=bound,
+        )
+
+    def _unmask(self) -> npt.NDArray[np.unsignedinteger]:
+        """Rebuild the secrets and remove every mask from the running sum (reduced modulo ``2**bits``)."""
         self._expect(ServerPhase.UNMASKING, "finish")
         setup, config = self.setup, self.setup.config
         survivors, shared = set(self.uploaded), self.shared
@@ -313,24 +351,4 @@ class SecAggServer:
                     total, secret, purpose=PAIRWISE_PURPOSE, sign=-pairwise_sign(survivor, owner)
                 )
         reduce_inplace(total, config.bits)
-        result = dequantise_sum(
-            total,
-            clip_norm=config.clip_norm,
-            bits=config.bits,
-            num_parties=setup.num_parties,
-            num_summands=len(survivors),
-        )
-        self.phase = ServerPhase.DONE
-        return SecAggResult(
-            total=result,
-            survivors=tuple(sorted(survivors)),
-            responders=tuple(sorted(self.responders)),
-            dropped_after_advertising=tuple(sorted(set(self.advertisements) - shared)),
-            dropped_after_sharing=tuple(sorted(dropped)),
-            error_bound=error_bound(
-                clip_norm=config.clip_norm,
-                bits=config.bits,
-                num_parties=setup.num_parties,
-                num_summands=len(survivors),
-            ),
-        )
+        return total

@@ -92,6 +92,21 @@ class PrivacyBudgetSerializer(serializers.Serializer):
     total_delta = serializers.FloatField()
 
 
+class SecureAggregationSectionSerializer(serializers.Serializer):
+    """The ``secure_aggregation`` section (docs/secure-aggregation.md); validated by
+    ``trainings.secagg_config.secure_aggregation_parse``."""
+
+    protocol = serializers.ChoiceField(["secagg+", "secagg"], required=False, default="secagg+")
+    clip_norm = serializers.FloatField(help_text="L2 norm every agent clips its delta to")
+    threshold = serializers.FloatField(
+        required=False, allow_null=True, help_text="shares per neighbourhood: an integer >= 2, a fraction"
+    )
+    neighbours = serializers.IntegerField(required=False, allow_null=True, help_text="secagg+: even degree")
+    bits = serializers.IntegerField(required=False, default=32)
+    weight_cap = serializers.IntegerField(required=False, default=1000)
+    phase_timeout_seconds = serializers.FloatField(required=False, default=60)
+
+
 class TrainingConfigurationSerializer(serializers.Serializer):
     """Documents the request body; validation itself is ``TrainingConfiguration.from_dict``.
 
@@ -130,3 +145,4 @@ class TrainingConfigurationSerializer(serializers.Serializer):
     rollback = RollbackSectionSerializer(required=False, allow_null=True)
     retention = RetentionSectionSerializer(required=False, allow_null=True)
     anomaly = AnomalySectionSerializer(required=False, allow_null=True)
+    secure_aggregation = SecureAggregationSectionSerializer(required=False, allow_null=True)

@@ -3,6 +3,7 @@
 See DESIGN.md section 3. A round is opened (``rounds``) and its tasks issued (``tasks``); agents upload
 or give their tasks back (``updates``); a settled round is aggregated into a version (``aggregation``);
 asynchronous trainings hand out tasks on demand and take one server step per round (``asynchronous``);
+secure-aggregation rounds run their phases between opening and aggregating (``secagg``);
 ``trainings`` starts and stops the whole. Every status change goes through ``trainings.state``; every
 piece of Celery work is enqueued with ``transaction.on_commit`` so a worker never sees uncommitted rows;
 aggregation is idempotent under retry (versions are unique per number, blobs are content-addressed, and
@@ -25,6 +26,7 @@ from trainings.services.rounds import (
     rounds_try_open_waiting,
     rounds_try_open_waiting_if_any,
 )
+from trainings.services.secagg import secagg_submit
 from trainings.services.tasks import agent_may_download, task_next_for_agent
 from trainings.services.trainings import (
     ADVISORY_LOCK_TRAINING_START,
@@ -57,6 +59,7 @@ __all__ = [
     "rounds_check_deadlines",
     "rounds_try_open_waiting",
     "rounds_try_open_waiting_if_any",
+    "secagg_submit",
     "task_fail",
     "task_next_for_agent",
     "training_create",

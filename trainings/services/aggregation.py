@@ -83,6 +83,10 @@ def round_aggregate(*, round_id: int) -> str:
         return "skipped"
     training = round_.training
     config = _configuration(training)
+    if config.secure_aggregation is not None:  # only the masked sum exists (trainings/services/secagg.py)
+        from trainings.services.secagg import secagg_aggregate
+
+        return secagg_aggregate(round_id=round_id, started=started)
     strategy = config.strategy()
     spec = ParameterSpec.from_json(training.parameter_spec)
     if strategy.asynchronous:
@@ -275,11 +279,13 @@ def round_finish(
     combination_metrics: dict[str, float],
     started: float,
     analysis: RoundAnalysis | None = None,
+    extra_metrics: dict[str, float] | None = None,
 ) -> str:
     """Apply the server optimizer step to a synchronous round's combined delta and commit the version.
 
     ``analysis``: the round's anomaly statistics (stored with the version); updates it excludes are not
-    part of ``delta`` and are left out of the round's metrics.
+    part of ``delta`` and are left out of the round's metrics. ``extra_metrics`` replace the round's
+    metrics of the same name (a secure-aggregation round has no individual updates to count).
     """
     round_ = Round.objects.select_related("training", "base_version").get(pk=round_id)
     if round_.status != RS.AGGREGATING:
@@ -302,6 +308,7 @@ def round_finish(
         combination_metrics=combination_metrics,
         started=started,
         analysis=analysis,
+        extra_metrics=extra_metrics,
     )
 
 
@@ -316,6 +323,7 @@ def _round_commit(
     combination_metrics: dict[str, float],
     started: float,
     analysis: RoundAnalysis | None = None,
+    extra_metrics: dict[str, float] | None = None,
 ) -> str:
     """Write the new version, metrics and events; then finish the training or open the next round."""
     round_ = Round.objects.select_related("training").get(pk=round_id)
@@ -329,6 +337,7 @@ def _round_commit(
     metrics.update(_central_evaluation(config, training, new_parameters))
     if analysis is not None:
         metrics.update(analysis.metrics())
+    metrics.update(extra_metrics or {})
     metrics["aggregation_seconds"] = time.time() - started
 
     with transaction.atomic():

@@ -48,7 +48,14 @@ from trainings.services.trainings import (
     _configuration,
     is_asynchronous,
 )
-from trainings.state import lock_round, lock_training, transition_round, transition_task, transition_training
+from trainings.state import (
+    PLAIN,
+    lock_round,
+    lock_training,
+    transition_round,
+    transition_task,
+    transition_training,
+)
 
 logger = logging.getLogger("trainings")
 
@@ -75,6 +82,10 @@ def _round_open_next(training: Training) -> Round:
 def _round_try_select(round_: Round, training: Training) -> bool:
     """WAITING -> COLLECTING if at least the minimum of agents is eligible; else alert once and wait."""
     config = _configuration(training)
+    if config.secure_aggregation is not None:  # the secagg protocol's phases (trainings/services/secagg.py)
+        from trainings.services.secagg import secagg_round_try_open
+
+        return secagg_round_try_open(round_, training, config)
     budget = PrivacyBudget.objects.filter(training=training).first()
     if budget is not None:
         return _round_open_private(round_, training, config, budget)
@@ -133,36 +144,7 @@ def _round_open_private(
     event, q = budget_next_event(budget, eligible=len(eligible))
     allowed, epsilon = budget_allows(budget, event)
     if not allowed:
-        reason = (
-            f"privacy budget exhausted: round {round_.number} would take epsilon to {epsilon:.4f}, "
-            f"over the budget {budget.epsilon} (delta {budget.delta}); spent {budget.spent_epsilon:.4f}"
-        )
-        transition_round(round_, RS.CANCELLED, error=reason)
-        locked = lock_training(training.pk)
-        transition_training(locked, TS.BUDGET_EXHAUSTED, reason=reason)
-        _cancel_open_training_tasks(locked)
-        alert_raise(
-            kind=Alert.Kind.PRIVACY_BUDGET,
-            severity=Alert.Severity.CRITICAL,
-            training=training,
-            round_number=round_.number,
-            message=f"Training stopped: {reason}.",
-            details={
-                "spent_epsilon": budget.spent_epsilon,
-                "next_epsilon": epsilon,
-                "budget_epsilon": budget.epsilon,
-            },
-        )
-        _broadcast_training_finished(locked)
-        log_event(
-            logger,
-            "budget_exhausted",
-            training_id=training.pk,
-            round=round_.number,
-            spent=f"{budget.spent_epsilon:.4f}",
-            next=f"{epsilon:.4f}",
-        )
-        return False
+        return _round_budget_exhausted(round_, training, budget, epsilon)
     rng = np.random.default_rng(secrets.randbits(128))
     selected = [agent for agent in eligible if rng.random() < q]
     round_.metrics = {"privacy_sampling_probability": q, "privacy_eligible_agents": float(len(eligible))}
@@ -177,6 +159,40 @@ def _round_open_private(
     if not selected:  # an empty Poisson sample still releases (noise only); close it now
         _round_settle(round_)
     return True
+
+
+def _round_budget_exhausted(round_: Round, training: Training, budget: PrivacyBudget, epsilon: float) -> bool:
+    """The round (waiting, locked) would overspend: cancel it and end the training ``budget_exhausted``."""
+    reason = (
+        f"privacy budget exhausted: round {round_.number} would take epsilon to {epsilon:.4f}, "
+        f"over the budget {budget.epsilon} (delta {budget.delta}); spent {budget.spent_epsilon:.4f}"
+    )
+    transition_round(round_, RS.CANCELLED, error=reason)
+    locked = lock_training(training.pk)
+    transition_training(locked, TS.BUDGET_EXHAUSTED, reason=reason)
+    _cancel_open_training_tasks(locked)
+    alert_raise(
+        kind=Alert.Kind.PRIVACY_BUDGET,
+        severity=Alert.Severity.CRITICAL,
+        training=training,
+        round_number=round_.number,
+        message=f"Training stopped: {reason}.",
+        details={
+            "spent_epsilon": budget.spent_epsilon,
+            "next_epsilon": epsilon,
+            "budget_epsilon": budget.epsilon,
+        },
+    )
+    _broadcast_training_finished(locked)
+    log_event(
+        logger,
+        "budget_exhausted",
+        training_id=training.pk,
+        round=round_.number,
+        spent=f"{budget.spent_epsilon:.4f}",
+        next=f"{epsilon:.4f}",
+    )
+    return False
 
 
 def rounds_try_open_waiting() -> int:
@@ -204,7 +220,9 @@ def _round_settle(round_: Round, *, now: Any = None) -> str:
     from trainings.services.asynchronous import _asynchronous_round_settle  # (it imports this module)
 
     if round_.status != RS.COLLECTING:
-        return "not_collecting"
+        from trainings.services.secagg import ROUND_STATES, secagg_round_settle
+
+        return secagg_round_settle(round_, now=now) if round_.status in ROUND_STATES else "not_collecting"
     if is_asynchronous(round_.training):
         return _asynchronous_round_settle(round_)
     now = now or timezone.now()
@@ -240,18 +258,7 @@ def _round_settle(round_: Round, *, now: Any = None) -> str:
             f"{round_.attempt} attempts; the training has failed. "
             "Enrol or start more agents and start a new training."
         )
-        transition_round(round_, RS.FAILED, error=message)
-        alert_raise(
-            kind=Alert.Kind.TRAINING_FAILED,
-            severity=Alert.Severity.CRITICAL,
-            training=training,
-            round_number=round_.number,
-            message=message,
-        )
-        locked = lock_training(training.pk)
-        transition_training(locked, TS.FAILED, reason=f"round {round_.number} failed")
-        _broadcast_training_finished(locked)
-        return "failed"
+        return _round_fail_training(round_, training, message)
     missing = config.min_clients - completed
     agents = _select_agents(round_, training, config, config.max_clients - completed)
     alert_raise(
@@ -274,6 +281,22 @@ def _round_settle(round_: Round, *, now: Any = None) -> str:
     transition_round(round_, RS.COLLECTING)
     _issue_tasks(round_, training, config, agents)
     return "reopened"
+
+
+def _round_fail_training(round_: Round, training: Training, message: str, *, protocol: str = PLAIN) -> str:
+    """The round's last attempt failed: fail it and the training, with a critical alert."""
+    transition_round(round_, RS.FAILED, error=message, protocol=protocol)
+    alert_raise(
+        kind=Alert.Kind.TRAINING_FAILED,
+        severity=Alert.Severity.CRITICAL,
+        training=training,
+        round_number=round_.number,
+        message=message,
+    )
+    locked = lock_training(training.pk)
+    transition_training(locked, TS.FAILED, reason=f"round {round_.number} failed")
+    _broadcast_training_finished(locked)
+    return "failed"
 
 
 def _alert_round_empty(round_: Round, training: Training) -> None:
@@ -391,6 +414,9 @@ def rounds_check_deadlines() -> dict[str, int]:
     now = timezone.now()
     summary["expired_async_tasks"] = _expire_asynchronous_tasks(now)
     summary.update(aggregations_recover(now=now))
+    from trainings.services.secagg import secagg_rounds_check_deadlines
+
+    summary.update(secagg_rounds_check_deadlines(now))
     due = Round.objects.filter(status=RS.COLLECTING, deadline__lte=now).values_list("pk", flat=True)
     for round_id in due:
         with transaction.atomic():

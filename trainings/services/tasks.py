@@ -143,6 +143,7 @@ def _wake_agents(agent_pks: list[Any]) -> None:
 def task_next_for_agent(*, agent: Agent) -> Task | None:
     """The agent's oldest open task in a collecting round of a running training, marked delivered."""
     from trainings.services.asynchronous import _issue_asynchronous_task  # (it imports this module)
+    from trainings.services.secagg import ROUND_STATES as SECAGG_STATES
 
     if agent.status != Agent.Status.ACTIVE:  # quarantined since its tasks were issued: hand out none
         return None
@@ -151,7 +152,8 @@ def task_next_for_agent(*, agent: Agent) -> Task | None:
         Task.objects.filter(agent=agent, status__in=list(Task.OPEN), deadline__gt=now)
         .filter(round__training__status=TS.RUNNING)
         .filter(
-            Q(round__status=RS.COLLECTING) | Q(round__training__algorithm__in=list(ASYNCHRONOUS_ALGORITHMS))
+            Q(round__status__in=[RS.COLLECTING, *SECAGG_STATES])
+            | Q(round__training__algorithm__in=list(ASYNCHRONOUS_ALGORITHMS))
         )
         .order_by("created_at")
         .first()
@@ -181,13 +183,15 @@ def tasks_agents_with_work(agent_keys: Collection[str]) -> set[str]:
     waiting = set(agent_keys)
     if not waiting:
         return set()
+    from trainings.services.secagg import ROUND_STATES as SECAGG_STATES
+
     now = timezone.now()
     pending = {
         str(pk)
         for pk in Task.objects.filter(
             status=KS.PENDING,
             deadline__gt=now,
-            round__status=RS.COLLECTING,
+            round__status__in=[RS.COLLECTING, *SECAGG_STATES],
             round__training__status=TS.RUNNING,
         ).values_list("agent_id", flat=True)
     }

@@ -32,7 +32,7 @@ from monitoring.services import audit_record
 from privacy.services import budget_create
 from trainings.configuration import TrainingConfiguration
 from trainings.models import Round, Task, Training
-from trainings.state import lock_training, transition_round, transition_task, transition_training
+from trainings.state import PLAIN, lock_training, transition_round, transition_task, transition_training
 from versioning.models import ModelVersion
 from versioning.services import version_create
 
@@ -137,10 +137,14 @@ def training_stop(*, training_id: Any, actor: Any = None, reason: str = "stopped
         if training.is_terminal:
             raise Conflict(f"Training {training.pk} is already {training.status}.", code="training_finished")
         transition_training(training, TS.STOPPED, reason=reason)
+        from trainings.services.secagg import ROUND_STATES as SECAGG_STATES
+        from trainings.services.secagg import SECAGG
+
         for round_ in Round.objects.select_for_update().filter(
-            training=training, status__in=[RS.WAITING, RS.COLLECTING]
+            training=training, status__in=[RS.WAITING, RS.COLLECTING, *SECAGG_STATES]
         ):
-            transition_round(round_, RS.CANCELLED, error=reason)
+            protocol = SECAGG if round_.status in SECAGG_STATES else PLAIN
+            transition_round(round_, RS.CANCELLED, error=reason, protocol=protocol)
         _cancel_open_training_tasks(training)
         audit_record(
             actor=actor or "system", action="training.stop", obj=training, details={"reason": reason}

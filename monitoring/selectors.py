@@ -1,4 +1,4 @@
-"""Read side of monitoring: system health and alert queries."""
+"""Read side of monitoring: system health, alert queries, and an agent's tasks, updates and reliability."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ from typing import Any
 import psutil
 from django.conf import settings
 from django.db.models import QuerySet
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from monitoring.health import HealthReading
-from monitoring.models import Alert, SystemHealthSample
+from monitoring.models import Alert, SystemHealthSample, UpdateStatistics
 
 
 def health_sample_to_dict(sample: SystemHealthSample) -> dict[str, Any]:
@@ -189,3 +190,56 @@ def training_convergence(*, training: Any) -> dict[str, Any]:
     ):
         series.setdefault(name, []).append({"round": round_number, "value": value})
     return convergence_summary(series)
+
+
+FINISHED_TASKS = ("completed", "failed", "expired")
+
+
+def agent_tasks_recent(*, agent: Any, limit: int) -> list[Any]:
+    """The agent's newest tasks (any status), with their round and training."""
+    from trainings.models import Task  # (trainings imports this app)
+
+    return list(
+        Task.objects.filter(agent=agent).select_related("round__training").order_by("-created_at")[:limit]
+    )
+
+
+def agent_updates_recent(*, agent: Any, limit: int) -> list[tuple[Any, UpdateStatistics | None]]:
+    """The agent's newest uploaded updates, each with its statistics (None until the aggregation has
+    analysed it)."""
+    from trainings.models import ClientUpdate
+
+    updates = (
+        ClientUpdate.objects.filter(agent=agent)
+        .select_related("round__training", "statistics")
+        .order_by("-created_at")[:limit]
+    )
+    # a reverse one-to-one with no row raises (an AttributeError) on access; getattr's default catches it
+    return [(update, getattr(update, "statistics", None)) for update in updates]
+
+
+def agent_reliability_series(*, agent: Any, limit: int) -> list[dict[str, Any]]:
+    """Reliability after each finished task, in the order they finished: ``(completed + 1) / (finished
+    + 2)``, the Beta(1, 1) estimate of ``Agent.reliability``, over the agent's task rows. The first
+    ``limit`` points are dropped when there are more (the counts still include them)."""
+    from trainings.models import Task
+
+    outcomes = (
+        Task.objects.filter(agent=agent, status__in=FINISHED_TASKS)
+        .annotate(finished_at=Coalesce("completed_at", "deadline"))
+        .order_by("finished_at", "created_at")
+        .values_list("status", "finished_at")
+    )
+    points = []
+    completed = 0
+    for index, (status, finished_at) in enumerate(outcomes, start=1):
+        completed += status == Task.Status.COMPLETED
+        points.append(
+            {
+                "task": index,
+                "reliability": (completed + 1) / (index + 2),
+                "status": status,
+                "finished_at": finished_at.isoformat() if finished_at else None,
+            }
+        )
+    return points[-limit:]

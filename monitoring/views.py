@@ -12,6 +12,7 @@ acknowledge, quarantine) go through the REST API, which calls services and write
 from __future__ import annotations
 
 import csv
+import json
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -24,15 +25,30 @@ from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils import timezone
+from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_POST
 
-from clients.models import Agent
+from clients import services as client_services
+from clients.models import Agent, EnrollmentKey
 from clients.selectors import agent_is_online
 from fedsite.errors import ServiceError
-from monitoring.forms import TrainingForm, algorithm_hyperparameters, initial_from_configuration
+from monitoring.contributions import agent_contributions, agents_leaderboard
+from monitoring.forms import (
+    AgentCreateForm,
+    EnrollmentKeyForm,
+    TrainingForm,
+    algorithm_hyperparameters,
+    initial_from_configuration,
+)
 from monitoring.health import health_read
 from monitoring.models import Alert
-from monitoring.selectors import alerts_query, system_health
+from monitoring.selectors import (
+    agent_reliability_series,
+    agent_tasks_recent,
+    agent_updates_recent,
+    alerts_query,
+    system_health,
+)
 from trainings import services as training_services
 from trainings.models import Round, Task, Training
 from trainings.selectors import training_metrics_series, training_status
@@ -50,6 +66,11 @@ MAX_ALERTS_PAGE = 500
 MAX_ROUNDS_SHOWN = 200
 MAX_VERSIONS_SHOWN = 50
 MAX_ALERTS_SHOWN = 50
+MAX_AGENT_TASKS_SHOWN = 50
+MAX_AGENT_UPDATES_SHOWN = 50
+MAX_RELIABILITY_POINTS = 500
+# The session key of a secret just created, shown by the next GET of the enrolment page and then dropped.
+ONE_TIME_SECRET_SESSION_KEY = "dashboard_one_time_secret"  # noqa: S105 - a session key name, not a secret
 
 
 def _online_cutoff() -> Any:
@@ -202,6 +223,7 @@ AGENT_SORTS = {
     "status": "status",
     "reliability": "reliability",
     "participation": "participation",
+    "contribution": "contribution",
     "completed": "tasks_completed",
     "failed": "tasks_failed",
     "expired": "tasks_expired",
@@ -218,22 +240,27 @@ def agents_page(request: HttpRequest) -> HttpResponse:
     descending = request.GET.get("order") == "desc"
     agents = list(Agent.objects.all())
     key = AGENT_SORTS[sort]
+    # the contribution of /api/v1/agents/leaderboard (the mean over trainings of the latest estimate)
+    contributions = {row["agent_id"]: row["contribution"] for row in agents_leaderboard()["agents"]}
 
-    def sort_key(agent: Agent) -> tuple[bool, Any]:
+    def sort_value(agent: Agent) -> Any:
         if key == "participation":
-            value: Any = agent.tasks_completed + agent.tasks_failed + agent.tasks_expired
-        else:
-            value = getattr(agent, key)
-        return (value is None, value if value is not None else 0)
+            return agent.tasks_completed + agent.tasks_failed + agent.tasks_expired
+        if key == "contribution":
+            return contributions.get(agent.agent_id)
+        return getattr(agent, key)
 
-    agents.sort(key=sort_key, reverse=descending)
+    # agents without a value (never seen, no contribution yet) come last in either order, as in the API
+    known = [agent for agent in agents if sort_value(agent) is not None]
+    known.sort(key=sort_value, reverse=descending)
     rows = [
         {
             "agent": agent,
             "online": agent_is_online(agent),
             "assigned": agent.tasks_completed + agent.tasks_failed + agent.tasks_expired,
+            "contribution": contributions.get(agent.agent_id),
         }
-        for agent in agents
+        for agent in known + [agent for agent in agents if sort_value(agent) is None]
     ]
     context = {
         "nav": "agents",
@@ -248,19 +275,97 @@ def agents_page(request: HttpRequest) -> HttpResponse:
             ("status", "Status", False),
             ("reliability", "Reliability", True),
             ("participation", "Participation", True),
+            ("contribution", "Contribution", True),
             ("completed", "Completed", True),
             ("failed", "Failed", True),
             ("expired", "Expired", True),
             ("last_seen", "Last seen", False),
         ],
-        # (REST action, button text, the status after which the button is not offered)
-        "actions": [
-            ("quarantine", "quarantine", Agent.Status.QUARANTINED),
-            ("activate", "activate", Agent.Status.ACTIVE),
-            ("disable", "disable", Agent.Status.DISABLED),
-        ],
+        "actions": AGENT_ACTIONS,
+        "embedded": settings.EMBEDDED,
     }
     return render(request, "monitoring/agents.html", context)
+
+
+# (REST action, button text, the status after which the button is not offered)
+AGENT_ACTIONS = [
+    ("quarantine", "quarantine", Agent.Status.QUARANTINED),
+    ("activate", "activate", Agent.Status.ACTIVE),
+    ("disable", "disable", Agent.Status.DISABLED),
+]
+
+
+@staff_member_required
+def agent_page(request: HttpRequest, agent_id: str) -> HttpResponse:
+    """One agent: its tasks, its updates with their statistics and flags, reliability over its tasks,
+    contribution per training, and the status buttons."""
+    agent = get_object_or_404(Agent, agent_id=agent_id)
+    contribution = agent_contributions(agent=agent)
+    context = {
+        "nav": "agents",
+        "agent": agent,
+        "online": agent_is_online(agent),
+        "assigned": agent.tasks_completed + agent.tasks_failed + agent.tasks_expired,
+        "tasks": agent_tasks_recent(agent=agent, limit=MAX_AGENT_TASKS_SHOWN),
+        "updates": agent_updates_recent(agent=agent, limit=MAX_AGENT_UPDATES_SHOWN),
+        "reliability_series": agent_reliability_series(agent=agent, limit=MAX_RELIABILITY_POINTS),
+        "contribution": contribution,
+        "capabilities_json": json.dumps(agent.capabilities, indent=2, sort_keys=True),
+        "actions": AGENT_ACTIONS,
+        "task_limit": MAX_AGENT_TASKS_SHOWN,
+        "update_limit": MAX_AGENT_UPDATES_SHOWN,
+    }
+    return render(request, "monitoring/agent.html", context)
+
+
+@never_cache
+@staff_member_required
+def enrolment_page(request: HttpRequest) -> HttpResponse:
+    """Register an agent (its token) or make an enrolment key, through the clients services (which store
+    the secret hashed and write the audit log). The clear secret is kept in the session only until the
+    redirect's GET shows it, so a reload or the back button never shows it again."""
+    agent_form = AgentCreateForm(prefix="agent")
+    key_form = EnrollmentKeyForm(prefix="key")
+    if request.method == "POST":
+        secret: dict[str, str] | None = None
+        if request.POST.get("create") == "agent":
+            agent_form = AgentCreateForm(request.POST, prefix="agent")
+            if agent_form.is_valid():
+                try:
+                    agent, token = client_services.agent_create(
+                        agent_id=agent_form.cleaned_data["agent_id"], actor=request.user
+                    )
+                except ServiceError as exc:
+                    agent_form.add_error("agent_id", exc.message)
+                else:
+                    secret = {"kind": "agent", "name": agent.agent_id, "value": token}
+        elif request.POST.get("create") == "key":
+            key_form = EnrollmentKeyForm(request.POST, prefix="key")
+            if key_form.is_valid():
+                days = key_form.cleaned_data["expires_in_days"]
+                key, value = client_services.enrollment_key_create(
+                    label=key_form.cleaned_data["label"],
+                    max_uses=key_form.cleaned_data["max_uses"],
+                    expires_at=timezone.now() + timedelta(days=days) if days else None,
+                    created_by=request.user,
+                )
+                secret = {"kind": "key", "name": key.label, "value": value}
+        else:
+            messages.error(request, "Pick what to create: an agent or an enrolment key.")
+        if secret is not None:
+            request.session[ONE_TIME_SECRET_SESSION_KEY] = secret
+            return redirect("dashboard-enrolment")
+    context = {
+        "nav": "agents",
+        "agent_form": agent_form,
+        "key_form": key_form,
+        "secret": request.session.pop(ONE_TIME_SECRET_SESSION_KEY, None) if request.method == "GET" else None,
+        "keys": list(EnrollmentKey.objects.order_by("-created_at")[:20]),
+        "server_url": request.build_absolute_uri("/").rstrip("/"),
+        "now": timezone.now(),
+    }
+    # 200 with the errors shown, as the training form (a 400 is a failed load to the browser)
+    return render(request, "monitoring/enrolment.html", context)
 
 
 # --- the training form ----------------------------------------------------------------------------------

@@ -243,3 +243,41 @@ def agent_reliability_series(*, agent: Any, limit: int) -> list[dict[str, Any]]:
             }
         )
     return points[-limit:]
+
+
+def health_card(*, reading: HealthReading) -> dict[str, Any]:
+    """The home page's health card: components from ``reading`` (a quick one taken by the page, without
+    the worker ping), and the CPU figure and Celery workers of the newest worker sample when the beat task
+    took one within three sampling periods (measured over the full CPU interval, not during a page render,
+    and with the workers it pinged); otherwise the quick reading's CPU and no worker count."""
+    since = timezone.now() - timedelta(seconds=3 * settings.FEDSITE_HEALTH_SAMPLE_SECONDS)
+    sample = (
+        SystemHealthSample.objects.filter(role=SystemHealthSample.Role.WORKER, created_at__gte=since)
+        .order_by("-created_at", "-pk")
+        .first()
+    )
+    document = system_health(reading=reading)
+    cpu = {
+        "percent": reading.cpu_percent,
+        "interval_seconds": reading.cpu_interval_seconds,
+        "cores": document["resources"]["cpu_count"],
+        "source": "this page",
+        "sampled_at": None,
+    }
+    if sample is not None:
+        cpu.update(
+            percent=sample.cpu_percent,
+            interval_seconds=sample.cpu_interval_seconds,
+            source="worker sample",
+            sampled_at=sample.created_at,
+        )
+    return {
+        **document,
+        "cpu": cpu,
+        "workers": {
+            "embedded": settings.EMBEDDED,
+            "alive": sample.workers_alive if sample is not None else None,
+            "sampled_at": sample.created_at if sample is not None else None,
+            "window_seconds": 3 * settings.FEDSITE_HEALTH_SAMPLE_SECONDS,
+        },
+    }

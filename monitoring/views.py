@@ -32,7 +32,7 @@ from clients import services as client_services
 from clients.models import Agent, EnrollmentKey
 from clients.selectors import agent_is_online
 from fedsite.errors import ServiceError
-from monitoring.contributions import agent_contributions, agents_leaderboard
+from monitoring.contributions import agent_contributions, agents_leaderboard, training_leaderboard
 from monitoring.forms import (
     AgentCreateForm,
     EnrollmentKeyForm,
@@ -47,7 +47,7 @@ from monitoring.selectors import (
     agent_tasks_recent,
     agent_updates_recent,
     alerts_query,
-    system_health,
+    health_card,
 )
 from trainings import services as training_services
 from trainings.models import Round, Task, Training
@@ -66,6 +66,7 @@ MAX_ALERTS_PAGE = 500
 MAX_ROUNDS_SHOWN = 200
 MAX_VERSIONS_SHOWN = 50
 MAX_ALERTS_SHOWN = 50
+MAX_OPEN_ALERT_IDS = 1000  # /api/alerts's largest limit
 MAX_AGENT_TASKS_SHOWN = 50
 MAX_AGENT_UPDATES_SHOWN = 50
 MAX_RELIABILITY_POINTS = 500
@@ -89,16 +90,25 @@ def _first_of(metrics: dict[str, Any], names: tuple[str, ...]) -> float | None:
 def dashboard_index(request: HttpRequest) -> HttpResponse:
     trainings = list(Training.objects.order_by("-created_at")[:100])
     status_counts = dict(Training.objects.values_list("status").annotate(n=Count("pk")).order_by())
+    open_alerts = Alert.objects.filter(resolved_at__isnull=True, acknowledged_at__isnull=True)
     context = {
         "nav": "trainings",
         "trainings": [{"training": t, "max_rounds": (t.config or {}).get("max_rounds")} for t in trainings],
-        "training_counts": [(label, status_counts.get(value, 0)) for value, label in Training.Status.choices],
+        "training_counts": [
+            (value, label, status_counts.get(value, 0)) for value, label in Training.Status.choices
+        ],
+        # the trainings whose rows can still change: the page subscribes to their events
+        "live_trainings": [str(t.pk) for t in trainings if not t.is_terminal],
         "alerts": list(Alert.objects.select_related("training")[:20]),
-        "open_alerts": Alert.objects.filter(acknowledged_at__isnull=True).count(),
+        "open_alerts": open_alerts.count(),
+        # the page keeps the count from alert events: it starts from the ids (as many as /api/alerts gives)
+        "open_alert_ids": list(open_alerts.values_list("pk", flat=True)[:MAX_OPEN_ALERT_IDS]),
         "agents_total": Agent.objects.count(),
         "agents_online": Agent.objects.filter(last_seen_at__gte=_online_cutoff()).count(),
-        # a short CPU interval: a page load must not wait the beat task's full interval
-        "health": system_health(
+        "embedded": settings.EMBEDDED,
+        "terminal_statuses": TERMINAL_STATUSES,
+        # a short CPU interval for the fallback figure: a page load must not wait the beat task's interval
+        "health": health_card(
             reading=health_read(
                 role="web",
                 include_workers=False,
@@ -178,6 +188,7 @@ def training_page(request: HttpRequest, training_id: Any) -> HttpResponse:
         "status": training_status(training),
         "chart_metrics": {name: series.get(name, []) for name in CHART_SERIES},
         "round_rows": _round_rows(training),
+        "leaderboard": training_leaderboard(training=training)["agents"],
         "embedded": settings.EMBEDDED,
         "terminal_statuses": TERMINAL_STATUSES,
         "urls": {

@@ -304,3 +304,16 @@ def test_a_status_change_and_a_task_outcome_reach_every_dashboard_as_agent_updat
     assert first["payload"]["agent_id"] == "evented" and first["payload"]["status"] == "quarantined"
     assert second["payload"]["tasks_failed"] == 1
     assert second["payload"]["reliability"] == pytest.approx(1 / 3)
+
+
+@pytest.mark.django_db
+def test_the_training_page_lists_its_agents_with_links_to_their_pages(
+    staff_client: Client, federation: Any
+) -> None:
+    training, _ = federation
+
+    content = staff_client.get(f"/dashboard/trainings/{training.pk}/").content.decode()
+
+    agents = _table(content, "training-agents")
+    rows = re.findall(r'<tr data-agent="([^"]+)"><td><a href="/dashboard/agents/\1/">', agents)
+    assert rows[-1] == f"p{NOISE_AGENT}" and sorted(rows) == [f"p{i}" for i in range(NUM_AGENTS)]

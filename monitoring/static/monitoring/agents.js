@@ -183,21 +183,11 @@
 
   window.setInterval(() => body.querySelectorAll("tr[data-agent]").forEach(setOnline), 15000);
   const embedded = table.dataset.embedded === "true";
-  const liveBadge = document.getElementById("live-state");
-  let pollTimer = null;
-  let wasDown = false;
   window.FedLive.connect({
     trainingIds: [],
     onEvent(event) {
       if (event.type === "agent_update" && event.agent_id) applyAgent(event, true);
     },
-    onState(state) {
-      window.FedLive.showState(liveBadge, state);
-      if (state === "live" && wasDown) pollAgents(); // what changed while it was down
-      wasDown = state !== "live";
-      if (pollTimer) window.clearInterval(pollTimer);
-      const every = state === "live" ? (embedded ? 15000 : 0) : 5000;
-      pollTimer = every ? window.setInterval(pollAgents, every) : null;
-    },
+    onState: window.FedLive.pollWhileDown({ badge: document.getElementById("live-state"), poll: pollAgents, embedded }),
   });
 })();

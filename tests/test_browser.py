@@ -601,3 +601,87 @@ def test_an_operator_manages_agents_and_watches_them_live(
         finally:
             connections.close_all()
             browser.close()
+
+
+# A changelist's table wider than its box scrolls inside it; at 1280 px every list must fit without that.
+CHANGELIST_OVERFLOW = """() => {
+  const table = document.getElementById('result_list');
+  if (!table) return null;
+  const box = table.closest('.results') || table.parentElement;
+  return {overflow: table.scrollWidth - box.clientWidth, rows: table.tBodies[0].rows.length,
+          columns: [...table.tHead.rows[0].cells].map(c => c.textContent.trim())};
+}"""
+
+
+def test_every_admin_list_fits_1280_px_with_names_not_ids(
+    transactional_db, tmp_path, monkeypatch, make_agent, make_training, eager_celery,
+    django_capture_on_commit_callbacks,
+):  # fmt: skip
+    """Each admin changelist, with rows from two real rounds, a rollback, alerts, health samples and a
+    private training, fits 1280 px without scrolling sideways and shows no bare UUID in its rows."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (make test installs it)")
+    from django.contrib import admin
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+    from playwright.sync_api import sync_playwright
+
+    from clients.services import enrollment_key_create
+    from monitoring.health import health_read
+    from monitoring.models import Alert
+    from monitoring.services import alert_raise, health_sample_record
+    from monitoring.tests.federation import DIGITS_CONFIG, DigitsAgents, run_round
+    from versioning.services import training_rollback
+
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    user = get_user_model().objects.create_user(
+        "browser-operator", password=PASSWORD, is_staff=True, is_superuser=True
+    )
+    agents = [make_agent(f"hospital-north-{i}") for i in range(3)]
+    training = make_training(
+        name="admin lists federation", **DIGITS_CONFIG, min_clients_per_round=3, max_clients_per_round=3,
+        max_rounds=2,
+    )  # fmt: skip
+    play = DigitsAgents(3)
+    for _ in range(2):
+        run_round(Client(), training, agents, play, django_capture_on_commit_callbacks)
+    with django_capture_on_commit_callbacks(execute=True):
+        training_rollback(training_id=training.pk, version=1, actor=user, reason="admin list check")
+    make_training(name="a private training", privacy_level="low", min_clients_per_round=1)
+    enrollment_key_create(label="north wing", max_uses=5, created_by=user)
+    alert_raise(
+        kind=Alert.Kind.AGENTS_DROPPING, message="2 of 3 agents missed the deadline", training=training
+    )
+    health_sample_record(reading=health_read(role="worker", cpu_interval=0.1))
+    uuid_pattern = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+    lists = sorted(
+        f"/admin/{model._meta.app_label}/{model._meta.model_name}/"
+        for model in admin.site._registry
+        if model._meta.app_label in ("trainings", "clients", "privacy", "versioning", "monitoring")
+    )
+
+    report: dict[str, Any] = {}
+    with _serve(tmp_path) as base, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_context(viewport=VIEWPORTS["desktop"]).new_page()
+            problems = _browser_problems(page, base)
+            _login(page, base, "/admin/")
+            for path in lists:
+                page.goto(f"{base}{path}", wait_until="networkidle")
+                measured = page.evaluate(CHANGELIST_OVERFLOW)
+                if measured is None:  # an empty list (the ledger: no private round ran) has no table
+                    continue
+                rows = page.locator("#result_list tbody").inner_text()
+                found = []
+                if measured["overflow"] > 1:
+                    found.append(f"{measured['overflow']} px too wide: {measured['columns']}")
+                if uuid_pattern.search(rows):
+                    found.append(f"a UUID in the rows: {uuid_pattern.search(rows).group(0)}")
+                if found:
+                    report[path] = found
+            assert problems == []
+        finally:
+            connections.close_all()
+            browser.close()
+    assert report == {}, "\n".join(f"{path}: {found}" for path, found in report.items())

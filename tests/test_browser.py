@@ -250,6 +250,10 @@ def test_every_dashboard_page_works_in_chromium_at_desktop_and_phone_sizes(live_
                         found.append(f"the page answered {response.status if response else 'nothing'}")
                     if not page.title().strip():
                         found.append("no title")
+                    shown = page.inner_text("body")
+                    for word in ("undefined", "NaN", "[object Object]"):
+                        if word in shown:  # a script rendered a value it did not have
+                            found.append(f"shows {word!r}")
                     if not page.evaluate("() => !!document.querySelector('link[rel~=icon]')"):
                         found.append("no favicon link")
                     overflow = page.evaluate(
@@ -438,6 +442,15 @@ def test_an_operator_runs_a_federation_from_the_browser(transactional_db, tmp_pa
             )
             assert page.locator("#stop-form").is_hidden()
             assert training().status == Training.Status.STOPPED
+
+            # --- the health page counts and names the Celery worker (none in the embedded mode) ---
+            page.goto(f"{base}/dashboard/health/")
+            page.wait_for_function("document.getElementById('health-status').textContent", timeout=30_000)
+            if settings.EMBEDDED:
+                assert page.inner_text('[data-figure="workers"]') == "\N{EN DASH}"
+            else:
+                assert page.inner_text('[data-figure="workers"]') == "1"
+                assert "@" in page.inner_text('[data-figure="workers-detail"]')  # celery@<host>
             assert problems == []
         finally:
             # ORM reads made while Playwright's loop runs use their own connection (asgiref's context-local

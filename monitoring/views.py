@@ -1,12 +1,14 @@
 """Dashboard pages for operators (staff login): trainings (list, form, live page, versions, comparison),
-alerts, system health, agents.
+alerts, system health, agents (list, an agent's page, creating agents and enrolment keys).
 
 Views only read (selectors and plain queries) and render; the training form validates through
-``TrainingConfiguration`` and creates/starts through the trainings services. Live data reach the browser
-as events over the WebSocket ``/ws/dashboard-<random>`` (same channel layer as the workers), with polling
-of the REST API as the fallback (the embedded mode's in-memory channel layer reaches only the process that
-sent the event), and none once a training is finished. Other operator actions (stop, roll back,
-acknowledge, quarantine) go through the REST API, which calls services and writes the audit log.
+``TrainingConfiguration`` and creates/starts through the trainings services, and the enrolment page
+creates through the clients services (secrets stored hashed, shown once from the session). Live data
+reach the browser as events over the WebSocket ``/ws/dashboard-<random>`` (same channel layer as the
+workers), with polling of the REST API as the fallback (the embedded mode's in-memory channel layer
+reaches only the process that sent the event), and none once a training is finished. Other operator
+actions (stop, roll back, acknowledge, quarantine) go through the REST API, which calls services and
+writes the audit log.
 """
 
 from __future__ import annotations

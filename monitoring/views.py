@@ -74,6 +74,7 @@ MAX_AGENT_UPDATES_SHOWN = 50
 MAX_RELIABILITY_POINTS = 500
 # The session key of a secret just created, shown by the next GET of the enrolment page and then dropped.
 ONE_TIME_SECRET_SESSION_KEY = "dashboard_one_time_secret"  # noqa: S105 - a session key name, not a secret
+ONE_TIME_SECRET_SECONDS = 120
 
 
 def _online_cutoff() -> Any:
@@ -331,6 +332,17 @@ def agent_page(request: HttpRequest, agent_id: str) -> HttpResponse:
     return render(request, "monitoring/agent.html", context)
 
 
+def _one_time_secret(request: HttpRequest) -> dict[str, Any] | None:
+    """Take the secret the last POST stored (it leaves the session now), unless it is older than
+    ``ONE_TIME_SECRET_SECONDS``: a redirect that was never followed does not show it later."""
+    secret = request.session.pop(ONE_TIME_SECRET_SESSION_KEY, None)
+    if not isinstance(secret, dict):
+        return None
+    if timezone.now().timestamp() - float(secret.get("created", 0)) > ONE_TIME_SECRET_SECONDS:
+        return None
+    return secret
+
+
 @never_cache
 @staff_member_required
 def enrolment_page(request: HttpRequest) -> HttpResponse:
@@ -366,13 +378,13 @@ def enrolment_page(request: HttpRequest) -> HttpResponse:
         else:
             messages.error(request, "Pick what to create: an agent or an enrolment key.")
         if secret is not None:
-            request.session[ONE_TIME_SECRET_SESSION_KEY] = secret
+            request.session[ONE_TIME_SECRET_SESSION_KEY] = {**secret, "created": timezone.now().timestamp()}
             return redirect("dashboard-enrolment")
     context = {
         "nav": "agents",
         "agent_form": agent_form,
         "key_form": key_form,
-        "secret": request.session.pop(ONE_TIME_SECRET_SESSION_KEY, None) if request.method == "GET" else None,
+        "secret": _one_time_secret(request) if request.method == "GET" else None,
         "keys": list(EnrollmentKey.objects.order_by("-created_at")[:20]),
         "server_url": request.build_absolute_uri("/").rstrip("/"),
         "now": timezone.now(),

@@ -205,6 +205,24 @@ def test_creating_an_agent_shows_its_token_once_and_stores_only_its_hash(staff_c
 
 
 @pytest.mark.django_db
+def test_a_secret_whose_redirect_was_not_followed_in_time_is_never_shown(staff_client: Client) -> None:
+    from monitoring.views import ONE_TIME_SECRET_SECONDS, ONE_TIME_SECRET_SESSION_KEY
+
+    staff_client.post(ENROLMENT_URL, {"create": "key", "key-label": "late"})
+    session = staff_client.session
+    stored = session[ONE_TIME_SECRET_SESSION_KEY]
+    stored["created"] -= ONE_TIME_SECRET_SECONDS + 1
+    session[ONE_TIME_SECRET_SESSION_KEY] = stored
+    session.save()
+
+    late = staff_client.get(ENROLMENT_URL).content.decode()
+
+    assert _secret_on(late) is None and stored["value"] not in late
+    assert ONE_TIME_SECRET_SESSION_KEY not in staff_client.session
+    assert EnrollmentKey.objects.filter(label="late").exists()
+
+
+@pytest.mark.django_db
 def test_an_enrolment_key_from_the_dashboard_enrols_an_agent(staff_client: Client) -> None:
     staff_client.post(
         ENROLMENT_URL,

@@ -326,6 +326,7 @@ def agent_page(request: HttpRequest, agent_id: str) -> HttpResponse:
         "contribution": contribution,
         "capabilities_json": json.dumps(agent.capabilities, indent=2, sort_keys=True),
         "actions": AGENT_ACTIONS,
+        "embedded": settings.EMBEDDED,
         "task_limit": MAX_AGENT_TASKS_SHOWN,
         "update_limit": MAX_AGENT_UPDATES_SHOWN,
     }

@@ -565,6 +565,17 @@ def test_an_operator_manages_agents_and_watches_them_live(
             assert page.locator("button.agent-action[data-action=activate]").is_visible()
             close_old_connections()
             assert Agent.objects.get(agent_id="ward-1").status == Agent.Status.QUARANTINED
+            # another outcome: the cards and the chart follow without a reload (2 + 1 completed, 1 failed)
+            page.evaluate("window.__sameDocument = true")
+            _in_thread(lambda: agent_record_outcome(agent_id=ward.pk, outcome="completed"))
+            page.wait_for_function(
+                "document.getElementById('agent-counts').textContent.startsWith('3 completed, 1 failed')",
+                timeout=45_000,
+            )
+            assert page.inner_text("#agent-reliability") == f"{4 / 6:.3f}"
+            summary = page.locator("#chart-reliability .fedchart-summary").inner_text()
+            assert "latest 0.6667 at task 4" in summary
+            assert page.evaluate("window.__sameDocument") is True
 
             # --- an enrolment key: shown once, copied, not shown after a reload ---
             page.goto(f"{base}/dashboard/enrolment/")

@@ -70,6 +70,34 @@
       series: [{ key: "reliability", label: "reliability" }],
     });
     chart.setPoints("reliability", series.map((point) => ({ x: point.task, y: point.reliability })));
+    const page = document.getElementById("agent-page");
+    let finished = series.length ? series[series.length - 1].task : 0;
+    // agent_update events of this agent: status, counts, and the chart's next point (its task counters
+    // count the same finished tasks as the series); polled only while the socket is down
+    const applyOwn = (agent) => {
+      if (agent.agent_id !== page.dataset.agent) return;
+      setStatus(page, agent.status);
+      const total = agent.tasks_completed + agent.tasks_failed + agent.tasks_expired;
+      const reliability = agent.reliability ?? (agent.tasks_completed + 1) / (total + 2);
+      document.getElementById("agent-reliability").textContent = reliability.toFixed(3);
+      document.getElementById("agent-counts").textContent =
+        `${agent.tasks_completed} completed, ${agent.tasks_failed} failed, ${agent.tasks_expired} expired of ${total}`;
+      if (total > finished) {
+        finished = total;
+        chart.addPoint("reliability", total, reliability);
+      }
+    };
+    window.FedLive.connect({
+      trainingIds: [],
+      onEvent(event) {
+        if (event.type === "agent_update") applyOwn(event);
+      },
+      onState: window.FedLive.pollWhileDown({
+        badge: document.getElementById("live-state"),
+        poll: () => window.FedLive.request(`/api/v1/agents/${encodeURIComponent(page.dataset.agent)}/`).then(applyOwn, () => {}),
+        embedded: page.dataset.embedded === "true",
+      }),
+    });
   }
 
   // --- the list -----------------------------------------------------------------------------------

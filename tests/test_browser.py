@@ -621,6 +621,20 @@ def test_an_operator_manages_agents_and_watches_them_live(
                 f"Number(document.getElementById('open-alerts').textContent) === {open_before + 1}"
             )
             assert page.evaluate("window.__sameDocument") is True
+
+            # --- the new pages with their data at a phone's width: nothing scrolls sideways ---
+            phone = browser.new_context(viewport=VIEWPORTS["phone"]).new_page()
+            problems += _browser_problems(phone, base)
+            _login(phone, base, "/dashboard/enrolment/")
+            phone.fill("#id_agent-agent_id", "ward-from-phone")
+            phone.click("button[name=create][value=agent]")
+            phone.locator("#secret-value").wait_for()
+            sideways = "() => document.documentElement.scrollWidth - document.documentElement.clientWidth"
+            widths = {"enrolment with a token": phone.evaluate(sideways)}
+            for path in ("/dashboard/agents/ward-1/", "/dashboard/agents/?sort=contribution&order=desc"):
+                phone.goto(f"{base}{path}", wait_until="networkidle")
+                widths[path] = phone.evaluate(sideways)
+            assert all(overflow <= 1 for overflow in widths.values()), widths
             assert problems == []
         finally:
             connections.close_all()

@@ -87,15 +87,11 @@ class AgentAdmin(ServiceAddMixin, ActionsOnlyAdmin):
     list_display = [
         "agent_id",
         "status",
-        "state",
         "is_online",
         "reliability_display",
+        "task_outcomes",
         "last_seen_at",
-        "tasks_completed",
-        "tasks_failed",
-        "tasks_expired",
         "enrolled_via",
-        "token_prefix",
     ]
     list_filter = ["status", OnlineFilter, "state", "enrolled_via"]
     search_fields = ["agent_id", "token_prefix", "=id"]
@@ -134,6 +130,10 @@ class AgentAdmin(ServiceAddMixin, ActionsOnlyAdmin):
     @admin.display(description="reliability")
     def reliability_display(self, obj: Agent) -> str:
         return f"{obj.reliability:.2f}"
+
+    @admin.display(description="completed / failed / expired", ordering="tasks_completed")
+    def task_outcomes(self, obj: Agent) -> str:
+        return f"{obj.tasks_completed} / {obj.tasks_failed} / {obj.tasks_expired}"
 
     @admin.display(description="capabilities")
     def capabilities_pretty(self, obj: Agent) -> str:

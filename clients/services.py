@@ -20,6 +20,7 @@ from clients.models import Agent, EnrollmentKey, agent_id_validator
 from fedsite.errors import AuthenticationFailed, Conflict, Forbidden, ValidationFailed
 from fedsite.parsers import json_check, text_check
 from fedsite.throttling import auth_failure_guard, auth_failure_record
+from monitoring.events import event_broadcast_on_commit
 from monitoring.models import Alert
 from monitoring.services import agent_failures_evaluate, alert_resolve, audit_record
 
@@ -27,6 +28,8 @@ TOKEN_PREFIX = "fsa_"  # noqa: S105 - a public prefix, not a secret
 KEY_PREFIX = "fse_"
 OPERATOR_TOKEN_PREFIX = settings.REST_KNOX["TOKEN_PREFIX"]  # fso_: knox tokens (fedsite.operator_auth)
 MAX_CAPABILITIES_BYTES = 16 * 1024
+# Names that are routes of /api/v1/agents/ (monitoring/api/urls.py): an agent so named could not be read.
+RESERVED_AGENT_IDS = frozenset({"leaderboard"})
 
 
 def _hash_secret(secret: str) -> str:
@@ -42,6 +45,12 @@ def _validate_agent_id(agent_id: Any) -> str:
         raise ValidationFailed(
             f"agent_id {agent_id!r} is not valid: {exc.messages[0]}", details={"agent_id": exc.messages[0]}
         ) from exc
+    if agent_id in RESERVED_AGENT_IDS:
+        raise ValidationFailed(
+            f"agent_id {agent_id!r} is reserved (it is the path of /api/v1/agents/{agent_id}/); "
+            "choose another name.",
+            details={"agent_id": "Reserved name."},
+        )
     return agent_id
 
 
@@ -84,6 +93,7 @@ def agent_create(
             code="agent_exists",
         ) from exc
     audit_record(actor=actor, action="agent.create", obj=agent, details={"enrolled_via": enrolled_via})
+    agent_broadcast(agent_pk=agent.pk)
     return agent, token
 
 
@@ -218,6 +228,35 @@ def agent_record_outcome(*, agent_id: Any, outcome: str, training: Any = None) -
     column = {"completed": "tasks_completed", "failed": "tasks_failed", "expired": "tasks_expired"}[outcome]
     Agent.objects.filter(pk=agent_id).update(**{column: F(column) + 1})
     agent_failures_evaluate(agent_id=agent_id, training=training)
+    agent_broadcast(agent_pk=agent_id)
+
+
+AGENT_EVENT_FIELDS = (
+    "agent_id",
+    "status",
+    "state",
+    "last_seen_at",
+    "tasks_completed",
+    "tasks_failed",
+    "tasks_expired",
+)
+
+
+def agent_broadcast(*, agent_pk: Any) -> None:
+    """Tell every dashboard the agent's counters and status (``agent_update``, a system event: no
+    training group), after the surrounding transaction commits; one small read, no blob."""
+    values = Agent.objects.filter(pk=agent_pk).values(*AGENT_EVENT_FIELDS).first()
+    if values is None:
+        return
+    done = values["tasks_completed"]
+    total = done + values["tasks_failed"] + values["tasks_expired"]
+    last_seen = values["last_seen_at"]
+    payload = {
+        **values,
+        "last_seen_at": last_seen.isoformat() if last_seen else None,
+        "reliability": (done + 1) / (total + 2),  # as Agent.reliability
+    }
+    event_broadcast_on_commit(training_id=None, event="agent_update", payload=payload)
 
 
 def agent_set_status(*, agent: Agent, status: str, actor: str) -> Agent:
@@ -226,6 +265,7 @@ def agent_set_status(*, agent: Agent, status: str, actor: str) -> Agent:
     agent.status = status
     agent.save(update_fields=["status"])
     audit_record(actor=actor, action=f"agent.{status}", obj=agent)
+    agent_broadcast(agent_pk=agent.pk)
     if status == Agent.Status.ACTIVE:
         alert_resolve(
             kind=Alert.Kind.AGENT_QUARANTINED,

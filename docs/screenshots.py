@@ -1,12 +1,13 @@
 """Take the screenshots of docs/dashboard.md: a real federation on the embedded default, in Chromium.
 
-    .venv/bin/python docs/screenshots.py            # writes docs/img/dashboard-*.png
+    .venv/bin/python docs/screenshots.py            # writes docs/img/dashboard-*.png and admin-*.png
 
 It makes a throw-away embedded site (SQLite, eager Celery) in a temporary directory, an operator and three
 agents, starts ``manage.py serve``, and drives Debian's Chromium (``/usr/bin/chromium``, never
 ``playwright install``) like an operator: creates two trainings with the form, runs real ``fedagent``
 processes until both finish, raises one alert, compares two versions, and saves every page at 1280x800
-(and the live page at 390x844). PNGs are reduced to a 256-colour palette when Pillow is installed.
+(and the live page at 390x844), makes an enrolment key on the enrolment page (its one showing), and saves
+an admin list. PNGs are reduced to a 256-colour palette when Pillow is installed.
 """
 
 from __future__ import annotations
@@ -169,15 +170,25 @@ def main() -> None:
                 ("alerts", "/dashboard/alerts/"),
                 ("health", "/dashboard/health/"),
                 ("compare", f"/dashboard/compare/?training={first}&training={second}"),
-                ("agents", "/dashboard/agents/?sort=reliability&order=desc"),
+                ("agents", "/dashboard/agents/?sort=contribution&order=desc"),
+                ("agent", "/dashboard/agents/hospital-1/"),
             ]:
                 page.goto(f"{base}{path}", wait_until="networkidle")
                 _save(page, args.out / f"dashboard-{name}.png")
+            # the enrolment page right after making a key: the one time its secret is shown
+            page.goto(f"{base}/dashboard/enrolment/")
+            page.fill("#id_key-label", "north wing")
+            page.fill("#id_key-max_uses", "10")
+            page.click("button[name=create][value=key]")
+            page.locator("#secret-value").wait_for()
+            _save(page, args.out / "dashboard-enrolment.png")
+            page.goto(f"{base}/admin/trainings/round/", wait_until="networkidle")
+            _save(page, args.out / "admin-rounds.png")
             browser.close()
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
-    for png in sorted(args.out.glob("dashboard-*.png")):
+    for png in sorted([*args.out.glob("dashboard-*.png"), *args.out.glob("admin-*.png")]):
         print(f"{png.relative_to(ROOT)}  {png.stat().st_size // 1024} KiB")
 
 

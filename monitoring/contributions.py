@@ -221,3 +221,45 @@ CONTRIBUTION_METHOD = (
     "running cosine similarity of each update to the previous global step, r <- d*r + (1-d)*cos "
     "(Xu et al. 2021, NeurIPS); see docs/monitoring.md"
 )
+
+
+def agent_contributions(*, agent: Any) -> dict[str, Any]:
+    """One agent's contribution per training (the latest running estimate of each) and their mean, which
+    is the ``contribution`` of its row in :func:`agents_leaderboard`; with updates aggregated and flags."""
+    from trainings.models import Training
+
+    statistics = list(
+        UpdateStatistics.objects.filter(agent=agent).values_list(
+            "agent_id", "training_id", "round_number", "contribution", "flagged", "action"
+        )
+    )
+    latest = _latest_contributions((a, t, r, c) for a, t, r, c, *_ in statistics)
+    per_training: dict[Any, dict[str, Any]] = {}
+    for _, training_pk, round_number, _, flagged, action in statistics:
+        entry = per_training.setdefault(
+            training_pk, {"updates": 0, "aggregated": 0, "flags": 0, "excluded": 0, "last_round": 0}
+        )
+        entry["updates"] += 1
+        entry["aggregated"] += action != UpdateStatistics.Action.EXCLUDED
+        entry["excluded"] += action == UpdateStatistics.Action.EXCLUDED
+        entry["flags"] += bool(flagged)
+        entry["last_round"] = max(entry["last_round"], round_number)
+    names = dict(Training.objects.filter(pk__in=list(per_training)).values_list("pk", "name"))
+    trainings = [
+        {
+            "training_id": str(training_pk),
+            "training_name": names.get(training_pk, ""),
+            "contribution": latest.get((agent.pk, training_pk)),
+            **entry,
+        }
+        for training_pk, entry in per_training.items()
+    ]
+    trainings.sort(key=lambda row: (row["training_name"], row["training_id"]))
+    values = [row["contribution"] for row in trainings if row["contribution"] is not None]
+    return {
+        "contribution": sum(values) / len(values) if values else None,
+        "flags": sum(row["flags"] for row in trainings),
+        "updates_aggregated": sum(row["aggregated"] for row in trainings),
+        "trainings": trainings,
+        "method": CONTRIBUTION_METHOD,
+    }

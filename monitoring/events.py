@@ -29,6 +29,7 @@ EVENTS = (
     "alert",
     "training_started",
     "round_opened",
+    "agent_update",
 )
 
 

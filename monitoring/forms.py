@@ -6,6 +6,9 @@ validation names (``max_rounds``, ``privacy.epsilon``, ``rollback.performance_th
 hyperparameter of the chosen rule, ...) is shown next to the field that carries it. Hyperparameter
 fields are generated from each rule's declared ``HYPERPARAMETERS`` (flcore), so the form offers exactly
 what the rule accepts, with its defaults and range as help text. The "advanced" tab takes the JSON itself.
+
+The agents pages' two small forms (an agent, an enrolment key) are here too; the clients services they
+feed validate again and store the secrets hashed.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 from django import forms
 from django.conf import settings
 
+from clients.models import AGENT_ID_PATTERN
 from fedsite.errors import ValidationFailed
 from flcore.strategies import AggregationAlgorithm
 from flcore.strategies.base import REQUIRED, Hyperparameter
@@ -359,3 +363,32 @@ def initial_from_configuration(config: dict[str, Any]) -> dict[str, Any]:
     clone["name"] = initial["name"]
     initial["config_json"] = json.dumps(clone, indent=2)
     return initial
+
+
+# --- agents and enrolment keys (the agents pages) ------------------------------------------------------
+class AgentCreateForm(forms.Form):
+    """An agent registered by the operator; ``clients.services.agent_create`` validates the id again."""
+
+    agent_id = forms.RegexField(
+        regex=AGENT_ID_PATTERN,
+        max_length=64,
+        label="Agent id",
+        help_text="1 to 64 letters, digits, '_', '.' and '-'; the agent's public, stable name.",
+        error_messages={"invalid": "Use 1 to 64 letters, digits, '_', '.' and '-'."},
+    )
+
+
+class EnrollmentKeyForm(forms.Form):
+    """A key agents use to enrol themselves (``POST /api/v1/agent/enroll``)."""
+
+    label = forms.CharField(max_length=100, help_text="Who or what the key is for (shown in the lists).")
+    max_uses = forms.IntegerField(
+        required=False, min_value=1, max_value=1_000_000, help_text="Empty: any number of agents."
+    )
+    expires_in_days = forms.FloatField(
+        required=False,
+        min_value=0.01,
+        max_value=3650,
+        label="Expires in (days)",
+        help_text="Empty: never expires (revoke it in the admin).",
+    )

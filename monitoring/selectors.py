@@ -1,4 +1,4 @@
-"""Read side of monitoring: system health and alert queries."""
+"""Read side of monitoring: system health, alert queries, and an agent's tasks, updates and reliability."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ from typing import Any
 import psutil
 from django.conf import settings
 from django.db.models import QuerySet
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from monitoring.health import HealthReading
-from monitoring.models import Alert, SystemHealthSample
+from monitoring.models import Alert, SystemHealthSample, UpdateStatistics
 
 
 def health_sample_to_dict(sample: SystemHealthSample) -> dict[str, Any]:
@@ -189,3 +190,94 @@ def training_convergence(*, training: Any) -> dict[str, Any]:
     ):
         series.setdefault(name, []).append({"round": round_number, "value": value})
     return convergence_summary(series)
+
+
+FINISHED_TASKS = ("completed", "failed", "expired")
+
+
+def agent_tasks_recent(*, agent: Any, limit: int) -> list[Any]:
+    """The agent's newest tasks (any status), with their round and training."""
+    from trainings.models import Task  # (trainings imports this app)
+
+    return list(
+        Task.objects.filter(agent=agent).select_related("round__training").order_by("-created_at")[:limit]
+    )
+
+
+def agent_updates_recent(*, agent: Any, limit: int) -> list[tuple[Any, UpdateStatistics | None]]:
+    """The agent's newest uploaded updates, each with its statistics (None until the aggregation has
+    analysed it)."""
+    from trainings.models import ClientUpdate
+
+    updates = (
+        ClientUpdate.objects.filter(agent=agent)
+        .select_related("round__training", "statistics")
+        .order_by("-created_at")[:limit]
+    )
+    # a reverse one-to-one with no row raises (an AttributeError) on access; getattr's default catches it
+    return [(update, getattr(update, "statistics", None)) for update in updates]
+
+
+def agent_reliability_series(*, agent: Any, limit: int) -> list[dict[str, Any]]:
+    """Reliability after each finished task, in the order they finished: ``(completed + 1) / (finished
+    + 2)``, the Beta(1, 1) estimate of ``Agent.reliability``, over the agent's task rows. The first
+    ``limit`` points are dropped when there are more (the counts still include them)."""
+    from trainings.models import Task
+
+    outcomes = (
+        Task.objects.filter(agent=agent, status__in=FINISHED_TASKS)
+        .annotate(finished_at=Coalesce("completed_at", "deadline"))
+        .order_by("finished_at", "created_at")
+        .values_list("status", "finished_at")
+    )
+    points = []
+    completed = 0
+    for index, (status, finished_at) in enumerate(outcomes, start=1):
+        completed += status == Task.Status.COMPLETED
+        points.append(
+            {
+                "task": index,
+                "reliability": (completed + 1) / (index + 2),
+                "status": status,
+                "finished_at": finished_at.isoformat() if finished_at else None,
+            }
+        )
+    return points[-limit:]
+
+
+def health_card(*, reading: HealthReading) -> dict[str, Any]:
+    """The home page's health card: components from ``reading`` (a quick one taken by the page, without
+    the worker ping), and the CPU figure and Celery workers of the newest worker sample when the beat task
+    took one within three sampling periods (measured over the full CPU interval, not during a page render,
+    and with the workers it pinged); otherwise the quick reading's CPU and no worker count."""
+    since = timezone.now() - timedelta(seconds=3 * settings.FEDSITE_HEALTH_SAMPLE_SECONDS)
+    sample = (
+        SystemHealthSample.objects.filter(role=SystemHealthSample.Role.WORKER, created_at__gte=since)
+        .order_by("-created_at", "-pk")
+        .first()
+    )
+    document = system_health(reading=reading)
+    cpu = {
+        "percent": reading.cpu_percent,
+        "interval_seconds": reading.cpu_interval_seconds,
+        "cores": document["resources"]["cpu_count"],
+        "source": "this page",
+        "sampled_at": None,
+    }
+    if sample is not None:
+        cpu.update(
+            percent=sample.cpu_percent,
+            interval_seconds=sample.cpu_interval_seconds,
+            source="worker sample",
+            sampled_at=sample.created_at,
+        )
+    return {
+        **document,
+        "cpu": cpu,
+        "workers": {
+            "embedded": settings.EMBEDDED,
+            "alive": sample.workers_alive if sample is not None else None,
+            "sampled_at": sample.created_at if sample is not None else None,
+            "window_seconds": 3 * settings.FEDSITE_HEALTH_SAMPLE_SECONDS,
+        },
+    }

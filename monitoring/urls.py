@@ -33,4 +33,7 @@ urlpatterns = [
     path("dashboard/alerts/", views.alerts_page, name="dashboard-alerts"),
     path("dashboard/health/", views.health_page, name="dashboard-health"),
     path("dashboard/agents/", views.agents_page, name="dashboard-agents"),
+    path("dashboard/agents/<str:agent_id>/", views.agent_page, name="dashboard-agent"),
+    # not under agents/: "dashboard/agents/<agent_id>/" would shadow it (or it would shadow an agent)
+    path("dashboard/enrolment/", views.enrolment_page, name="dashboard-enrolment"),
 ]

@@ -1,17 +1,20 @@
 """Dashboard pages for operators (staff login): trainings (list, form, live page, versions, comparison),
-alerts, system health, agents.
+alerts, system health, agents (list, an agent's page, creating agents and enrolment keys).
 
 Views only read (selectors and plain queries) and render; the training form validates through
-``TrainingConfiguration`` and creates/starts through the trainings services. Live data reach the browser
-as events over the WebSocket ``/ws/dashboard-<random>`` (same channel layer as the workers), with polling
-of the REST API as the fallback (the embedded mode's in-memory channel layer reaches only the process that
-sent the event), and none once a training is finished. Other operator actions (stop, roll back,
-acknowledge, quarantine) go through the REST API, which calls services and writes the audit log.
+``TrainingConfiguration`` and creates/starts through the trainings services, and the enrolment page
+creates through the clients services (secrets stored hashed, shown once from the session). Live data
+reach the browser as events over the WebSocket ``/ws/dashboard-<random>`` (same channel layer as the
+workers), with polling of the REST API as the fallback (the embedded mode's in-memory channel layer
+reaches only the process that sent the event), and none once a training is finished. Other operator
+actions (stop, roll back, acknowledge, quarantine) go through the REST API, which calls services and
+writes the audit log.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -24,15 +27,30 @@ from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils import timezone
+from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_POST
 
-from clients.models import Agent
+from clients import services as client_services
+from clients.models import Agent, EnrollmentKey
 from clients.selectors import agent_is_online
 from fedsite.errors import ServiceError
-from monitoring.forms import TrainingForm, algorithm_hyperparameters, initial_from_configuration
+from monitoring.contributions import agent_contributions, agents_leaderboard, training_leaderboard
+from monitoring.forms import (
+    AgentCreateForm,
+    EnrollmentKeyForm,
+    TrainingForm,
+    algorithm_hyperparameters,
+    initial_from_configuration,
+)
 from monitoring.health import health_read
 from monitoring.models import Alert
-from monitoring.selectors import alerts_query, system_health
+from monitoring.selectors import (
+    agent_reliability_series,
+    agent_tasks_recent,
+    agent_updates_recent,
+    alerts_query,
+    health_card,
+)
 from trainings import services as training_services
 from trainings.models import Round, Task, Training
 from trainings.selectors import training_metrics_series, training_status
@@ -50,6 +68,13 @@ MAX_ALERTS_PAGE = 500
 MAX_ROUNDS_SHOWN = 200
 MAX_VERSIONS_SHOWN = 50
 MAX_ALERTS_SHOWN = 50
+MAX_OPEN_ALERT_IDS = 1000  # /api/alerts's largest limit
+MAX_AGENT_TASKS_SHOWN = 50
+MAX_AGENT_UPDATES_SHOWN = 50
+MAX_RELIABILITY_POINTS = 500
+# The session key of a secret just created, shown by the next GET of the enrolment page and then dropped.
+ONE_TIME_SECRET_SESSION_KEY = "dashboard_one_time_secret"  # noqa: S105 - a session key name, not a secret
+ONE_TIME_SECRET_SECONDS = 120
 
 
 def _online_cutoff() -> Any:
@@ -68,16 +93,25 @@ def _first_of(metrics: dict[str, Any], names: tuple[str, ...]) -> float | None:
 def dashboard_index(request: HttpRequest) -> HttpResponse:
     trainings = list(Training.objects.order_by("-created_at")[:100])
     status_counts = dict(Training.objects.values_list("status").annotate(n=Count("pk")).order_by())
+    open_alerts = Alert.objects.filter(resolved_at__isnull=True, acknowledged_at__isnull=True)
     context = {
         "nav": "trainings",
         "trainings": [{"training": t, "max_rounds": (t.config or {}).get("max_rounds")} for t in trainings],
-        "training_counts": [(label, status_counts.get(value, 0)) for value, label in Training.Status.choices],
+        "training_counts": [
+            (value, label, status_counts.get(value, 0)) for value, label in Training.Status.choices
+        ],
+        # the trainings whose rows can still change: the page subscribes to their events
+        "live_trainings": [str(t.pk) for t in trainings if not t.is_terminal],
         "alerts": list(Alert.objects.select_related("training")[:20]),
-        "open_alerts": Alert.objects.filter(acknowledged_at__isnull=True).count(),
+        "open_alerts": open_alerts.count(),
+        # the page keeps the count from alert events: it starts from the ids (as many as /api/alerts gives)
+        "open_alert_ids": list(open_alerts.values_list("pk", flat=True)[:MAX_OPEN_ALERT_IDS]),
         "agents_total": Agent.objects.count(),
         "agents_online": Agent.objects.filter(last_seen_at__gte=_online_cutoff()).count(),
-        # a short CPU interval: a page load must not wait the beat task's full interval
-        "health": system_health(
+        "embedded": settings.EMBEDDED,
+        "terminal_statuses": TERMINAL_STATUSES,
+        # a short CPU interval for the fallback figure: a page load must not wait the beat task's interval
+        "health": health_card(
             reading=health_read(
                 role="web",
                 include_workers=False,
@@ -157,6 +191,7 @@ def training_page(request: HttpRequest, training_id: Any) -> HttpResponse:
         "status": training_status(training),
         "chart_metrics": {name: series.get(name, []) for name in CHART_SERIES},
         "round_rows": _round_rows(training),
+        "leaderboard": training_leaderboard(training=training)["agents"],
         "embedded": settings.EMBEDDED,
         "terminal_statuses": TERMINAL_STATUSES,
         "urls": {
@@ -202,6 +237,7 @@ AGENT_SORTS = {
     "status": "status",
     "reliability": "reliability",
     "participation": "participation",
+    "contribution": "contribution",
     "completed": "tasks_completed",
     "failed": "tasks_failed",
     "expired": "tasks_expired",
@@ -218,22 +254,27 @@ def agents_page(request: HttpRequest) -> HttpResponse:
     descending = request.GET.get("order") == "desc"
     agents = list(Agent.objects.all())
     key = AGENT_SORTS[sort]
+    # the contribution of /api/v1/agents/leaderboard (the mean over trainings of the latest estimate)
+    contributions = {row["agent_id"]: row["contribution"] for row in agents_leaderboard()["agents"]}
 
-    def sort_key(agent: Agent) -> tuple[bool, Any]:
+    def sort_value(agent: Agent) -> Any:
         if key == "participation":
-            value: Any = agent.tasks_completed + agent.tasks_failed + agent.tasks_expired
-        else:
-            value = getattr(agent, key)
-        return (value is None, value if value is not None else 0)
+            return agent.tasks_completed + agent.tasks_failed + agent.tasks_expired
+        if key == "contribution":
+            return contributions.get(agent.agent_id)
+        return getattr(agent, key)
 
-    agents.sort(key=sort_key, reverse=descending)
+    # agents without a value (never seen, no contribution yet) come last in either order, as in the API
+    known = [agent for agent in agents if sort_value(agent) is not None]
+    known.sort(key=sort_value, reverse=descending)
     rows = [
         {
             "agent": agent,
             "online": agent_is_online(agent),
             "assigned": agent.tasks_completed + agent.tasks_failed + agent.tasks_expired,
+            "contribution": contributions.get(agent.agent_id),
         }
-        for agent in agents
+        for agent in known + [agent for agent in agents if sort_value(agent) is None]
     ]
     context = {
         "nav": "agents",
@@ -248,19 +289,109 @@ def agents_page(request: HttpRequest) -> HttpResponse:
             ("status", "Status", False),
             ("reliability", "Reliability", True),
             ("participation", "Participation", True),
+            ("contribution", "Contribution", True),
             ("completed", "Completed", True),
             ("failed", "Failed", True),
             ("expired", "Expired", True),
             ("last_seen", "Last seen", False),
         ],
-        # (REST action, button text, the status after which the button is not offered)
-        "actions": [
-            ("quarantine", "quarantine", Agent.Status.QUARANTINED),
-            ("activate", "activate", Agent.Status.ACTIVE),
-            ("disable", "disable", Agent.Status.DISABLED),
-        ],
+        "actions": AGENT_ACTIONS,
+        "embedded": settings.EMBEDDED,
     }
     return render(request, "monitoring/agents.html", context)
+
+
+# (REST action, button text, the status after which the button is not offered)
+AGENT_ACTIONS = [
+    ("quarantine", "quarantine", Agent.Status.QUARANTINED),
+    ("activate", "activate", Agent.Status.ACTIVE),
+    ("disable", "disable", Agent.Status.DISABLED),
+]
+
+
+@staff_member_required
+def agent_page(request: HttpRequest, agent_id: str) -> HttpResponse:
+    """One agent: its tasks, its updates with their statistics and flags, reliability over its tasks,
+    contribution per training, and the status buttons."""
+    agent = get_object_or_404(Agent, agent_id=agent_id)
+    contribution = agent_contributions(agent=agent)
+    context = {
+        "nav": "agents",
+        "agent": agent,
+        "online": agent_is_online(agent),
+        "assigned": agent.tasks_completed + agent.tasks_failed + agent.tasks_expired,
+        "tasks": agent_tasks_recent(agent=agent, limit=MAX_AGENT_TASKS_SHOWN),
+        "updates": agent_updates_recent(agent=agent, limit=MAX_AGENT_UPDATES_SHOWN),
+        "reliability_series": agent_reliability_series(agent=agent, limit=MAX_RELIABILITY_POINTS),
+        "contribution": contribution,
+        "capabilities_json": json.dumps(agent.capabilities, indent=2, sort_keys=True),
+        "actions": AGENT_ACTIONS,
+        "embedded": settings.EMBEDDED,
+        "task_limit": MAX_AGENT_TASKS_SHOWN,
+        "update_limit": MAX_AGENT_UPDATES_SHOWN,
+    }
+    return render(request, "monitoring/agent.html", context)
+
+
+def _one_time_secret(request: HttpRequest) -> dict[str, Any] | None:
+    """Take the secret the last POST stored (it leaves the session now), unless it is older than
+    ``ONE_TIME_SECRET_SECONDS``: a redirect that was never followed does not show it later."""
+    secret = request.session.pop(ONE_TIME_SECRET_SESSION_KEY, None)
+    if not isinstance(secret, dict):
+        return None
+    if timezone.now().timestamp() - float(secret.get("created", 0)) > ONE_TIME_SECRET_SECONDS:
+        return None
+    return secret
+
+
+@never_cache
+@staff_member_required
+def enrolment_page(request: HttpRequest) -> HttpResponse:
+    """Register an agent (its token) or make an enrolment key, through the clients services (which store
+    the secret hashed and write the audit log). The clear secret is kept in the session only until the
+    redirect's GET shows it, so a reload or the back button never shows it again."""
+    agent_form = AgentCreateForm(prefix="agent")
+    key_form = EnrollmentKeyForm(prefix="key")
+    if request.method == "POST":
+        secret: dict[str, str] | None = None
+        if request.POST.get("create") == "agent":
+            agent_form = AgentCreateForm(request.POST, prefix="agent")
+            if agent_form.is_valid():
+                try:
+                    agent, token = client_services.agent_create(
+                        agent_id=agent_form.cleaned_data["agent_id"], actor=request.user
+                    )
+                except ServiceError as exc:
+                    agent_form.add_error("agent_id", exc.message)
+                else:
+                    secret = {"kind": "agent", "name": agent.agent_id, "value": token}
+        elif request.POST.get("create") == "key":
+            key_form = EnrollmentKeyForm(request.POST, prefix="key")
+            if key_form.is_valid():
+                days = key_form.cleaned_data["expires_in_days"]
+                key, value = client_services.enrollment_key_create(
+                    label=key_form.cleaned_data["label"],
+                    max_uses=key_form.cleaned_data["max_uses"],
+                    expires_at=timezone.now() + timedelta(days=days) if days else None,
+                    created_by=request.user,
+                )
+                secret = {"kind": "key", "name": key.label, "value": value}
+        else:
+            messages.error(request, "Pick what to create: an agent or an enrolment key.")
+        if secret is not None:
+            request.session[ONE_TIME_SECRET_SESSION_KEY] = {**secret, "created": timezone.now().timestamp()}
+            return redirect("dashboard-enrolment")
+    context = {
+        "nav": "agents",
+        "agent_form": agent_form,
+        "key_form": key_form,
+        "secret": _one_time_secret(request) if request.method == "GET" else None,
+        "keys": list(EnrollmentKey.objects.order_by("-created_at")[:20]),
+        "server_url": request.build_absolute_uri("/").rstrip("/"),
+        "now": timezone.now(),
+    }
+    # 200 with the errors shown, as the training form (a 400 is a failed load to the browser)
+    return render(request, "monitoring/enrolment.html", context)
 
 
 # --- the training form ----------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import hashlib
 import os
 import re
 import signal
@@ -221,6 +222,9 @@ def test_every_dashboard_page_works_in_chromium_at_desktop_and_phone_sizes(live_
         "/dashboard/health/",
         f"/dashboard/compare/?training={training}&training={dashboard_data['other_training_id']}",
         "/dashboard/agents/?sort=reliability&order=desc",
+        "/dashboard/agents/?sort=contribution&order=desc",
+        "/dashboard/agents/hospital-1/",
+        "/dashboard/enrolment/",
         "/api/docs/",
         "/api/redoc/",
         "/admin/",
@@ -246,6 +250,10 @@ def test_every_dashboard_page_works_in_chromium_at_desktop_and_phone_sizes(live_
                         found.append(f"the page answered {response.status if response else 'nothing'}")
                     if not page.title().strip():
                         found.append("no title")
+                    shown = page.inner_text("body")
+                    for word in ("undefined", "NaN", "[object Object]"):
+                        if word in shown:  # a script rendered a value it did not have
+                            found.append(f"shows {word!r}")
                     if not page.evaluate("() => !!document.querySelector('link[rel~=icon]')"):
                         found.append("no favicon link")
                     overflow = page.evaluate(
@@ -382,19 +390,14 @@ def test_an_operator_runs_a_federation_from_the_browser(transactional_db, tmp_pa
             page.evaluate("window.__sameDocument = true")
 
             # raised by the real service, in a thread without an event loop (its broadcast uses async_to_sync)
-            def raise_alert() -> Alert:
-                try:
-                    return alert_raise(
-                        kind=Alert.Kind.AGENTS_DROPPING,
-                        message="browser test: agents are dropping out",
-                        training=created,
-                        subject=f"training:{training_id}/browser-test",
-                    )
-                finally:
-                    connections.close_all()  # this thread's connection, so the test database can be dropped
-
-            with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                alert = pool.submit(raise_alert).result()
+            alert = _in_thread(
+                lambda: alert_raise(
+                    kind=Alert.Kind.AGENTS_DROPPING,
+                    message="browser test: agents are dropping out",
+                    training=created,
+                    subject=f"training:{training_id}/browser-test",
+                )
+            )
             row = page.locator(f'#alerts tr[data-alert-id="{alert.pk}"]')
             row.wait_for(timeout=45_000)  # WebSocket on the real stack; the slow poll in embedded mode
             assert page.evaluate("window.__sameDocument") is True
@@ -439,6 +442,15 @@ def test_an_operator_runs_a_federation_from_the_browser(transactional_db, tmp_pa
             )
             assert page.locator("#stop-form").is_hidden()
             assert training().status == Training.Status.STOPPED
+
+            # --- the health page counts and names the Celery worker (none in the embedded mode) ---
+            page.goto(f"{base}/dashboard/health/")
+            page.wait_for_function("document.getElementById('health-status').textContent", timeout=30_000)
+            if settings.EMBEDDED:
+                assert page.inner_text('[data-figure="workers"]') == "\N{EN DASH}"
+            else:
+                assert page.inner_text('[data-figure="workers"]') == "1"
+                assert "@" in page.inner_text('[data-figure="workers-detail"]')  # celery@<host>
             assert problems == []
         finally:
             # ORM reads made while Playwright's loop runs use their own connection (asgiref's context-local
@@ -448,3 +460,266 @@ def test_an_operator_runs_a_federation_from_the_browser(transactional_db, tmp_pa
             for process, log in agents:
                 _stop_process(process)
                 log.close()
+
+
+def _in_thread(function: Any) -> Any:
+    """Run a service call in a thread without an event loop (its broadcast uses async_to_sync; the test's
+    thread runs Playwright's loop), closing the thread's connection so the test database can be dropped."""
+
+    def run() -> Any:
+        try:
+            return function()
+        finally:
+            connections.close_all()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(run).result()
+
+
+def test_an_operator_manages_agents_and_watches_them_live(
+    transactional_db, tmp_path, monkeypatch, make_agent, make_training, eager_celery,
+    django_capture_on_commit_callbacks,
+):  # fmt: skip
+    """The agents list sorts by contribution and updates a row live; an agent's page shows its tasks and
+    the reliability chart and quarantines it; an enrolment key is shown once (a reload does not show it)
+    and copied; the home page gets a training's start and a system alert without a reload."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (make test installs it)")
+    from django.contrib.auth import get_user_model
+    from django.db import close_old_connections
+    from django.test import Client
+    from playwright.sync_api import sync_playwright
+
+    from clients.models import Agent, EnrollmentKey
+    from clients.services import agent_record_outcome
+    from monitoring.contributions import agents_leaderboard
+    from monitoring.models import Alert
+    from monitoring.services import alert_raise
+    from monitoring.tests.federation import DIGITS_CONFIG, DigitsAgents, run_round
+    from trainings.models import Task
+    from trainings.services import training_start
+
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    get_user_model().objects.create_user("browser-operator", password=PASSWORD, is_staff=True)
+    # two real rounds over the agent protocol: tasks, updates, statistics and contributions
+    agents = [make_agent(f"ward-{i}") for i in range(3)]
+    training = make_training(
+        name="agents federation",
+        **DIGITS_CONFIG,
+        min_clients_per_round=3,
+        max_clients_per_round=3,
+        max_rounds=2,
+    )
+    play = DigitsAgents(3, noise_only=[2])
+    for _ in range(2):
+        run_round(Client(), training, agents, play, django_capture_on_commit_callbacks)
+    pending = make_training(name="waiting to start", start=False, min_clients_per_round=1, max_rounds=1)
+    by_contribution = [row["agent_id"] for row in agents_leaderboard(order="contribution")["agents"]]
+    ward = Agent.objects.get(agent_id="ward-1")
+
+    with _serve(tmp_path) as base, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(viewport=VIEWPORTS["desktop"])
+            context.grant_permissions(["clipboard-read", "clipboard-write"], origin=base)
+            page = context.new_page()
+            problems = _browser_problems(page, base)
+            page.on("dialog", lambda dialog: dialog.accept())  # the status buttons' confirmation
+            _login(page, base, "/dashboard/agents/")
+
+            # --- the contribution column sorts (in place), both ways ---
+            page.wait_for_function("document.getElementById('live-state').textContent === 'live'")
+            page.evaluate("window.__sameDocument = true")
+            order = "() => [...document.querySelectorAll('#agents tr[data-agent]')].map(r => r.dataset.agent)"
+            page.click("th a[data-sort-key=contribution]")
+            assert page.evaluate(order) == by_contribution
+            page.click("th a[data-sort-key=contribution]")
+            assert page.evaluate(order) == list(reversed(by_contribution))
+            assert "sort=contribution&order=desc" in page.url
+
+            # --- a task outcome reaches its row without a reload ---
+            _in_thread(lambda: agent_record_outcome(agent_id=ward.pk, outcome="failed"))
+            page.wait_for_function(  # the WebSocket on the real stack, the slow check in embedded mode
+                "document.querySelector('#agents tr[data-agent=\"ward-1\"] [data-cell=failed]')"
+                ".textContent === '1'",
+                timeout=45_000,
+            )
+            assert page.evaluate("window.__sameDocument") is True
+
+            # --- the agent's page: tasks, the reliability chart, quarantine ---
+            page.click('#agents a[href="/dashboard/agents/ward-1/"]')
+            page.wait_for_url(f"{base}/dashboard/agents/ward-1/")
+            assert (
+                page.locator("#agent-tasks tbody tr[data-task]").count()
+                == Task.objects.filter(agent=ward).count()
+                == 2
+            )
+            assert page.locator("#agent-updates tbody tr[data-update]").count() == 2
+            assert _summary_count(page, "chart-reliability", "reliability") == 2
+            assert page.locator("#chart-reliability canvas[role=img]").get_attribute("aria-label")
+            page.click("button.agent-action[data-action=quarantine]")
+            page.wait_for_function(
+                "document.querySelector('#agent-page [data-cell=status]').textContent.trim()"
+                " === 'quarantined'"
+            )
+            assert page.locator("button.agent-action[data-action=activate]").is_visible()
+            close_old_connections()
+            assert Agent.objects.get(agent_id="ward-1").status == Agent.Status.QUARANTINED
+            # another outcome: the cards and the chart follow without a reload (2 + 1 completed, 1 failed)
+            page.evaluate("window.__sameDocument = true")
+            _in_thread(lambda: agent_record_outcome(agent_id=ward.pk, outcome="completed"))
+            page.wait_for_function(
+                "document.getElementById('agent-counts').textContent.startsWith('3 completed, 1 failed')",
+                timeout=45_000,
+            )
+            assert page.inner_text("#agent-reliability") == f"{4 / 6:.3f}"
+            summary = page.locator("#chart-reliability .fedchart-summary").inner_text()
+            assert "latest 0.6667 at task 4" in summary
+            assert page.evaluate("window.__sameDocument") is True
+
+            # --- an enrolment key: shown once, copied, not shown after a reload ---
+            page.goto(f"{base}/dashboard/enrolment/")
+            page.fill("#id_key-label", "browser ward")
+            page.fill("#id_key-max_uses", "2")
+            page.click("button[name=create][value=key]")
+            page.locator("#secret-value").wait_for()
+            secret = page.input_value("#secret-value")
+            assert secret.startswith("fse_")
+            page.click("#copy-secret")
+            page.wait_for_function("document.getElementById('copy-state').textContent.startsWith('Copied')")
+            assert page.evaluate("navigator.clipboard.readText()") == secret
+            close_old_connections()
+            key = EnrollmentKey.objects.get(label="browser ward")
+            assert key.key_hash == hashlib.sha256(secret.encode()).hexdigest()
+            page.reload()
+            assert page.locator("#secret-value").count() == 0
+            assert secret not in page.content()
+            enrolled = httpx.post(
+                f"{base}/api/v1/agent/enroll", json={"enrollment_key": secret, "agent_id": "ward-from-key"}
+            )
+            assert enrolled.status_code == 201, enrolled.text
+
+            # --- the home page: a training starts and a system alert arrives without a reload ---
+            page.goto(f"{base}/")
+            page.wait_for_function("document.getElementById('live-state').textContent === 'live'")
+            page.evaluate("window.__sameDocument = true")
+            open_before = int(page.inner_text("#open-alerts"))
+            _in_thread(lambda: training_start(training_id=pending.pk))
+            alert = _in_thread(
+                lambda: alert_raise(
+                    kind=Alert.Kind.RESOURCE_EXHAUSTED, message="browser test: the disk is filling up",
+                    severity=Alert.Severity.CRITICAL, subject="browser-test:disk",
+                )
+            )  # fmt: skip
+            page.wait_for_function(
+                f"document.querySelector('#trainings tr[data-training=\"{pending.pk}\"] [data-cell=status]')"
+                ".textContent.trim() === 'running'",
+                timeout=45_000,
+            )
+            page.locator(f'#alerts-list li[data-alert-id="{alert.pk}"]').wait_for(timeout=45_000)
+            page.wait_for_function(
+                f"Number(document.getElementById('open-alerts').textContent) === {open_before + 1}"
+            )
+            assert page.evaluate("window.__sameDocument") is True
+
+            # --- the new pages with their data at a phone's width: nothing scrolls sideways ---
+            phone = browser.new_context(viewport=VIEWPORTS["phone"]).new_page()
+            problems += _browser_problems(phone, base)
+            _login(phone, base, "/dashboard/enrolment/")
+            phone.fill("#id_agent-agent_id", "ward-from-phone")
+            phone.click("button[name=create][value=agent]")
+            phone.locator("#secret-value").wait_for()
+            sideways = "() => document.documentElement.scrollWidth - document.documentElement.clientWidth"
+            widths = {"enrolment with a token": phone.evaluate(sideways)}
+            for path in ("/dashboard/agents/ward-1/", "/dashboard/agents/?sort=contribution&order=desc"):
+                phone.goto(f"{base}{path}", wait_until="networkidle")
+                widths[path] = phone.evaluate(sideways)
+            assert all(overflow <= 1 for overflow in widths.values()), widths
+            assert problems == []
+        finally:
+            connections.close_all()
+            browser.close()
+
+
+# A changelist's table wider than its box scrolls inside it; at 1280 px every list must fit without that.
+CHANGELIST_OVERFLOW = """() => {
+  const table = document.getElementById('result_list');
+  if (!table) return null;
+  const box = table.closest('.results') || table.parentElement;
+  return {overflow: table.scrollWidth - box.clientWidth, rows: table.tBodies[0].rows.length,
+          columns: [...table.tHead.rows[0].cells].map(c => c.textContent.trim())};
+}"""
+
+
+def test_every_admin_list_fits_1280_px_with_names_not_ids(
+    transactional_db, tmp_path, monkeypatch, make_agent, make_training, eager_celery,
+    django_capture_on_commit_callbacks,
+):  # fmt: skip
+    """Each admin changelist, with rows from two real rounds, a rollback, alerts, health samples and a
+    private training, fits 1280 px without scrolling sideways and shows no bare UUID in its rows."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (make test installs it)")
+    from django.contrib import admin
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+    from playwright.sync_api import sync_playwright
+
+    from clients.services import enrollment_key_create
+    from monitoring.health import health_read
+    from monitoring.models import Alert
+    from monitoring.services import alert_raise, health_sample_record
+    from monitoring.tests.federation import DIGITS_CONFIG, DigitsAgents, run_round
+    from versioning.services import training_rollback
+
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    user = get_user_model().objects.create_user(
+        "browser-operator", password=PASSWORD, is_staff=True, is_superuser=True
+    )
+    agents = [make_agent(f"hospital-north-{i}") for i in range(3)]
+    training = make_training(
+        name="admin lists federation", **DIGITS_CONFIG, min_clients_per_round=3, max_clients_per_round=3,
+        max_rounds=2,
+    )  # fmt: skip
+    play = DigitsAgents(3)
+    for _ in range(2):
+        run_round(Client(), training, agents, play, django_capture_on_commit_callbacks)
+    with django_capture_on_commit_callbacks(execute=True):
+        training_rollback(training_id=training.pk, version=1, actor=user, reason="admin list check")
+    make_training(name="a private training", privacy_level="low", min_clients_per_round=1)
+    enrollment_key_create(label="north wing", max_uses=5, created_by=user)
+    alert_raise(
+        kind=Alert.Kind.AGENTS_DROPPING, message="2 of 3 agents missed the deadline", training=training
+    )
+    health_sample_record(reading=health_read(role="worker", cpu_interval=0.1))
+    uuid_pattern = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+    lists = sorted(
+        f"/admin/{model._meta.app_label}/{model._meta.model_name}/"
+        for model in admin.site._registry
+        if model._meta.app_label in ("trainings", "clients", "privacy", "versioning", "monitoring")
+    )
+
+    report: dict[str, Any] = {}
+    with _serve(tmp_path) as base, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_context(viewport=VIEWPORTS["desktop"]).new_page()
+            problems = _browser_problems(page, base)
+            _login(page, base, "/admin/")
+            for path in lists:
+                page.goto(f"{base}{path}", wait_until="networkidle")
+                measured = page.evaluate(CHANGELIST_OVERFLOW)
+                if measured is None:  # an empty list (the ledger: no private round ran) has no table
+                    continue
+                rows = page.locator("#result_list tbody").inner_text()
+                found = []
+                if measured["overflow"] > 1:
+                    found.append(f"{measured['overflow']} px too wide: {measured['columns']}")
+                if uuid_pattern.search(rows):
+                    found.append(f"a UUID in the rows: {uuid_pattern.search(rows).group(0)}")
+                if found:
+                    report[path] = found
+            assert problems == []
+        finally:
+            connections.close_all()
+            browser.close()
+    assert report == {}, "\n".join(f"{path}: {found}" for path, found in report.items())

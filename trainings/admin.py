@@ -22,6 +22,7 @@ from fedsite.errors import ServiceError, ValidationFailed
 from monitoring.admin import (
     ActionsOnlyAdmin,
     ServiceAddMixin,
+    TrainingNameColumn,
     ViewOnlyAdmin,
     ViewOnlyInline,
     pretty_json,
@@ -112,11 +113,9 @@ class TrainingAdmin(ServiceAddMixin, ActionsOnlyAdmin):
         "name",
         "status",
         "algorithm",
-        "current_round",
-        "max_rounds",
+        "rounds",
         "best_accuracy_display",
         "created_at",
-        "finished_at",
         "dashboard_link",
     ]
     list_filter = ["status", "algorithm"]
@@ -161,9 +160,11 @@ class TrainingAdmin(ServiceAddMixin, ActionsOnlyAdmin):
     inlines = [RoundInline, ModelVersionInline]
     actions = ["stop_trainings"]
 
-    @admin.display(description="max rounds")
-    def max_rounds(self, obj: Training) -> Any:
-        return (obj.config or {}).get("max_rounds")
+    @admin.display(description="round", ordering="current_round")
+    def rounds(self, obj: Training) -> str:
+        """The current round of at most ``max_rounds``."""
+        maximum = (obj.config or {}).get("max_rounds")
+        return f"{obj.current_round} / {maximum}" if maximum else str(obj.current_round)
 
     @admin.display(description="best accuracy", ordering="best_accuracy")
     def best_accuracy_display(self, obj: Training) -> str:
@@ -171,7 +172,7 @@ class TrainingAdmin(ServiceAddMixin, ActionsOnlyAdmin):
 
     @admin.display(description="dashboard")
     def dashboard_link(self, obj: Training) -> str:
-        return format_html('<a href="{}">live dashboard</a>', reverse("dashboard-training", args=[obj.pk]))
+        return format_html('<a href="{}">live</a>', reverse("dashboard-training", args=[obj.pk]))
 
     @admin.display(description="configuration")
     def config_pretty(self, obj: Training) -> str:
@@ -232,18 +233,8 @@ class TaskInline(ViewOnlyInline):
 
 
 @admin.register(Round)
-class RoundAdmin(ViewOnlyAdmin):
-    list_display = [
-        "training",
-        "number",
-        "status",
-        "attempt",
-        "task_count",
-        "accuracy",
-        "deadline",
-        "opened_at",
-        "completed_at",
-    ]
+class RoundAdmin(TrainingNameColumn, ViewOnlyAdmin):
+    list_display = ["training_name", "number", "status", "attempt", "task_count", "accuracy", "completed_at"]
     list_filter = ["status"]
     search_fields = ["training__name", "=training__id"]
     list_select_related = ["training"]
@@ -283,9 +274,9 @@ class RoundAdmin(ViewOnlyAdmin):
 class InRoundColumns:
     """List columns for objects that belong to a round (tasks, updates): their training and round."""
 
-    @admin.display(description="training")
-    def training(self, obj: Task | ClientUpdate) -> Training:
-        return obj.round.training
+    @admin.display(description="training", ordering="round__training__name")
+    def training(self, obj: Task | ClientUpdate) -> str:
+        return obj.round.training.name
 
     @admin.display(description="round", ordering="round__number")
     def round_number(self, obj: Task | ClientUpdate) -> int:
@@ -295,15 +286,13 @@ class InRoundColumns:
 @admin.register(Task)
 class TaskAdmin(InRoundColumns, ViewOnlyAdmin):
     list_display = [
-        "id",
+        "task",
         "training",
         "round_number",
         "agent",
-        "kind",
         "status",
         "attempt",
         "deadline",
-        "delivered_at",
         "completed_at",
     ]
     list_filter = ["status", "kind"]
@@ -324,6 +313,11 @@ class TaskAdmin(InRoundColumns, ViewOnlyAdmin):
         "created_at",
     ]
     exclude = ["config"]
+
+    @admin.display(description="task", ordering="created_at")
+    def task(self, obj: Task) -> str:
+        """What it is, without its UUID (the link opens it): "fit, attempt 2"."""
+        return f"{obj.kind}, attempt {obj.attempt}" if obj.attempt > 1 else obj.kind
 
     @admin.display(description="config")
     def config_pretty(self, obj: Task) -> str:

@@ -8,23 +8,21 @@ from django.contrib import admin, messages
 from django.http import HttpRequest
 
 from fedsite.errors import ServiceError
-from monitoring.admin import ViewOnlyAdmin, pretty_json, short_hash
+from monitoring.admin import TrainingNameColumn, ViewOnlyAdmin, pretty_json, short_hash
 from versioning.models import Blob, ModelVersion, Rollback
 from versioning.services import training_rollback, version_pin
 
 
 @admin.register(ModelVersion)
-class ModelVersionAdmin(ViewOnlyAdmin):
+class ModelVersionAdmin(TrainingNameColumn, ViewOnlyAdmin):
     list_display = [
-        "training",
+        "training_name",
         "number",
         "origin",
         "accuracy",
-        "num_parameters",
         "size_bytes",
         "sha256",
         "pinned",
-        "pruned",
         "created_at",
     ]
     list_filter = ["origin", "pinned", ("blob_pruned_at", admin.EmptyFieldListFilter)]
@@ -111,15 +109,39 @@ class ModelVersionAdmin(ViewOnlyAdmin):
 
 
 @admin.register(Rollback)
-class RollbackAdmin(ViewOnlyAdmin):
-    list_display = ["training", "target", "version", "trigger", "status", "actor", "created_at", "applied_at"]
+class RollbackAdmin(TrainingNameColumn, ViewOnlyAdmin):
+    list_display = ["training_name", "to_version", "made_version", "trigger", "status", "actor", "created_at"]
     list_filter = ["trigger", "status"]
     search_fields = ["training__name", "=training__id", "reason"]
     list_select_related = ["training", "target", "version"]
 
+    @admin.display(description="to", ordering="target__number")
+    def to_version(self, obj: Rollback) -> str:
+        return f"v{obj.target.number}"
+
+    @admin.display(description="made", ordering="version__number")
+    def made_version(self, obj: Rollback) -> str:
+        """The version the rollback wrote (its weights are the target's), once applied."""
+        return f"v{obj.version.number}" if obj.version_id else ""
+
 
 @admin.register(Blob)
 class BlobAdmin(ViewOnlyAdmin):
-    list_display = ["name", "size_bytes", "touched_at", "condemned_at", "created_at"]
+    list_display = ["short_name", "size_bytes", "touched_at", "condemned"]
     list_filter = [("condemned_at", admin.EmptyFieldListFilter)]
     search_fields = ["name", "sha256"]
+
+    @admin.display(description="name", ordering="name")
+    def short_name(self, obj: Blob) -> str:
+        """The name with its content hash shortened (the full name is on the blob's page)."""
+        folder, _, file = obj.name.rpartition("/")
+        stem, dot, suffix = file.partition(".")
+        return (
+            f"{folder}/{short_hash(stem, 16)}{dot}{suffix}"
+            if folder
+            else f"{short_hash(stem, 16)}{dot}{suffix}"
+        )
+
+    @admin.display(description="condemned", boolean=True, ordering="condemned_at")
+    def condemned(self, obj: Blob) -> bool:
+        return obj.condemned_at is not None

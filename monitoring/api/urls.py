@@ -1,7 +1,9 @@
-"""Monitoring resources under ``/api/v1/`` (included before the router, so ``agents/leaderboard`` is not
-read as an agent named "leaderboard"); no trailing slash, like the other training sub-resources."""
+"""Monitoring resources under ``/api/v1/`` (included before the router). No trailing slash, like the other
+training sub-resources, except that ``agents/leaderboard`` takes one too: the router's agent detail route
+(``agents/<agent_id>/``) would otherwise read ``agents/leaderboard/`` as an agent named "leaderboard"
+(which is why that agent id is reserved in ``clients.services``)."""
 
-from django.urls import path
+from django.urls import path, re_path
 
 from monitoring.api import views
 
@@ -12,5 +14,5 @@ urlpatterns = [
         views.training_leaderboard_view,
         name="training-leaderboard",
     ),
-    path("agents/leaderboard", views.agents_leaderboard_view, name="agents-leaderboard"),
+    re_path(r"^agents/leaderboard/?$", views.agents_leaderboard_view, name="agents-leaderboard"),
 ]

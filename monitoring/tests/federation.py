@@ -100,3 +100,31 @@ class DigitsAgents:
             rng=np.random.default_rng([index, self.round]),
         )
         return subtract(outcome.parameters, base), outcome.num_examples, outcome.train_loss
+
+
+def digits_federation(
+    rest_round: Any,
+    make_agent: Any,
+    make_training: Any,
+    *,
+    prefix: str,
+    num_agents: int,
+    noise_only: Sequence[int],
+    rounds: int,
+    **config: Any,
+) -> tuple[Training, list[tuple[Any, str]]]:
+    """``rounds`` rounds of ``num_agents`` digits agents named ``<prefix><i>``, every one in every round
+    (the ``noise_only`` ones hold random data); returns the training and the (agent, token) pairs."""
+    agents = [make_agent(f"{prefix}{i}") for i in range(num_agents)]
+    training = make_training(
+        **DIGITS_CONFIG,
+        min_clients_per_round=num_agents,
+        max_clients_per_round=num_agents,
+        max_rounds=rounds,
+        **config,
+    )
+    play = DigitsAgents(num_agents, noise_only=noise_only)
+    for _ in range(rounds):
+        rest_round(training, agents, play)
+    training.refresh_from_db()
+    return training, agents

@@ -9,7 +9,7 @@ from django.test import Client
 
 from monitoring.anomalies import contribution_next
 from monitoring.models import UpdateStatistics
-from monitoring.tests.federation import DIGITS_CONFIG, DigitsAgents
+from monitoring.tests.federation import digits_federation
 from trainings.selectors import selection_weights
 
 NUM_AGENTS = 6
@@ -20,15 +20,15 @@ NOISE_AGENT = 4
 def federation(settings: Any, rest_round: Any, make_agent: Any, make_training: Any) -> Any:
     """Four rounds of six digits agents; agent d4 holds noise only (random features and labels)."""
     settings.FEDSITE_CONTRIBUTION_DECAY = 0.8
-    agents = [make_agent(f"d{i}") for i in range(NUM_AGENTS)]
-    training = make_training(
-        **DIGITS_CONFIG, min_clients_per_round=NUM_AGENTS, max_clients_per_round=NUM_AGENTS, max_rounds=4
+    return digits_federation(
+        rest_round,
+        make_agent,
+        make_training,
+        prefix="d",
+        num_agents=NUM_AGENTS,
+        noise_only=[NOISE_AGENT],
+        rounds=4,
     )
-    honest = DigitsAgents(NUM_AGENTS, noise_only=[NOISE_AGENT])
-    for _ in range(4):
-        rest_round(training, agents, honest)
-    training.refresh_from_db()
-    return training, agents
 
 
 def test_contribution_is_the_running_cosine_estimator() -> None:

@@ -169,3 +169,36 @@ def test_the_page_wiring_reaches_the_seed_api_with_session_and_csrf(client, admi
     assert stopped.status_code == 200
     training.refresh_from_db()
     assert training.status == Training.Status.STOPPED
+
+
+def test_the_health_card_takes_cpu_and_workers_from_the_newest_recent_worker_sample(admin_client, settings):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from monitoring.health import health_read
+    from monitoring.models import SystemHealthSample
+    from monitoring.services import health_sample_record
+
+    sample = health_sample_record(reading=health_read(role="worker", cpu_interval=0.3))
+    # distinct figures, to tell which reading the card shows
+    SystemHealthSample.objects.filter(pk=sample.pk).update(cpu_percent=37.0, workers_alive=2)
+
+    fresh = admin_client.get(reverse("dashboard"))
+    SystemHealthSample.objects.filter(pk=sample.pk).update(
+        created_at=timezone.now() - timedelta(seconds=4 * settings.FEDSITE_HEALTH_SAMPLE_SECONDS)
+    )
+    stale = admin_client.get(reverse("dashboard"))
+
+    card = fresh.context["health"]
+    assert card["cpu"]["percent"] == 37.0 and card["cpu"]["source"] == "worker sample"
+    assert card["cpu"]["interval_seconds"] == pytest.approx(0.3)
+    assert "37 % of all" in fresh.content.decode()
+    assert stale.context["health"]["cpu"]["source"] == "this page"
+    assert stale.context["health"]["workers"]["alive"] is None
+    if settings.EMBEDDED:
+        assert "tasks run in the web process" in fresh.content.decode()
+    else:
+        assert card["workers"]["alive"] == 2
+        assert "2 workers alive" in fresh.content.decode()
+        assert "no worker sample in the last" in stale.content.decode()

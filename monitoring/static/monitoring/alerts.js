@@ -164,25 +164,16 @@
     }
   }
 
-  const badge = document.getElementById("live-state");
-  let pollTimer = null;
-  const embedded = root.dataset.embedded === "1";
-  let wasDown = false;
-  function poll(every) {
-    if (pollTimer) window.clearInterval(pollTimer);
-    pollTimer = every ? window.setInterval(pollAlerts, every) : null;
-  }
   window.FedLive.connect({
     trainingIds: JSON.parse(document.getElementById("live-trainings").textContent),
     onEvent(event) {
       if (event.type === "alert" && event.alert) upsert(event.alert, event.training_id || "");
     },
-    onState(state) {
-      window.FedLive.showState(badge, state);
-      if (state === "live" && wasDown) pollAlerts(); // what arrived while it was down
-      wasDown = state !== "live";
-      poll(state === "live" ? (embedded ? 15000 : 0) : 5000);
-    },
+    onState: window.FedLive.pollWhileDown({
+      badge: document.getElementById("live-state"),
+      poll: pollAlerts,
+      embedded: root.dataset.embedded === "1",
+    }),
   });
   updateSelection();
 })();

@@ -41,8 +41,9 @@
     figure("disk-detail", `${gib(r.disk_free_bytes)} of ${gib(r.disk_total_bytes)}`);
     const components = health.components || {};
     const celery = components.celery && components.celery.status !== "embedded" ? components.celery : null;
-    figure("workers", celery ? String((celery.workers || []).length) : "–");
-    figure("workers-detail", celery ? (celery.workers || []).join(", ") || celery.status : "embedded mode: eager tasks, no worker");
+    // components.celery: {status, workers (how many answered the ping), names}
+    figure("workers", celery ? String(celery.workers ?? 0) : "–");
+    figure("workers-detail", celery ? (celery.names || []).join(", ") || celery.error || celery.status : "embedded mode: eager tasks, no worker");
     const queues = health.queue_depths || {};
     const names = Object.keys(queues);
     figure("queues", names.length ? String(names.reduce((sum, name) => sum + queues[name], 0)) : "–");
@@ -59,7 +60,7 @@
       statusCell.appendChild(badge(component.status));
       const detail = document.createElement("td");
       detail.className = "muted";
-      detail.textContent = component.latency_ms !== undefined && component.latency_ms !== null ? `${component.latency_ms.toFixed(1)} ms` : component.error || component.detail || (component.workers ? component.workers.join(", ") : "");
+      detail.textContent = component.latency_ms !== undefined && component.latency_ms !== null ? `${component.latency_ms.toFixed(1)} ms` : component.error || component.detail || (component.names ? `${component.workers} alive: ${component.names.join(", ")}` : "");
       row.append(nameCell, statusCell, detail);
       body.appendChild(row);
     }

@@ -126,5 +126,61 @@
     return body;
   }
 
-  window.FedLive = { connect, showState, request, csrfToken };
+  /** The <li> of an alert in an alerts list (_alerts_list.html's markup), from an ``alert`` event's
+   * ``alert`` or an /api/alerts entry; ``training`` ({id, name}) adds a link to its page. */
+  function alertItem(alert, training) {
+    const item = document.createElement("li");
+    item.dataset.alertId = String(alert.id);
+    item.className = `alert severity-${alert.severity}${alert.acknowledged_at ? " acknowledged" : ""}`;
+    const label = document.createElement("span");
+    label.className = `badge severity-${alert.severity}`;
+    label.textContent = alert.severity;
+    const time = document.createElement("time");
+    time.textContent = (alert.last_seen_at || alert.created_at || new Date().toISOString()).slice(0, 19).replace("T", " ");
+    item.append(label, " ", time, " ");
+    if (training && training.id) {
+      const link = document.createElement("a");
+      link.href = `/dashboard/trainings/${training.id}/`;
+      link.textContent = training.name || training.id;
+      item.append(link, " ");
+    }
+    const round = alert.round ?? alert.round_number;
+    if (round !== null && round !== undefined) {
+      const text = document.createElement("span");
+      text.className = "muted";
+      text.textContent = `round ${round}`;
+      item.append(text, " ");
+    }
+    if (alert.resolved_at) {
+      const resolved = document.createElement("span");
+      resolved.className = "muted";
+      resolved.textContent = "resolved";
+      item.append(resolved, " ");
+    }
+    const message = document.createElement("span");
+    message.className = "message";
+    message.textContent = alert.message;
+    item.append(message);
+    return item;
+  }
+
+  /**
+   * An onState handler for pages whose fallback is a poll: shows the state in ``badge``, polls every 5 s
+   * while the socket is not live (and once when it comes back, for what changed meanwhile), and, in the
+   * embedded mode (``embedded`` true), every ``embeddedMs`` even while it is live.
+   */
+  function pollWhileDown({ badge, poll, embedded, embeddedMs = 15000, downMs = 5000 }) {
+    let timer = null;
+    let wasDown = false;
+    return (state) => {
+      showState(badge, state);
+      if (state === "live" && wasDown) poll();
+      wasDown = state !== "live";
+      if (timer) window.clearInterval(timer);
+      const every = state === "live" ? (embedded ? embeddedMs : 0) : downMs;
+      timer = every ? window.setInterval(poll, every) : null;
+    };
+  }
+
+  window.FedLive = { connect, showState, request, csrfToken, alertItem, pollWhileDown };
 })();

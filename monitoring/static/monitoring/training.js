@@ -292,31 +292,7 @@
     const empty = list.querySelector(".empty");
     if (empty) empty.remove();
     const old = list.querySelector(`li[data-alert-id="${alert.id}"]`);
-    const item = document.createElement("li");
-    item.dataset.alertId = String(alert.id);
-    item.className = `alert severity-${alert.severity}${alert.acknowledged_at ? " acknowledged" : ""}`;
-    const label = document.createElement("span");
-    label.className = `badge severity-${alert.severity}`;
-    label.textContent = alert.severity;
-    const time = document.createElement("time");
-    time.textContent = (alert.last_seen_at || alert.created_at || new Date().toISOString()).slice(0, 19).replace("T", " ");
-    const message = document.createElement("span");
-    message.className = "message";
-    message.textContent = alert.message;
-    item.append(label, " ", time, " ");
-    if (alert.round !== null && alert.round !== undefined) {
-      const round = document.createElement("span");
-      round.className = "muted";
-      round.textContent = `round ${alert.round}`;
-      item.append(round, " ");
-    }
-    if (alert.resolved_at) {
-      const resolved = document.createElement("span");
-      resolved.className = "muted";
-      resolved.textContent = "resolved";
-      item.append(resolved, " ");
-    }
-    item.append(message);
+    const item = window.FedLive.alertItem(alert);
     if (old) old.replaceWith(item);
     else list.prepend(item);
   }

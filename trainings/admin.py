@@ -30,7 +30,15 @@ from monitoring.admin import (
 )
 from trainings import services
 from trainings.configuration import TrainingConfiguration
-from trainings.models import AggregationOutbox, ClientUpdate, Round, Task, Training
+from trainings.models import (
+    AggregationOutbox,
+    ClientUpdate,
+    Round,
+    SecAggMessage,
+    SecAggSession,
+    Task,
+    Training,
+)
 from versioning.models import ModelVersion
 
 EXAMPLE_CONFIGURATION = {
@@ -390,3 +398,80 @@ class AggregationOutboxAdmin(InRoundColumns, ViewOnlyAdmin):
         "heartbeat_at",
         "completed_at",
     ]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Secure aggregation (public values only: the server never holds an unmasked update)
+# ---------------------------------------------------------------------------------------------------
+class SecAggMessageInline(ViewOnlyInline):
+    model = SecAggMessage
+    fields = ["phase", "party_id", "agent", "size_bytes", "created_at"]
+    readonly_fields = fields
+    ordering = ["phase", "party_id"]
+
+
+@admin.register(SecAggSession)
+class SecAggSessionAdmin(InRoundColumns, ViewOnlyAdmin):
+    """One attempt of a secure-aggregation round: its phase, deadline and who sent what.
+
+    See docs/secure-aggregation.md."""
+
+    list_display = ["training", "round_number", "attempt", "phase", "parties_count", "deadline", "closed_at"]
+    list_filter = ["phase"]
+    search_fields = ["round__training__name", "=round__training__id"]
+    list_select_related = ["round__training"]
+    readonly_fields = [
+        "round",
+        "attempt",
+        "phase",
+        "parties_count",
+        "deadline",
+        "error",
+        "created_at",
+        "closed_at",
+        "setup_pretty",
+    ]
+    exclude = ["setup", "parties"]
+    inlines = [SecAggMessageInline]
+
+    @admin.display(description="parties")
+    def parties_count(self, obj: SecAggSession) -> int:
+        return len(obj.parties or {})
+
+    @admin.display(description="setup")
+    def setup_pretty(self, obj: SecAggSession) -> str:
+        return pretty_json(obj.setup)
+
+
+@admin.register(SecAggMessage)
+class SecAggMessageAdmin(ViewOnlyAdmin):
+    """What an agent sent in one phase: public keys, encrypted share bundles, a masked input's blob."""
+
+    list_display = ["training", "round_number", "phase", "party_id", "agent", "size_bytes", "created_at"]
+    list_filter = ["phase"]
+    search_fields = ["agent__agent_id", "session__round__training__name"]
+    list_select_related = ["session__round__training", "agent"]
+    readonly_fields = [
+        "session",
+        "agent",
+        "party_id",
+        "phase",
+        "blob_name",
+        "blob_sha256",
+        "size_bytes",
+        "created_at",
+        "body_pretty",
+    ]
+    exclude = ["body"]
+
+    @admin.display(description="training", ordering="session__round__training__name")
+    def training(self, obj: SecAggMessage) -> str:
+        return obj.session.round.training.name
+
+    @admin.display(description="round", ordering="session__round__number")
+    def round_number(self, obj: SecAggMessage) -> int:
+        return obj.session.round.number
+
+    @admin.display(description="body")
+    def body_pretty(self, obj: SecAggMessage) -> str:
+        return pretty_json(obj.body)

@@ -6,10 +6,10 @@ so its report is what the real run frees (and it deletes nothing: files go only 
 
 Invariants:
 
-- A row *names* a blob when ``ModelVersion.blob_name``, ``ModelVersion.state_blob_name`` or
-  ``ClientUpdate.blob_name`` holds it. Pruning a row clears those columns (the row and its sha256, size and
-  metrics stay; a version also gets ``blob_pruned_at``), in the same transaction that decides which of the
-  blobs no row names any more.
+- A row *names* a blob when ``ModelVersion.blob_name``, ``ModelVersion.state_blob_name``,
+  ``ClientUpdate.blob_name`` or ``SecAggMessage.blob_name`` (a masked input) holds it. Pruning a row clears
+  those columns (the row and its sha256, size and metrics stay; a version also gets ``blob_pruned_at``), in
+  the same transaction that decides which of the blobs no row names any more.
 - That decision is taken under the lock of each blob's registry row (``versioning.models.Blob``), which
   every writer takes too (``versioning.blobs.blob_registered``): a blob is *condemned* only when no row
   names it and no writer touched it within ``FEDSITE_BLOB_GRACE_HOURS``. Rows a writer holds are skipped
@@ -32,7 +32,7 @@ from typing import Any
 from django.conf import settings
 from django.core.files.storage import default_storage
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import Q, QuerySet
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -113,6 +113,7 @@ def _collect(report: CollectionReport, *, training_id: Any, tick: Progress) -> N
     for done, pk in enumerate(pks, 1):
         _prune_versions(pk, now=now, freed=report.versions)
         _prune_updates(pk, now=now, freed=report.updates)
+        _prune_masked_inputs(pk, now=now, freed=report.updates)
         tick("trainings", done, len(pks))
     if training_id is None:
         _sweep_orphans(now=now, freed=report.orphans, tick=tick)
@@ -211,32 +212,79 @@ def update_retention_hours(config: dict[str, Any]) -> float:
 
 def _prune_updates(training_pk: Any, *, now: datetime, freed: KindFreed) -> None:
     """Clear the blobs of updates whose round ended (aggregated, failed or cancelled) long enough ago."""
+    from trainings.models import ClientUpdate
+
+    _prune_round_blobs(
+        ClientUpdate.objects.filter(round__training_id=training_pk),
+        round_path="round__",
+        started="round__created_at",
+        training_pk=training_pk,
+        action="update.prune",
+        noun="updates",
+        now=now,
+        freed=freed,
+    )
+
+
+def _prune_masked_inputs(training_pk: Any, *, now: datetime, freed: KindFreed) -> None:
+    """Clear the masked-input blobs of secure-aggregation rounds that ended long enough ago.
+
+    The same retention as plain updates (a masked input is the update of a secure round, though no one
+    can read it alone); the ``SecAggMessage`` row keeps its sha256 and size.
+    """
+    from trainings.models import SecAggMessage
+
+    _prune_round_blobs(
+        SecAggMessage.objects.filter(session__round__training_id=training_pk),
+        round_path="session__round__",
+        started="session__created_at",
+        training_pk=training_pk,
+        action="masked_input.prune",
+        noun="masked_inputs",
+        now=now,
+        freed=freed,
+    )
+
+
+def _prune_round_blobs(
+    rows_of_training: QuerySet[Any],
+    *,
+    round_path: str,
+    started: str,
+    training_pk: Any,
+    action: str,
+    noun: str,
+    now: datetime,
+    freed: KindFreed,
+) -> None:
+    """Clear ``blob_name`` of the rows whose round (at ``round_path``) ended past the update retention,
+    in batches, each audited, and condemn the blobs no row names any more."""
     from monitoring.services import audit_record
-    from trainings.models import ClientUpdate, Round, Training
+    from trainings.models import Round, Training
 
     config = Training.objects.filter(pk=training_pk).values_list("config", flat=True).first() or {}
     cutoff = now - timedelta(hours=update_retention_hours(config))
     finished = [Round.Status.COMPLETED, Round.Status.FAILED, Round.Status.CANCELLED]
     due = (
-        ClientUpdate.objects.filter(round__training_id=training_pk, round__status__in=finished)
+        rows_of_training.filter(**{f"{round_path}status__in": finished})
         .exclude(blob_name="")
-        .alias(ended=Coalesce("round__completed_at", "round__closed_at", "round__created_at"))
+        .alias(ended=Coalesce(f"{round_path}completed_at", f"{round_path}closed_at", started))
         .filter(ended__lt=cutoff)
         .order_by("pk")
     )
     while True:
         with transaction.atomic():
             locked = due.select_for_update(of=("self",))
-            rows = list(locked.values_list("pk", "blob_name", "round__number")[:BATCH])
+            rows = list(locked.values_list("pk", "blob_name", f"{round_path}number")[:BATCH])
             if not rows:
                 return
-            ClientUpdate.objects.filter(pk__in=[row[0] for row in rows]).update(blob_name="")
+            rows_of_training.model.objects.filter(pk__in=[row[0] for row in rows]).update(blob_name="")
             audit_record(
                 actor=ACTOR,
-                action="update.prune",
+                action=action,
                 object_type="trainings.training",
                 object_id=str(training_pk),
-                details={"updates": len(rows), "rounds": sorted({row[2] for row in rows})},
+                details={noun: len(rows), "rounds": sorted({row[2] for row in rows})},
             )
             freed.rows += len(rows)
             _condemn([row[1] for row in rows], now=now, freed=freed)
@@ -256,8 +304,9 @@ def _stored_blob_names() -> Iterator[str]:
 
 
 def names_referenced(names: Iterable[str]) -> set[str]:
-    """Which of ``names`` a row names (a version's weights or optimizer state, or a client update)."""
-    from trainings.models import ClientUpdate
+    """Which of ``names`` a row names (a version's weights or optimizer state, a client update, or the
+    masked input of a secure-aggregation round)."""
+    from trainings.models import ClientUpdate, SecAggMessage
 
     names = list(names)
     found: set[str] = set()
@@ -268,6 +317,7 @@ def names_referenced(names: Iterable[str]) -> set[str]:
         ).values_list("blob_name", "state_blob_name"):
             found.update((blob_name, state_name))
         found.update(ClientUpdate.objects.filter(blob_name__in=batch).values_list("blob_name", flat=True))
+        found.update(SecAggMessage.objects.filter(blob_name__in=batch).values_list("blob_name", flat=True))
     return found & set(names)
 
 

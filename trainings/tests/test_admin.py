@@ -121,3 +121,33 @@ def test_the_prefilled_example_configuration_is_accepted(admin_client):
 
     assert response.status_code == 302
     assert Training.objects.get().name == json.loads(example)["name"]
+
+
+def test_secure_aggregation_sessions_and_messages_are_listed_view_only(admin_client):
+    from django.utils import timezone
+
+    from monitoring.tests.factories import make_agent
+    from trainings.models import SecAggMessage, SecAggSession
+
+    training = make_training("secure-admin")
+    round_ = make_round(training, 1, Round.Status.COLLECTING)
+    agent = make_agent("party-one")
+    session = SecAggSession.objects.create(
+        round=round_, attempt=1, setup={"bits": 32}, parties={"7": str(agent.pk)}, deadline=timezone.now()
+    )
+    SecAggMessage.objects.create(
+        session=session, agent=agent, party_id=7, phase="advertise", body={"signature": "c2ln"}
+    )
+    listing = admin_client.get(reverse("admin:trainings_secaggsession_changelist"))
+    assert listing.status_code == 200
+    assert b"secure-admin" in listing.content and str(training.pk).encode() not in listing.content
+    page = admin_client.get(reverse("admin:trainings_secaggsession_change", args=[session.pk]))
+    assert page.status_code == 200
+    assert b"party-one" in page.content and b"&quot;bits&quot;: 32" in page.content
+    messages = admin_client.get(reverse("admin:trainings_secaggmessage_changelist"))
+    assert messages.status_code == 200
+    assert b"party-one" in messages.content and b"secure-admin" in messages.content
+    message = SecAggMessage.objects.get()
+    url = reverse("admin:trainings_secaggmessage_change", args=[message.pk])
+    change = admin_client.post(url, {"phase": "x"})
+    assert change.status_code == 403 and SecAggMessage.objects.get().phase == "advertise"

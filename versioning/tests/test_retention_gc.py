@@ -492,3 +492,38 @@ def test_expired_operator_tokens_and_old_aggregation_intents_are_deleted(
     assert set(AuthToken.objects.values_list("pk", flat=True)) == {valid.pk, forever.pk}
     left = set(AggregationOutbox.objects.values_list("pk", flat=True))
     assert left == {intents[1].pk, intents[2].pk}  # the in-flight one and the recent one stay
+
+
+@pytest.mark.django_db
+def test_masked_inputs_of_ended_secure_rounds_are_pruned_and_named_until_then(
+    make_agent: Any, make_training: Any, run_round: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    from trainings.models import Round, SecAggMessage, SecAggSession
+
+    (agent, token), (_, other) = make_agent(), make_agent()
+    training = make_training(max_rounds=3, retention={"update_blobs_hours": 1})
+    run_round(training, [token, other], [0.3, 0.1])
+    ended = Round.objects.get(training=training, number=1)
+    old = timezone.now() - timedelta(hours=2)
+    Round.objects.filter(pk=ended.pk).update(completed_at=old)
+    running = Round.objects.get(training=training, number=2)  # opened by the first round's end
+    assert running.status not in (Round.Status.COMPLETED, Round.Status.FAILED, Round.Status.CANCELLED)
+
+    def masked(round_: Round, payload: bytes) -> SecAggMessage:
+        session = SecAggSession.objects.create(
+            round=round_, attempt=1, setup={}, parties={"1": str(agent.pk)}, deadline=timezone.now()
+        )
+        name, sha = blob_save(payload)
+        return SecAggMessage.objects.create(
+            session=session, agent=agent, party_id=1, phase="masked_input", blob_name=name, blob_sha256=sha
+        )
+
+    done, live = masked(ended, b"masked input of an ended round"), masked(running, b"masked, still needed")
+    _age()
+    report = _collect(django_capture_on_commit_callbacks)
+    done.refresh_from_db()
+    live.refresh_from_db()
+    assert done.blob_name == "" and done.blob_sha256  # the row keeps its hash
+    assert live.blob_name and default_storage.exists(live.blob_name)  # named: not an orphan
+    assert report.updates.rows >= 1 and report.orphans.blobs == 0
+    assert blob_name_for(hashlib.sha256(b"masked input of an ended round").hexdigest()) not in _stored()

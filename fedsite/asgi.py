@@ -10,6 +10,10 @@ loop, each holding a future and a socket, no thread (trainings/wakeup.py). Its d
 event loop's shared executor. It is an async view that authenticates with the agent token itself, sets no
 cookie and reads no session, so the middleware it skips (sessions, CSRF, messages, authentication,
 clickjacking, security headers on a JSON response, Prometheus' request counters) has nothing to do for it.
+A raw update upload (``POST /api/v1/agent/tasks/<id>/update``, ``application/octet-stream``) is spooled by
+:class:`RawUploadSpooler` as its body arrives: each chunk is hashed, counted and written once to the file
+that becomes the blob, instead of Django's buffering of the whole body, then a copy of it into a file
+hashed in a second pass. Django's handler then sees an empty body and the view takes the spooled file.
 Model downloads whose blob is sent from a file (``trainings.api.agent_views.BlobFileResponse``) leave the
 application as one ``http.response.pathsend`` message when the server offers the extension
 (fedsite/http_protocol.py), else in large chunks read here (:class:`BlobSendMiddleware`).
@@ -34,9 +38,10 @@ from django.core.handlers.asgi import ASGIHandler  # noqa: E402
 from django.core.handlers.exception import convert_exception_to_response  # noqa: E402
 
 from fedsite.http_protocol import BlobSendMiddleware  # noqa: E402
-from fedsite.limits import RequestLimitsMiddleware  # noqa: E402
+from fedsite.limits import UPLOAD_PATH, RequestLimitsMiddleware, body_limit_for, send_error  # noqa: E402
 from monitoring.routing import websocket_urlpatterns  # noqa: E402
-from trainings.api.agent_views import DIRECT_SCOPE_KEY  # noqa: E402
+from trainings.api.agent_views import DIRECT_SCOPE_KEY, SPOOLED_BODY_SCOPE_KEY  # noqa: E402
+from versioning.blobs import BlobSpoolWriter, BlobTooLarge  # noqa: E402
 
 LONG_POLL_PATH = "/api/v1/agent/tasks/next"
 #: One-thread executors kept for Django's requests (more are made, and dropped after, under a burst).
@@ -111,11 +116,89 @@ class AgentLongPollRouter:
             await self.django_app(scope, receive, send)
 
 
+def _is_raw_upload(scope: dict[str, Any]) -> bool:
+    if scope["type"] != "http" or scope.get("method") != "POST":
+        return False
+    if not UPLOAD_PATH.match(scope.get("path", "")):
+        return False
+    for name, value in scope.get("headers", []):
+        if name == b"content-type":
+            return value.split(b";", 1)[0].strip().lower() == b"application/octet-stream"
+    return False
+
+
+async def _spool_body(receive: Any, writer: BlobSpoolWriter) -> bool:
+    """Write the request's body chunks to ``writer``; return False if the request ended before its body."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return False
+        writer.write(message.get("body", b""))
+        if not message.get("more_body", False):
+            return True
+
+
+class RawUploadSpooler:
+    """Spool a raw update upload's body to its blob file as it arrives, then hand Django an empty body.
+
+    Behind :class:`~fedsite.limits.RequestLimitsMiddleware`: a declared length over the upload limit was
+    answered 413 before one byte was read, and a longer body is cut off there (its ``receive`` then says
+    ``http.disconnect``: the file is removed and nothing is stored). Each chunk is hashed and written once
+    (``versioning.blobs.BlobSpoolWriter``); the view's service holds the size to the task's own limit and
+    validates the file, which becomes the blob when the update is accepted. The file is removed after the
+    response whatever happened (a no-op once it was moved into the store). Every other request passes
+    through untouched.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if not _is_raw_upload(scope):
+            await self.app(scope, receive, send)
+            return
+        writer = BlobSpoolWriter(max_bytes=body_limit_for(scope["path"]).max_bytes)
+        try:
+            complete = await _spool_body(receive, writer)
+        except BlobTooLarge:
+            writer.discard()
+            await send_error(
+                send,
+                413,
+                "payload_too_large",
+                f"The request body is larger than {writer.max_bytes} bytes, the most this endpoint accepts.",
+                {"max_bytes": writer.max_bytes},
+            )
+            return
+        except BaseException:
+            writer.discard()
+            raise
+        if not complete:  # the client left, or the limits middleware answered 408 / 413 already
+            writer.discard()
+            return
+        spooled = writer.finish()
+        delivered = False
+
+        async def empty_body_then_passthrough() -> dict[str, Any]:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            return await receive()  # Django listening for a disconnect
+
+        try:
+            await self.app({**scope, SPOOLED_BODY_SCOPE_KEY: spooled}, empty_body_then_passthrough, send)
+        finally:
+            writer.discard()  # not accepted, or already moved into the store
+
+
 application = ProtocolTypeRouter(
     {
         # Per-endpoint body limits and read deadlines before Django reads a byte (fedsite/limits.py).
         "http": RequestLimitsMiddleware(
-            BlobSendMiddleware(AgentLongPollRouter(ReusedThreadASGIHandler(), LongPollHandler()))
+            BlobSendMiddleware(
+                AgentLongPollRouter(RawUploadSpooler(ReusedThreadASGIHandler()), LongPollHandler())
+            )
         ),
         "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }

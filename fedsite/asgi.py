@@ -30,12 +30,14 @@ import threading  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from typing import Any  # noqa: E402
 
-from asgiref.sync import ThreadSensitiveContext  # noqa: E402
+from asgiref.sync import ThreadSensitiveContext, sync_to_async  # noqa: E402
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.core.handlers.asgi import ASGIHandler  # noqa: E402
+from django.core.handlers.base import BaseHandler  # noqa: E402
 from django.core.handlers.exception import convert_exception_to_response  # noqa: E402
+from django.http import FileResponse  # noqa: E402
 
 from fedsite.http_protocol import BlobSendMiddleware  # noqa: E402
 from fedsite.limits import UPLOAD_PATH, RequestLimitsMiddleware, body_limit_for, send_error  # noqa: E402
@@ -49,17 +51,26 @@ REQUEST_THREADS_KEPT = 16
 
 
 class ReusedThreadASGIHandler(ASGIHandler):
-    """Django's ASGI handler, running each request's sync code on a kept one-thread executor.
+    """Django's ASGI handler, running each request's middleware chain and view in ONE trip to a kept thread.
 
     Django gives every request a ``ThreadSensitiveContext``, which starts a new thread for the request's
     first sync call and joins it at the end: a thread start and stop per upload or download. Here the
     context runs on one of :data:`REQUEST_THREADS_KEPT` executors handed from request to request (one
     request at a time each, as Django requires; a WSGI server reuses its threads the same way); when all
     are busy, a request gets a new one, shut down after it.
+
+    The middleware chain is loaded in its synchronous mode and called once in that thread, as a WSGI
+    server would. In its asynchronous mode every ``MiddlewareMixin`` middleware (all of Django's own,
+    Prometheus', django-axes') hands ``process_request`` and ``process_response`` to the request's thread
+    and back, about twenty trips per request: a profile of 50 agents' rounds found a fifth of the
+    server's GIL time in those hand-overs (``ThreadPoolExecutor.submit``, ``_restore_context``). The same
+    middleware runs in the same order; an async view (none is routed here) would run through
+    ``async_to_sync`` as under WSGI.
     """
 
     def __init__(self, kept: int = REQUEST_THREADS_KEPT) -> None:
-        super().__init__()
+        BaseHandler.__init__(self)
+        self.load_middleware(is_async=False)
         self._kept = kept
         self._lock = threading.Lock()
         self._idle: list[ThreadPoolExecutor] = []
@@ -76,6 +87,14 @@ class ReusedThreadASGIHandler(ASGIHandler):
                 self._idle.append(executor)
                 return
         executor.shutdown(wait=False)
+
+    async def run_get_response(self, request: Any) -> Any:
+        """The synchronous chain and view, in one trip to this request's thread (see the class docstring)."""
+        response = await sync_to_async(self.get_response, thread_sensitive=True)(request)
+        response._handler_class = self.__class__
+        if isinstance(response, FileResponse):  # as ASGIHandler: the server chunks the body itself
+            response.block_size = self.chunk_size
+        return response
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":

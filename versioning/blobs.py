@@ -199,6 +199,9 @@ class BlobHashMismatch(Exception):
         self.name, self.expected, self.actual = name, expected, actual
 
 
+#: ``BlobHashMismatch.actual`` of a blob whose file is not there at all.
+MISSING_BLOB = "absent (the file is missing)"
+
 #: (path, sha256) -> (size, mtime_ns, inode) of the file when this process last hashed it and it matched.
 _verified_files: dict[tuple[str, str], tuple[int, int, int]] = {}
 
@@ -209,12 +212,16 @@ def blob_verified_path(name: str, sha256: str) -> tuple[str, int] | None:
     The file is hashed (one sequential read) the first time this process asks for it and whenever its
     size, mtime or inode changed since; in between a blob, immutable and content-addressed, costs one
     ``stat``. Raises :class:`BlobHashMismatch` when the bytes do not match (nothing is remembered then, so
-    every later call hashes again and refuses again).
+    every later call hashes again and refuses again), and when the file is missing (``actual`` says so).
     """
     path = blob_local_path(name)
     if path is None:
         return None
-    stat = os.stat(path)
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        _verified_files.pop((path, sha256), None)
+        raise BlobHashMismatch(name, sha256, MISSING_BLOB) from None
     signature = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
     if _verified_files.get((path, sha256)) != signature:
         digest = hashlib.sha256()

@@ -208,7 +208,9 @@ def run_one(args: argparse.Namespace, agents: int) -> dict[str, Any]:
         "DATABASE_URL": f"{args.pg}/{args.database}",
         "REDIS_URL": f"redis://127.0.0.1:6379/{args.redis_db}",
         "FEDSITE_VAR_DIR": str(workdir),
-        "FEDSITE_MEDIA_ROOT": str(workdir / "media"),
+        # One blob store for every N of this invocation: this process sets Django up once (the first N's
+        # settings stay), and it writes each training's version 0 that the server then serves.
+        "FEDSITE_MEDIA_ROOT": os.environ["FEDSITE_MEDIA_ROOT"],
         "FEDSITE_PUBLIC_BASE_URL": server_url,
         "OPENBLAS_NUM_THREADS": "1",
         "FEDSITE_METRICS_TOKEN": "bench-metrics-token",  # the bench reads the server's long-poll gauge
@@ -471,12 +473,17 @@ def main() -> None:
         return
     limit = raise_file_limit()
     results = []
-    for n in [int(x) for x in args.agents.split(",") if x.strip()]:
-        if n + 1000 > limit:
-            print(f"skipping N={n}: open-file limit {limit}", file=sys.stderr)
-            continue
-        results.append(run_one(args, n))
-        print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    media = tempfile.mkdtemp(prefix="long-poll-load-media-")  # see run_one
+    os.environ["FEDSITE_MEDIA_ROOT"] = media
+    try:
+        for n in [int(x) for x in args.agents.split(",") if x.strip()]:
+            if n + 1000 > limit:
+                print(f"skipping N={n}: open-file limit {limit}", file=sys.stderr)
+                continue
+            results.append(run_one(args, n))
+            print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    finally:
+        subprocess.run(["rm", "-rf", media], check=False)
     load = os.getloadavg()
     print(
         f"machine: {os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (shared); "

@@ -26,6 +26,7 @@ from django.core.asgi import get_asgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "fedsite.settings")
 get_asgi_application()  # django.setup(); the HTTP handler used is ReusedThreadASGIHandler below
 
+import itertools  # noqa: E402
 import threading  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from typing import Any  # noqa: E402
@@ -48,6 +49,8 @@ from versioning.blobs import BlobSpoolWriter, BlobTooLarge  # noqa: E402
 LONG_POLL_PATH = "/api/v1/agent/tasks/next"
 #: One-thread executors kept for Django's requests (more are made, and dropped after, under a burst).
 REQUEST_THREADS_KEPT = 16
+#: One-thread executors the long-polls share for Django's plumbing around the view (LongPollHandler).
+LONG_POLL_PLUMBING_THREADS = 4
 
 
 class ReusedThreadASGIHandler(ASGIHandler):
@@ -108,7 +111,26 @@ class ReusedThreadASGIHandler(ASGIHandler):
 
 
 class LongPollHandler(ASGIHandler):
-    """Django's ASGI handler for the agent long-poll alone: URL resolution and the view, nothing else."""
+    """Django's ASGI handler for the agent long-poll alone: URL resolution and the view, nothing else.
+
+    Django's own plumbing around the view still makes two thread-sensitive calls per request (the
+    ``request_started`` receivers, and closing the response, which sends ``request_finished``). Without a
+    ``ThreadSensitiveContext`` asgiref runs them all on ONE process-wide thread; with thousands of agents
+    polling that thread was the queue every poll waited in (polls unanswered for a minute at 5,000
+    agents). Here each poll's context uses one of :data:`LONG_POLL_PLUMBING_THREADS` kept one-thread
+    executors, in turn: no thread per poll, and no single thread for all of them. The receivers act on the
+    calling thread's database connections and caches, which the poll's own database work (on the event
+    loop's executor, connection handed back after each call) never uses.
+    """
+
+    def __init__(self, threads: int = LONG_POLL_PLUMBING_THREADS) -> None:
+        super().__init__()
+        self._executors = [
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="long-poll-plumbing") for _ in range(threads)
+        ]
+        for executor in self._executors:
+            executor.submit(int).result()  # start the threads now, not under the first burst of polls
+        self._turn = itertools.count()
 
     def load_middleware(self, is_async: bool = False) -> None:
         self._view_middleware: list[Any] = []
@@ -117,8 +139,11 @@ class LongPollHandler(ASGIHandler):
         self._middleware_chain = convert_exception_to_response(self._get_response_async)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        # No ThreadSensitiveContext: it would start a thread for this request and keep it for the wait.
-        await self.handle({**scope, DIRECT_SCOPE_KEY: True}, receive, send)
+        # Not Django's ThreadSensitiveContext, which would start a thread for this request and keep it for
+        # the whole wait: a kept executor shared with other polls (see the class docstring).
+        executor = self._executors[next(self._turn) % len(self._executors)]
+        async with ThreadSensitiveContext(executor=executor):
+            await self.handle({**scope, DIRECT_SCOPE_KEY: True}, receive, send)
 
 
 class AgentLongPollRouter:

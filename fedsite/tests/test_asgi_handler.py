@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 import pytest
@@ -62,3 +63,41 @@ def test_a_request_crosses_to_its_thread_a_few_times_not_once_per_middleware(mon
     # two more per MiddlewareMixin middleware (process_request and process_response), about twenty
     assert 1 <= len(crossings) <= 3, crossings
     assert any("get_response" in name for name in crossings), crossings
+
+
+@pytest.mark.django_db(transaction=True)
+def test_long_polls_share_a_few_kept_threads_for_djangos_plumbing_not_one_for_all(make_agent: Any) -> None:
+    import httpx
+    from django.core.signals import request_started
+    from django.db import connection
+
+    from fedsite.asgi import LONG_POLL_PLUMBING_THREADS, application
+
+    tokens = [make_agent()[1] for _ in range(3 * LONG_POLL_PLUMBING_THREADS)]
+    connection.close()
+    seen: list[threading.Thread] = []
+
+    def record(**kwargs: Any) -> None:
+        seen.append(threading.current_thread())
+
+    async def polls() -> list[int]:
+        transport = httpx.ASGITransport(app=application)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            responses = await asyncio.gather(
+                *(
+                    client.get("/api/v1/agent/tasks/next?wait=0", headers={"Authorization": f"Bearer {t}"})
+                    for t in tokens
+                )
+            )
+        return [r.status_code for r in responses]
+
+    request_started.connect(record, weak=False)
+    try:
+        statuses = asyncio.run(polls())
+    finally:
+        request_started.disconnect(record)
+
+    assert statuses == [204] * len(tokens)
+    assert len(seen) == len(tokens)
+    assert all(thread.name.startswith("long-poll-plumbing") for thread in seen), seen
+    assert len(set(seen)) == LONG_POLL_PLUMBING_THREADS, seen  # in turn, not all on one

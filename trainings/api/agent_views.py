@@ -63,7 +63,8 @@ RECHECK_SECONDS = 2.0
 SHARED_RECHECK_SECONDS = 5.0
 #: How long a poll waits for this loop's wake-up listener to subscribe before trusting wake-ups.
 LISTENER_READY_SECONDS = 0.5
-#: Scope key set by ``fedsite.asgi.LongPollHandler``: no ThreadSensitiveContext around this request.
+#: Scope key set by ``fedsite.asgi.LongPollHandler``: no thread of this request's own; its database
+#: calls go to the event loop's shared executor.
 DIRECT_SCOPE_KEY = "fedsite.direct_long_poll"
 #: Scope key set by ``fedsite.asgi.RawUploadSpooler``: the raw upload body, already spooled
 #: (a ``versioning.blobs.SpooledBlob``); Django's handler saw an empty body.

@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import os
 import resource
 import signal
+import ssl
 import statistics
 import subprocess
 import sys
@@ -78,13 +80,13 @@ async def _agent_loop(client: Any, token: str, args: argparse.Namespace, stop_at
                 f"{args.server}/api/v1/agent/tasks/next", params={"wait": args.poll_wait}, headers=headers
             )
         except httpx.HTTPError as exc:
-            out({"error": f"poll {type(exc).__name__}"})
+            out({"error": f"poll {type(exc).__name__}", "at": time.time()})
             await asyncio.sleep(1.0)
             continue
         if response.status_code == 204:
             continue
         if response.status_code != 200:
-            out({"error": f"poll {response.status_code} {response.text[:120]}"})
+            out({"error": f"poll {response.status_code} {response.text[:120]}", "at": time.time()})
             await asyncio.sleep(1.0)
             continue
         received = time.time()
@@ -123,13 +125,19 @@ def client_main(args: argparse.Namespace) -> None:
     def out(record: dict[str, Any]) -> None:
         sink.write(json.dumps(record) + "\n")
 
+    # One TLS context for every client of this process (the server is plain http; httpx builds one per
+    # client otherwise, loading the CA bundle each time: 10-20 ms of CPU and about 0.6 MiB per agent, which
+    # at 1,250 agents per process kept the load generator's loop from sending its requests for tens of
+    # seconds, and the server rightly closed connections that sent no headers in time).
+    tls = ssl.create_default_context()
+
     async def one_agent(token: str, stop_at: float, index: int) -> None:
         # One client (and connection) per agent: httpx's pool scans its connections on every request, so
         # one pool shared by thousands of agents costs O(N) per request. Starts are spread over 10 s so
         # that thousands of connects do not overflow the server's listen backlog at once.
         await asyncio.sleep(10.0 * index / max(1, len(tokens)))
         timeout = httpx.Timeout(args.poll_wait + 30, connect=30)
-        async with httpx.AsyncClient(timeout=timeout) as client:
+        async with httpx.AsyncClient(timeout=timeout, verify=tls) as client:
             await _agent_loop(client, token, args, stop_at, out)
 
     async def main() -> None:
@@ -200,7 +208,9 @@ def run_one(args: argparse.Namespace, agents: int) -> dict[str, Any]:
         "DATABASE_URL": f"{args.pg}/{args.database}",
         "REDIS_URL": f"redis://127.0.0.1:6379/{args.redis_db}",
         "FEDSITE_VAR_DIR": str(workdir),
-        "FEDSITE_MEDIA_ROOT": str(workdir / "media"),
+        # One blob store for every N of this invocation: this process sets Django up once (the first N's
+        # settings stay), and it writes each training's version 0 that the server then serves.
+        "FEDSITE_MEDIA_ROOT": os.environ["FEDSITE_MEDIA_ROOT"],
         "FEDSITE_PUBLIC_BASE_URL": server_url,
         "OPENBLAS_NUM_THREADS": "1",
         "FEDSITE_METRICS_TOKEN": "bench-metrics-token",  # the bench reads the server's long-poll gauge
@@ -392,6 +402,8 @@ def run_one(args: argparse.Namespace, agents: int) -> dict[str, Any]:
             r["received"] - opened[r["round"]] for r in records if "received" in r and r["round"] in opened
         ]
         errors = [r["error"] for r in records if "error" in r]
+        # before the training: while N agents connect and open their first polls
+        warm_up_errors = sum(1 for r in records if "error" in r and r.get("at", run_started) < run_started)
         slow = sorted(
             (
                 round(r["received"] - opened[r["round"]], 3),
@@ -409,7 +421,9 @@ def run_one(args: argparse.Namespace, agents: int) -> dict[str, Any]:
             "tasks": tasks_issued,
             "delivered": len(latencies),
             "errors": len(errors),
-            "error_kinds": sorted(set(errors))[:5],
+            "warm_up_errors": warm_up_errors,
+            # each kind with its count, most frequent first (a transport error's class, or the status)
+            "error_kinds": collections.Counter(errors).most_common(8),
             "slow": slow[-10:],
             "p50": statistics.median(ordered) if ordered else float("nan"),
             "p99": ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
@@ -459,12 +473,17 @@ def main() -> None:
         return
     limit = raise_file_limit()
     results = []
-    for n in [int(x) for x in args.agents.split(",") if x.strip()]:
-        if n + 1000 > limit:
-            print(f"skipping N={n}: open-file limit {limit}", file=sys.stderr)
-            continue
-        results.append(run_one(args, n))
-        print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    media = tempfile.mkdtemp(prefix="long-poll-load-media-")  # see run_one
+    os.environ["FEDSITE_MEDIA_ROOT"] = media
+    try:
+        for n in [int(x) for x in args.agents.split(",") if x.strip()]:
+            if n + 1000 > limit:
+                print(f"skipping N={n}: open-file limit {limit}", file=sys.stderr)
+                continue
+            results.append(run_one(args, n))
+            print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    finally:
+        subprocess.run(["rm", "-rf", media], check=False)
     load = os.getloadavg()
     print(
         f"machine: {os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (shared); "
@@ -474,13 +493,15 @@ def main() -> None:
     )
     print("")
     print(
-        "| N agents polling | training | errors | tasks delivered | delivery p50 s | p99 s | max s "
+        "| N agents polling | training | errors (of which before the training) | tasks delivered "
+        "| delivery p50 s | p99 s | max s "
         "| server RSS peak MiB | server threads peak | server CPU s | run s | DB connections peak |"
     )
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(
-            f"| {r['agents']:,} | {r['status']} ({r['rounds']} rounds) | {r['errors']} "
+            f"| {r['agents']:,} | {r['status']} ({r['rounds']} rounds) "
+            f"| {r['errors']} ({r['warm_up_errors']}) "
             f"| {r['delivered']}/{r['tasks']} "
             f"| {r['p50']:.3f} | {r['p99']:.3f} | {r['max']:.3f} | {r['rss_mib']:.0f} | {r['threads']} "
             f"| {r['cpu']:.1f} | {r['run_seconds']:.1f} | {r['db_connections']} |"

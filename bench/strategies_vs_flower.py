@@ -60,11 +60,13 @@ to measure an older revision in the same way (that revision needs ``bench/_serve
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
 import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -239,6 +241,7 @@ def rule_setup(
         params = {**params, "cut_per_end": ours_cut}
 
     directory = tempfile.mkdtemp(prefix="bench-blobs-")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)  # N x 4 MB of blobs per worker process
     paths = write_blobs(deltas, directory)
     replies: list[Any] = []
 

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copy
 import hashlib
 import hmac
 import json
 import secrets
+import threading
+import time
 from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import IntegrityError, transaction
 from django.db.models import F
+from django.db.models.signals import post_delete, post_save
+from django.dispatch import receiver
 from django.utils import timezone
 
 from clients.models import Agent, EnrollmentKey, agent_id_validator
@@ -34,6 +39,60 @@ RESERVED_AGENT_IDS = frozenset({"leaderboard"})
 
 def _hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class _AgentTokenCache:
+    """Agents by token hash, trusted for ``FEDSITE_AGENT_TOKEN_CACHE_SECONDS`` without a query (per process).
+
+    Every agent request starts with the token lookup; an agent makes several requests a round (poll,
+    download, upload), often within a second. A status change or a token rotation through this module
+    (:func:`agent_set_status`, :func:`agent_rotate_token`), or any ``save()`` of the agent, drops its
+    entries at once in this process; in other processes (other web workers, Celery) an entry lives at
+    most the TTL, so a disabled agent is refused, and a quarantined one gets no new task, within that
+    many seconds everywhere. ``0`` turns the cache off. Callers get a copy: a request's changes to its
+    agent (``agent_touch``) never reach another request's.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[float, Agent]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, token_hash: str) -> Agent | None:
+        ttl = float(settings.FEDSITE_AGENT_TOKEN_CACHE_SECONDS)
+        if ttl <= 0:
+            return None
+        with self._lock:
+            entry = self._entries.get(token_hash)
+        if entry is None or entry[0] <= time.monotonic():
+            return None
+        return copy.copy(entry[1])
+
+    def put(self, token_hash: str, agent: Agent) -> None:
+        ttl = float(settings.FEDSITE_AGENT_TOKEN_CACHE_SECONDS)
+        if ttl <= 0:
+            return
+        now = time.monotonic()
+        with self._lock:
+            if len(self._entries) >= AGENT_TOKEN_CACHE_MAX_ENTRIES:  # drop the expired, then if need be all
+                self._entries = {k: v for k, v in self._entries.items() if v[0] > now}
+                if len(self._entries) >= AGENT_TOKEN_CACHE_MAX_ENTRIES:
+                    self._entries.clear()
+            self._entries[token_hash] = (now + ttl, copy.copy(agent))
+
+    def forget(self, agent_pk: Any) -> None:
+        with self._lock:
+            self._entries = {k: v for k, v in self._entries.items() if v[1].pk != agent_pk}
+
+
+#: Bound on the token cache's entries (one per agent seen within the TTL; about 1 KiB each).
+AGENT_TOKEN_CACHE_MAX_ENTRIES = 100_000
+agent_token_cache = _AgentTokenCache()
+
+
+@receiver(post_save, sender=Agent)
+@receiver(post_delete, sender=Agent)
+def _forget_cached_agent(sender: Any, instance: Agent, **kwargs: Any) -> None:
+    agent_token_cache.forget(instance.pk)
 
 
 def _validate_agent_id(agent_id: Any) -> str:
@@ -196,7 +255,12 @@ def agent_authenticate(*, authorization: str | None, client_ip: str | None = Non
             "agents send their own fsa_ token as 'Authorization: Bearer <token>'.",
             code="invalid_token",
         )
-    agent = Agent.objects.filter(token_hash=_hash_secret(token)).first()
+    token_hash = _hash_secret(token)
+    agent = agent_token_cache.get(token_hash)
+    if agent is None:
+        agent = Agent.objects.filter(token_hash=token_hash).first()
+        if agent is not None:
+            agent_token_cache.put(token_hash, agent)
     if agent is None:
         auth_failure_record(scope="agent_token", client_ip=client_ip)
         raise AuthenticationFailed(

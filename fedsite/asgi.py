@@ -10,6 +10,10 @@ loop, each holding a future and a socket, no thread (trainings/wakeup.py). Its d
 event loop's shared executor. It is an async view that authenticates with the agent token itself, sets no
 cookie and reads no session, so the middleware it skips (sessions, CSRF, messages, authentication,
 clickjacking, security headers on a JSON response, Prometheus' request counters) has nothing to do for it.
+A raw update upload (``POST /api/v1/agent/tasks/<id>/update``, ``application/octet-stream``) is spooled by
+:class:`RawUploadSpooler` as its body arrives: each chunk is hashed, counted and written once to the file
+that becomes the blob, instead of Django's buffering of the whole body, then a copy of it into a file
+hashed in a second pass. Django's handler then sees an empty body and the view takes the spooled file.
 Model downloads whose blob is sent from a file (``trainings.api.agent_views.BlobFileResponse``) leave the
 application as one ``http.response.pathsend`` message when the server offers the extension
 (fedsite/http_protocol.py), else in large chunks read here (:class:`BlobSendMiddleware`).
@@ -22,39 +26,54 @@ from django.core.asgi import get_asgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "fedsite.settings")
 get_asgi_application()  # django.setup(); the HTTP handler used is ReusedThreadASGIHandler below
 
+import itertools  # noqa: E402
 import threading  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from typing import Any  # noqa: E402
 
-from asgiref.sync import ThreadSensitiveContext  # noqa: E402
+from asgiref.sync import ThreadSensitiveContext, sync_to_async  # noqa: E402
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.core.handlers.asgi import ASGIHandler  # noqa: E402
+from django.core.handlers.base import BaseHandler  # noqa: E402
 from django.core.handlers.exception import convert_exception_to_response  # noqa: E402
+from django.http import FileResponse  # noqa: E402
 
 from fedsite.http_protocol import BlobSendMiddleware  # noqa: E402
-from fedsite.limits import RequestLimitsMiddleware  # noqa: E402
+from fedsite.limits import UPLOAD_PATH, RequestLimitsMiddleware, body_limit_for, send_error  # noqa: E402
 from monitoring.routing import websocket_urlpatterns  # noqa: E402
-from trainings.api.agent_views import DIRECT_SCOPE_KEY  # noqa: E402
+from trainings.api.agent_views import DIRECT_SCOPE_KEY, SPOOLED_BODY_SCOPE_KEY  # noqa: E402
+from versioning.blobs import BlobSpoolWriter, BlobTooLarge  # noqa: E402
 
 LONG_POLL_PATH = "/api/v1/agent/tasks/next"
 #: One-thread executors kept for Django's requests (more are made, and dropped after, under a burst).
 REQUEST_THREADS_KEPT = 16
+#: One-thread executors the long-polls share for Django's plumbing around the view (LongPollHandler).
+LONG_POLL_PLUMBING_THREADS = 4
 
 
 class ReusedThreadASGIHandler(ASGIHandler):
-    """Django's ASGI handler, running each request's sync code on a kept one-thread executor.
+    """Django's ASGI handler, running each request's middleware chain and view in ONE trip to a kept thread.
 
     Django gives every request a ``ThreadSensitiveContext``, which starts a new thread for the request's
     first sync call and joins it at the end: a thread start and stop per upload or download. Here the
     context runs on one of :data:`REQUEST_THREADS_KEPT` executors handed from request to request (one
     request at a time each, as Django requires; a WSGI server reuses its threads the same way); when all
     are busy, a request gets a new one, shut down after it.
+
+    The middleware chain is loaded in its synchronous mode and called once in that thread, as a WSGI
+    server would. In its asynchronous mode every ``MiddlewareMixin`` middleware (all of Django's own,
+    Prometheus', django-axes') hands ``process_request`` and ``process_response`` to the request's thread
+    and back, about twenty trips per request: a profile of 50 agents' rounds found a fifth of the
+    server's GIL time in those hand-overs (``ThreadPoolExecutor.submit``, ``_restore_context``). The same
+    middleware runs in the same order; an async view (none is routed here) would run through
+    ``async_to_sync`` as under WSGI.
     """
 
     def __init__(self, kept: int = REQUEST_THREADS_KEPT) -> None:
-        super().__init__()
+        BaseHandler.__init__(self)
+        self.load_middleware(is_async=False)
         self._kept = kept
         self._lock = threading.Lock()
         self._idle: list[ThreadPoolExecutor] = []
@@ -72,6 +91,14 @@ class ReusedThreadASGIHandler(ASGIHandler):
                 return
         executor.shutdown(wait=False)
 
+    async def run_get_response(self, request: Any) -> Any:
+        """The synchronous chain and view, in one trip to this request's thread (see the class docstring)."""
+        response = await sync_to_async(self.get_response, thread_sensitive=True)(request)
+        response._handler_class = self.__class__
+        if isinstance(response, FileResponse):  # as ASGIHandler: the server chunks the body itself
+            response.block_size = self.chunk_size
+        return response
+
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             raise ValueError(f"Django can only handle ASGI/HTTP connections, not {scope['type']}.")
@@ -84,7 +111,26 @@ class ReusedThreadASGIHandler(ASGIHandler):
 
 
 class LongPollHandler(ASGIHandler):
-    """Django's ASGI handler for the agent long-poll alone: URL resolution and the view, nothing else."""
+    """Django's ASGI handler for the agent long-poll alone: URL resolution and the view, nothing else.
+
+    Django's own plumbing around the view still makes two thread-sensitive calls per request (the
+    ``request_started`` receivers, and closing the response, which sends ``request_finished``). Without a
+    ``ThreadSensitiveContext`` asgiref runs them all on ONE process-wide thread; with thousands of agents
+    polling that thread was the queue every poll waited in (polls unanswered for a minute at 5,000
+    agents). Here each poll's context uses one of :data:`LONG_POLL_PLUMBING_THREADS` kept one-thread
+    executors, in turn: no thread per poll, and no single thread for all of them. The receivers act on the
+    calling thread's database connections and caches, which the poll's own database work (on the event
+    loop's executor, connection handed back after each call) never uses.
+    """
+
+    def __init__(self, threads: int = LONG_POLL_PLUMBING_THREADS) -> None:
+        super().__init__()
+        self._executors = [
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="long-poll-plumbing") for _ in range(threads)
+        ]
+        for executor in self._executors:
+            executor.submit(int).result()  # start the threads now, not under the first burst of polls
+        self._turn = itertools.count()
 
     def load_middleware(self, is_async: bool = False) -> None:
         self._view_middleware: list[Any] = []
@@ -93,8 +139,11 @@ class LongPollHandler(ASGIHandler):
         self._middleware_chain = convert_exception_to_response(self._get_response_async)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        # No ThreadSensitiveContext: it would start a thread for this request and keep it for the wait.
-        await self.handle({**scope, DIRECT_SCOPE_KEY: True}, receive, send)
+        # Not Django's ThreadSensitiveContext, which would start a thread for this request and keep it for
+        # the whole wait: a kept executor shared with other polls (see the class docstring).
+        executor = self._executors[next(self._turn) % len(self._executors)]
+        async with ThreadSensitiveContext(executor=executor):
+            await self.handle({**scope, DIRECT_SCOPE_KEY: True}, receive, send)
 
 
 class AgentLongPollRouter:
@@ -111,11 +160,89 @@ class AgentLongPollRouter:
             await self.django_app(scope, receive, send)
 
 
+def _is_raw_upload(scope: dict[str, Any]) -> bool:
+    if scope["type"] != "http" or scope.get("method") != "POST":
+        return False
+    if not UPLOAD_PATH.match(scope.get("path", "")):
+        return False
+    for name, value in scope.get("headers", []):
+        if name == b"content-type":
+            return value.split(b";", 1)[0].strip().lower() == b"application/octet-stream"
+    return False
+
+
+async def _spool_body(receive: Any, writer: BlobSpoolWriter) -> bool:
+    """Write the request's body chunks to ``writer``; return False if the request ended before its body."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return False
+        writer.write(message.get("body", b""))
+        if not message.get("more_body", False):
+            return True
+
+
+class RawUploadSpooler:
+    """Spool a raw update upload's body to its blob file as it arrives, then hand Django an empty body.
+
+    Behind :class:`~fedsite.limits.RequestLimitsMiddleware`: a declared length over the upload limit was
+    answered 413 before one byte was read, and a longer body is cut off there (its ``receive`` then says
+    ``http.disconnect``: the file is removed and nothing is stored). Each chunk is hashed and written once
+    (``versioning.blobs.BlobSpoolWriter``); the view's service holds the size to the task's own limit and
+    validates the file, which becomes the blob when the update is accepted. The file is removed after the
+    response whatever happened (a no-op once it was moved into the store). Every other request passes
+    through untouched.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if not _is_raw_upload(scope):
+            await self.app(scope, receive, send)
+            return
+        writer = BlobSpoolWriter(max_bytes=body_limit_for(scope["path"]).max_bytes)
+        try:
+            complete = await _spool_body(receive, writer)
+        except BlobTooLarge:
+            writer.discard()
+            await send_error(
+                send,
+                413,
+                "payload_too_large",
+                f"The request body is larger than {writer.max_bytes} bytes, the most this endpoint accepts.",
+                {"max_bytes": writer.max_bytes},
+            )
+            return
+        except BaseException:
+            writer.discard()
+            raise
+        if not complete:  # the client left, or the limits middleware answered 408 / 413 already
+            writer.discard()
+            return
+        spooled = writer.finish()
+        delivered = False
+
+        async def empty_body_then_passthrough() -> dict[str, Any]:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            return await receive()  # Django listening for a disconnect
+
+        try:
+            await self.app({**scope, SPOOLED_BODY_SCOPE_KEY: spooled}, empty_body_then_passthrough, send)
+        finally:
+            writer.discard()  # not accepted, or already moved into the store
+
+
 application = ProtocolTypeRouter(
     {
         # Per-endpoint body limits and read deadlines before Django reads a byte (fedsite/limits.py).
         "http": RequestLimitsMiddleware(
-            BlobSendMiddleware(AgentLongPollRouter(ReusedThreadASGIHandler(), LongPollHandler()))
+            BlobSendMiddleware(
+                AgentLongPollRouter(RawUploadSpooler(ReusedThreadASGIHandler()), LongPollHandler())
+            )
         ),
         "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }

@@ -299,6 +299,9 @@ FEDSITE_DASHBOARD_PORT = FEDSITE_SEED_CONFIG.dashboard_port
 FEDSITE_CPU_CORES = FEDSITE_SEED_CONFIG.cpu_cores
 FEDSITE_HEARTBEAT_INTERVAL = env.int("FEDSITE_HEARTBEAT_INTERVAL", default=15)
 FEDSITE_AGENT_TIMEOUT = env.int("FEDSITE_AGENT_TIMEOUT", default=90)
+# Seconds an agent token, once looked up, is trusted without a query in each process (0: off). A disabled
+# agent is refused within this time in every process (at once in the one that disabled it).
+FEDSITE_AGENT_TOKEN_CACHE_SECONDS = env.float("FEDSITE_AGENT_TOKEN_CACHE_SECONDS", default=5.0)
 FEDSITE_LONG_POLL_MAX = env.int("FEDSITE_LONG_POLL_MAX", default=60)
 FEDSITE_ROUND_TIMEOUT = env.float("FEDSITE_ROUND_TIMEOUT", default=300.0)
 FEDSITE_MAX_ROUND_ATTEMPTS = env.int("FEDSITE_MAX_ROUND_ATTEMPTS", default=5)

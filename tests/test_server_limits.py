@@ -27,7 +27,7 @@ import numpy as np
 import psutil
 import pytest
 
-from tests.live import ROOT, database_url, free_port, wait_healthy
+from tests.live import ROOT, database_url, free_port, wait_for, wait_healthy
 
 MiB = 1024 * 1024
 GLOBAL_UPDATE_CAP = 4 * MiB  # FEDSITE_MAX_UPDATE_BYTES of the server under test
@@ -50,8 +50,10 @@ def server(transactional_db: Any, tmp_path: Path) -> Iterator[dict[str, Any]]:
             "FEDSITE_UPLOAD_TIMEOUT": "20",
             "FEDSITE_KEEP_ALIVE_TIMEOUT": "2",
             "PYTHONUNBUFFERED": "1",
+            "TMPDIR": str(tmp_path / "tmp"),  # where uploads are spooled: checked empty after each one
         }
     )
+    (tmp_path / "tmp").mkdir()
     port = free_port()
     log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed below
     process = subprocess.Popen(
@@ -64,7 +66,14 @@ def server(transactional_db: Any, tmp_path: Path) -> Iterator[dict[str, Any]]:
     base = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(base, process=process, log=tmp_path / "server.log")
-        yield {"base": base, "port": port, "pid": process.pid, "log": tmp_path / "server.log"}
+        yield {
+            "base": base,
+            "port": port,
+            "pid": process.pid,
+            "log": tmp_path / "server.log",
+            "tmp": tmp_path / "tmp",
+            "media": tmp_path / "media",
+        }
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -329,3 +338,80 @@ def test_uploads_stream_through_the_real_server(
     assert too_big["json"]["error"]["code"] == "update_too_large"
     assert too_big["json"]["error"]["details"] == {"max_update_bytes": limit}
     assert not ClientUpdate.objects.filter(task=task_b).exists()
+
+
+@pytest.mark.e2e
+def test_raw_uploads_are_spooled_as_they_arrive_and_nothing_is_kept_when_refused(
+    server: dict[str, Any], make_agent: Any, make_training: Any
+) -> None:
+    """The ASGI layer spools a raw body to the blob file as it arrives (fedsite.asgi.RawUploadSpooler):
+    an accepted one becomes the blob byte for byte; a refused one, or one cut off by its client, leaves no
+    row, no blob and no temporary file."""
+    import hashlib
+
+    from flcore.parameters import ParameterSpec, to_bytes
+    from trainings import services
+    from trainings.models import ClientUpdate
+
+    agent, token = make_agent()
+    training = make_training(min_clients_per_round=1, max_clients_per_round=1)
+    task = services.task_next_for_agent(agent=agent)
+    spec = ParameterSpec.from_json(training.parameter_spec)
+    shapes = {t.name: t.shape for t in spec.tensors}
+    good = to_bytes({name: np.full(shape, 0.25, dtype=np.float32) for name, shape in shapes.items()})
+    other = to_bytes({name: np.full(shape, 0.5, dtype=np.float32) for name, shape in shapes.items()})
+    with_nan = {name: np.zeros(shape, dtype=np.float32) for name, shape in shapes.items()}
+    next(iter(with_nan.values())).flat[0] = np.nan
+    wrong_shape = {name: np.zeros((3,), dtype=np.float32) for name in shapes}
+    limit = services.update_max_bytes(training)
+    url = f"/api/v1/agent/tasks/{task.pk}/update"
+    headers = {
+        "Content-Type": "application/octet-stream",
+        "X-Update-Meta": '{"num_examples": 5}',
+        "Authorization": f"Bearer {token}",
+    }
+
+    def blobs() -> list[Path]:
+        return sorted(p for p in server["media"].rglob("*.safetensors"))
+
+    def leftovers() -> list[str]:
+        return sorted(p.name for p in server["tmp"].iterdir() if p.name.startswith("fedsite-upload-"))
+
+    before = blobs()
+    with httpx.Client(base_url=server["base"], timeout=SOCKET_TIMEOUT) as client:
+        refused = {
+            "garbage": client.post(url, content=b"\x00" * len(good), headers=headers),
+            "not finite": client.post(url, content=to_bytes(with_nan), headers=headers),
+            "wrong shapes": client.post(url, content=to_bytes(wrong_shape), headers=headers),
+            "over the task's limit": client.post(url, content=b"x" * (limit + 1), headers=headers),
+        }
+        for what, response in refused.items():
+            assert 400 <= response.status_code < 500, (what, response.status_code, response.text)
+            assert response.json()["error"]["message"], what
+        assert refused["garbage"].json()["error"]["code"].startswith("bad_update_")
+        assert refused["not finite"].json()["error"]["code"].startswith("bad_update_")
+        assert refused["over the task's limit"].status_code == 413
+        assert refused["over the task's limit"].json()["error"]["code"] == "update_too_large"
+        assert not ClientUpdate.objects.filter(task=task).exists()
+        assert blobs() == before and leftovers() == []
+
+        # a client that goes away half-way through its body
+        with _connect(server["port"]) as sock:
+            sock.sendall(_head("POST", url, {**headers, "Content-Length": str(len(good))}))
+            sock.sendall(good[: len(good) // 2])
+        wait_for(lambda: leftovers() == [], 10, "the half-sent body's spool file to be removed", leftovers)
+
+        accepted = client.post(url, content=good, headers=headers)
+        assert accepted.status_code == 201, accepted.text
+        again = client.post(url, content=good, headers=headers)
+        different = client.post(url, content=other, headers=headers)
+
+    sha256 = hashlib.sha256(good).hexdigest()
+    stored = ClientUpdate.objects.get(task=task)
+    assert accepted.json()["sha256"] == stored.blob_sha256 == sha256 and stored.size_bytes == len(good)
+    [blob] = [p for p in blobs() if p not in before]
+    assert blob.read_bytes() == good and blob.name == f"{sha256}.safetensors"
+    assert again.status_code == 200 and again.json()["sha256"] == sha256  # idempotent
+    assert different.status_code == 409 and different.json()["error"]["code"] == "update_conflict"
+    assert ClientUpdate.objects.filter(task=task).count() == 1 and blob.read_bytes() == good
+    assert leftovers() == []

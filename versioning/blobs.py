@@ -63,6 +63,50 @@ class _SpooledFile(File):  # type: ignore[type-arg]
         return str(self.name)
 
 
+class BlobSpoolWriter:
+    """A temporary file fed chunk by chunk, hashed and counted as it grows, refused past ``max_bytes``.
+
+    What :func:`blob_spool` runs for a readable stream, and what the ASGI layer runs on the chunks of a raw
+    upload body as they arrive (``fedsite.asgi.RawUploadSpooler``): one write and one hash of each byte.
+    Call :meth:`finish` for the :class:`SpooledBlob`; the file is the caller's to remove, or
+    :func:`blob_save_spooled`'s to move into the store. :meth:`discard` closes and removes it.
+    """
+
+    def __init__(self, *, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.size = 0
+        self._digest = hashlib.sha256()
+        self._descriptor, self.path = tempfile.mkstemp(
+            prefix="fedsite-upload-", suffix=".part", dir=settings.FILE_UPLOAD_TEMP_DIR
+        )
+
+    def write(self, chunk: bytes) -> None:
+        """Append ``chunk``; raise :class:`BlobTooLarge` (nothing written) once the total passes the limit."""
+        self.size += len(chunk)
+        if self.size > self.max_bytes:
+            raise BlobTooLarge(self.size, self.max_bytes)
+        self._digest.update(chunk)
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(self._descriptor, view) :]
+
+    def finish(self) -> SpooledBlob:
+        """Close the file and return its path, SHA-256 and size."""
+        self._close()
+        return SpooledBlob(path=self.path, sha256=self._digest.hexdigest(), size=self.size)
+
+    def discard(self) -> None:
+        """Close and remove the file."""
+        self._close()
+        with suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def _close(self) -> None:
+        if self._descriptor >= 0:
+            os.close(self._descriptor)
+            self._descriptor = -1
+
+
 @contextmanager
 def blob_spool(source: Readable, *, max_bytes: int) -> Iterator[SpooledBlob]:
     """Copy ``source`` to a temporary file, hashing and counting as it goes; stop past ``max_bytes``.
@@ -71,26 +115,16 @@ def blob_spool(source: Readable, *, max_bytes: int) -> Iterator[SpooledBlob]:
     stream is not read). The temporary file is removed when the block ends, unless
     :func:`blob_save_spooled` moved it into the store.
     """
-    digest = hashlib.sha256()
-    size = 0
-    descriptor, path = tempfile.mkstemp(
-        prefix="fedsite-upload-", suffix=".part", dir=settings.FILE_UPLOAD_TEMP_DIR
-    )
+    writer = BlobSpoolWriter(max_bytes=max_bytes)
     try:
-        with os.fdopen(descriptor, "wb") as handle:
-            while True:
-                chunk = source.read(SPOOL_CHUNK_BYTES)
-                if not chunk:
-                    break
-                size += len(chunk)
-                if size > max_bytes:
-                    raise BlobTooLarge(size, max_bytes)
-                digest.update(chunk)
-                handle.write(chunk)
-        yield SpooledBlob(path=path, sha256=digest.hexdigest(), size=size)
+        while True:
+            chunk = source.read(SPOOL_CHUNK_BYTES)
+            if not chunk:
+                break
+            writer.write(chunk)
+        yield writer.finish()
     finally:
-        with suppress(FileNotFoundError):  # moved into the store
-            os.unlink(path)
+        writer.discard()  # a no-op once moved into the store
 
 
 def _store(name: str, content: File) -> None:  # type: ignore[type-arg]
@@ -165,6 +199,9 @@ class BlobHashMismatch(Exception):
         self.name, self.expected, self.actual = name, expected, actual
 
 
+#: ``BlobHashMismatch.actual`` of a blob whose file is not there at all.
+MISSING_BLOB = "absent (the file is missing)"
+
 #: (path, sha256) -> (size, mtime_ns, inode) of the file when this process last hashed it and it matched.
 _verified_files: dict[tuple[str, str], tuple[int, int, int]] = {}
 
@@ -175,12 +212,16 @@ def blob_verified_path(name: str, sha256: str) -> tuple[str, int] | None:
     The file is hashed (one sequential read) the first time this process asks for it and whenever its
     size, mtime or inode changed since; in between a blob, immutable and content-addressed, costs one
     ``stat``. Raises :class:`BlobHashMismatch` when the bytes do not match (nothing is remembered then, so
-    every later call hashes again and refuses again).
+    every later call hashes again and refuses again), and when the file is missing (``actual`` says so).
     """
     path = blob_local_path(name)
     if path is None:
         return None
-    stat = os.stat(path)
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        _verified_files.pop((path, sha256), None)
+        raise BlobHashMismatch(name, sha256, MISSING_BLOB) from None
     signature = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
     if _verified_files.get((path, sha256)) != signature:
         digest = hashlib.sha256()

@@ -32,6 +32,7 @@ import functools
 import json
 import math
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -73,6 +74,7 @@ __all__ = [
     "parallel_map",
     "sgd_step",
     "single_threaded_blas",
+    "transposed_chunk_size",
 ]
 
 STREAMING_CHUNK_SIZE = 65536
@@ -83,6 +85,14 @@ ELEMENTWISE_CHUNK_SIZE = 1 << 18
 
 CHUNK_TARGET_BYTES = 2 * 1024 * 1024
 """Size aimed at for one ``(n, c)`` float32 coordinate chunk: about an L2 cache, to partition in cache."""
+
+TRANSPOSED_CHUNK_TARGET_BYTES = 1024 * 1024
+"""Size aimed at for one ``(c, n)`` coordinate-major chunk (:meth:`FlatLayout.stack_transposed`).
+
+Each update's slice is written down one column of the chunk, so the whole chunk is rewritten once per
+update: it must stay in cache meanwhile. Measured at n = 100, P = 1M (``bench/strategies_vs_flower.py``):
+1 MiB chunks gather 30% faster than 256 KiB ones (fewer Python-level copies) and as fast as 2 MiB ones.
+"""
 
 _STATE_MARKER = "server_state"
 _STATE_GROUPS_KEY = "flcore.server_state.groups"
@@ -368,6 +378,11 @@ def default_chunk_size(num_updates: int) -> int:
     return int(min(65536, max(1024, CHUNK_TARGET_BYTES // (4 * max(num_updates, 1)))))
 
 
+def transposed_chunk_size(num_updates: int) -> int:
+    """Coordinates per coordinate-major ``(c, n)`` chunk: about :data:`TRANSPOSED_CHUNK_TARGET_BYTES`."""
+    return int(min(65536, max(256, TRANSPOSED_CHUNK_TARGET_BYTES // (4 * max(num_updates, 1)))))
+
+
 def available_threads() -> int:
     """Return the CPUs this process may run on (its affinity mask), the default thread count of combine."""
     try:
@@ -516,6 +531,49 @@ class FlatLayout:
                     matrix[i, columns] = piece
         return matrix
 
+    def flat_views(self, updates: Sequence[Mapping[str, npt.NDArray[Any]]]) -> list[list[npt.NDArray[Any]]]:
+        """Return every update's tensors as flat views, in spec order: the input of :meth:`stack_transposed`.
+
+        Taken once per combination rather than once per chunk (a reshape per tensor and update).
+        """
+        return [[np.asarray(update[name]).reshape(-1) for name, _, _ in self._ranges] for update in updates]
+
+    def stack_transposed(
+        self,
+        views: Sequence[Sequence[npt.NDArray[Any]]],
+        start: int,
+        stop: int,
+        out: npt.NDArray[np.float32] | None = None,
+    ) -> npt.NDArray[np.float32]:
+        """Return the C-contiguous ``(stop - start, n)`` matrix whose row ``j`` is coordinate ``start + j``.
+
+        The coordinate-major layout the coordinate-wise rules sort along its last axis. Each update's
+        slice is copied straight down its column (one strided copy per update and tensor), which is about
+        three times faster than gathering ``(n, c)`` and transposing it (numpy's transposing copy walks
+        the source with a stride of one row, a cache line and often a page per element).
+
+        Parameters
+        ----------
+        views : sequence of sequences of ndarray
+            :meth:`flat_views` of the updates.
+        start, stop : int
+            The coordinates, ``0 <= start <= stop <= P``.
+        out : ndarray, optional
+            A C-contiguous float32 ``(m, n)`` scratch buffer with ``m >= stop - start``, reused from chunk to
+            chunk: the result is its first ``stop - start`` rows. A fresh megabyte per chunk would cost a
+            page fault per 4 KiB (glibc maps allocations this large afresh).
+        """
+        size = stop - start
+        matrix = np.empty((size, len(views)), dtype=np.float32) if out is None else out[:size]
+        for position, (_, begin, end) in enumerate(self._ranges):
+            if end <= start or begin >= stop:
+                continue
+            lo, hi = max(begin, start) - begin, min(end, stop) - begin
+            target = matrix[lo + begin - start : hi + begin - start]
+            for column, update in enumerate(views):
+                target[:, column] = update[position][lo:hi]
+        return matrix
+
 
 # --------------------------------------------------------------------------------------------------------
 # Strategy
@@ -560,6 +618,17 @@ def _gather(
     return matrix
 
 
+class _NonFiniteChunk(Exception):
+    """A gathered chunk holds NaN or Inf: the caller reads the updates again to name the culprit."""
+
+
+def _row_factors(scales: npt.NDArray[Any] | None) -> npt.NDArray[np.float32] | None:
+    """Return the ``(1, n)`` float32 factors that scale a coordinate-major chunk's columns, or ``None``."""
+    if scales is None or not bool(np.any(np.asarray(scales) != 1.0)):
+        return None
+    return np.asarray(scales, dtype=np.float32)[None, :]
+
+
 def _check_threads(threads: int | None) -> int:
     if threads is None:
         return available_threads()
@@ -593,6 +662,10 @@ class Strategy(abc.ABC):
         Whether chunked combination needs a global statistic first (:meth:`chunk_statistics`).
     needs_norms : bool
         Whether :meth:`update_weight` or :meth:`update_scale` depend on the update's norm.
+    coordinate_major : bool
+        Whether the chunked combination works on coordinate-major ``(c, n)`` chunks
+        (:meth:`combine_coordinates`, gathered by :meth:`FlatLayout.stack_transposed`) instead of
+        ``(n, c)`` ones: the coordinate-wise rules, which rank each coordinate's n values.
     """
 
     algorithm: ClassVar[AggregationAlgorithm]
@@ -600,6 +673,7 @@ class Strategy(abc.ABC):
     asynchronous: ClassVar[bool] = False
     needs_statistics: ClassVar[bool] = False
     needs_norms: ClassVar[bool] = False
+    coordinate_major: ClassVar[bool] = False
     HYPERPARAMETERS: ClassVar[tuple[Hyperparameter, ...]] = ()
     STATE_GROUPS: ClassVar[tuple[str, ...]] = ()
 
@@ -745,6 +819,22 @@ class Strategy(abc.ABC):
         mean = weights64 @ np.asarray(matrix, dtype=np.float64) / weights64.sum()
         return np.asarray(mean, dtype=np.float32)
 
+    def combine_coordinates(
+        self, coordinates: npt.NDArray[np.float32], weights: npt.NDArray[np.float64], context: Any = None
+    ) -> npt.NDArray[np.float32]:
+        """Combine one coordinate-major ``(c, n)`` chunk into ``(c,)`` float32 (row ``j``: coordinate ``j``).
+
+        The chunk is the caller's scratch copy: a rule may reorder each row in place. By default the same as
+        :meth:`combine_chunk` of the transposed chunk.
+        """
+        return self.combine_chunk(np.ascontiguousarray(coordinates.T), weights, context)
+
+    def chunk_size(self, num_updates: int) -> int:
+        """Return the default coordinates per chunk: cache-sized for this rule's layout."""
+        if self.coordinate_major:
+            return transposed_chunk_size(num_updates)
+        return default_chunk_size(num_updates)
+
     def range_statistics(
         self,
         layout: FlatLayout,
@@ -784,6 +874,17 @@ class Strategy(abc.ABC):
         """
         rows = self.combined_rows(context)
         out = np.empty(stop - start, dtype=np.float32)
+        if self.coordinate_major and rows is None:
+            views = layout.flat_views(updates)
+            factors = _row_factors(scales)
+            size = self.chunk_size(len(updates))
+            scratch = np.empty((min(size, stop - start), len(updates)), dtype=np.float32)
+            for begin, end in coordinate_chunks(stop - start, size):
+                coordinates = layout.stack_transposed(views, start + begin, start + end, scratch)
+                if factors is not None:
+                    coordinates *= factors
+                out[begin:end] = self.combine_coordinates(coordinates, weights, context)
+            return out
         for begin, end in coordinate_chunks(stop - start, default_chunk_size(len(updates))):
             matrix = _gather(layout, updates, start + begin, start + end, scales, rows)
             out[begin:end] = self.combine_chunk(matrix, weights, context)
@@ -918,12 +1019,17 @@ class Strategy(abc.ABC):
                 raise
             dots = accumulator.reference_dots
         else:
-            if not self.needs_norms:
+            # A coordinate-major rule checks each gathered chunk while it is in cache instead.
+            if not self.needs_norms and not self.coordinate_major:
                 _raise_if_non_finite(deltas, workers)
             reference_flat = None if reference is None else FlatLayout(spec).flatten(reference)
-            combined, context, dots = self._combine_chunked(
-                spec, deltas, weights, scales, chunk_size, workers, reference_flat
-            )
+            try:
+                combined, context, dots = self._combine_chunked(
+                    spec, deltas, weights, scales, chunk_size, workers, reference_flat
+                )
+            except _NonFiniteChunk:
+                _raise_if_non_finite(deltas, workers)
+                raise FlcoreError("An update contains NaN or Inf; every value must be finite.") from None
         metrics = {"num_updates": float(num_updates), **self.combination_metrics(weights, scales, context)}
         return combined, metrics, dots
 
@@ -944,7 +1050,7 @@ class Strategy(abc.ABC):
         by chunk, summed in chunk order (the returned list; empty without a reference).
         """
         layout = FlatLayout(spec)
-        size = chunk_size or default_chunk_size(len(deltas))
+        size = chunk_size or self.chunk_size(len(deltas))
         total = spec.num_parameters
         scaled = bool(np.any(scales != 1.0))
         ranges = list(coordinate_chunks(total, size))
@@ -978,10 +1084,26 @@ class Strategy(abc.ABC):
         rows = self.combined_rows(context)
 
         measure_here = not self.needs_statistics  # else the statistics pass measured every row
+        views = layout.flat_views(deltas) if self.coordinate_major and rows is None else None
+        factors = _row_factors(scales) if scaled else None
+        scratch = threading.local()  # one coordinate-major buffer per thread, reused chunk after chunk
 
         def combine_range(bounds: tuple[int, int]) -> None:
-            matrix = chunk(bounds, rows, measure=measure_here)
-            flat[bounds[0] : bounds[1]] = self.combine_chunk(matrix, weights, context)
+            if views is None:
+                matrix = chunk(bounds, rows, measure=measure_here)
+                flat[bounds[0] : bounds[1]] = self.combine_chunk(matrix, weights, context)
+                return
+            buffer = getattr(scratch, "buffer", None)
+            if buffer is None:
+                buffer = scratch.buffer = np.empty((min(size, total), len(deltas)), dtype=np.float32)
+            coordinates = layout.stack_transposed(views, *bounds, buffer)
+            if not self.needs_norms and not _all_finite(coordinates):
+                raise _NonFiniteChunk
+            if measure_here and reference is not None:
+                dots[index[bounds]] = reference[bounds[0] : bounds[1]] @ coordinates
+            if factors is not None:
+                coordinates *= factors
+            flat[bounds[0] : bounds[1]] = self.combine_coordinates(coordinates, weights, context)
 
         for _ in parallel_map(combine_range, ranges, workers):
             pass

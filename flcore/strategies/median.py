@@ -5,9 +5,15 @@ Every coordinate of the pseudo-gradient is the median of that coordinate over th
 ``n`` it is the mean of the two middle values (``np.median``'s convention).
 
 Invariants: the median is UNWEIGHTED - ``num_examples`` is ignored, because weighting would let a client
-that claims many examples move the median at will; each ``(n, c)`` coordinate chunk is transposed to a
-contiguous ``(c, n)`` copy whose rows are sorted in place (:func:`sort_coordinates`); the result is
-invariant to the order of the updates.
+that claims many examples move the median at will; the rule is coordinate-major: every chunk arrives as a
+contiguous ``(c, n)`` matrix (each update's slice copied down its column,
+:meth:`~flcore.strategies.base.FlatLayout.stack_transposed`) whose rows are sorted in place
+(:func:`median_of_rows`); the two middle values of an even n are averaged in float64; the result is
+invariant to the order of the updates and equal to ``np.median`` of the float64 values, cast to float32.
+
+Cost: one read of every update, one write and sort of a cache-sized ``(c, n)`` chunk per ``c``
+coordinates. numpy's vectorised sort of a short contiguous row (AVX2 here, about 2 ns per value at n = 100)
+is the largest part; a selection (``np.partition``) is scalar and slower for these row lengths.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ __all__ = [
     "CoordinateMedian",
     "by_column_blocks",
     "coordinate_median",
+    "median_of_rows",
     "middle_value",
     "partition_coordinates",
     "sort_coordinates",
@@ -100,6 +107,25 @@ def middle_value(matrix: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     return np.ascontiguousarray(ranked[:, n // 2])
 
 
+def median_of_rows(rows: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """Return the median of every row of a C-contiguous ``(c, n)`` matrix, sorting the rows IN PLACE.
+
+    For odd n the middle value, for even n the float64 mean of the two middle values, as float32: equal to
+    ``np.median(rows.astype(np.float64), axis=1).astype(np.float32)``.
+    """
+    n = rows.shape[1]
+    if n == 0:
+        raise ValueError("median_of_rows needs at least one value per row; got n=0.")
+    middle = n // 2
+    rows.sort(axis=1)
+    if n % 2 == 1:
+        return np.ascontiguousarray(rows[:, middle])
+    both = rows[:, middle - 1].astype(np.float64)
+    both += rows[:, middle]
+    both /= 2.0
+    return both.astype(np.float32)
+
+
 def coordinate_median(matrix: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
     """Return the float64 median of every column of the ``(n, c)`` matrix, as ``np.median(axis=0)``.
 
@@ -130,6 +156,7 @@ class CoordinateMedian(Strategy):
 
     algorithm: ClassVar[AggregationAlgorithm] = AggregationAlgorithm.MEDIAN
     streaming: ClassVar[bool] = False
+    coordinate_major: ClassVar[bool] = True
     HYPERPARAMETERS: ClassVar[tuple[Hyperparameter, ...]] = (SERVER_LEARNING_RATE,)
 
     server_learning_rate: float = 1.0
@@ -143,6 +170,12 @@ class CoordinateMedian(Strategy):
     ) -> npt.NDArray[np.float32]:
         """Return the coordinate-wise median of the ``(n, c)`` chunk (mean of the middle two for even n)."""
         return by_column_blocks(matrix, coordinate_median)
+
+    def combine_coordinates(
+        self, coordinates: npt.NDArray[np.float32], weights: npt.NDArray[np.float64], context: Any = None
+    ) -> npt.NDArray[np.float32]:
+        """Return the median of every row of the coordinate-major ``(c, n)`` chunk (its rows get sorted)."""
+        return median_of_rows(coordinates)
 
     def apply(
         self, base: Parameters, delta: Parameters, state: ServerState

@@ -85,6 +85,7 @@ class NormBounded(Strategy):
         # The class defaults describe FedAvg; the instance follows its inner rule.
         object.__setattr__(self, "streaming", inner.streaming)
         object.__setattr__(self, "needs_statistics", inner.needs_statistics)
+        object.__setattr__(self, "coordinate_major", inner.coordinate_major)
         object.__setattr__(self, "STATE_GROUPS", inner.STATE_GROUPS)
 
     def hyperparameters(self) -> dict[str, Any]:
@@ -148,6 +149,12 @@ class NormBounded(Strategy):
     ) -> npt.NDArray[np.float32]:
         """Delegate to the inner rule (rows already scaled)."""
         return self.inner_strategy.combine_chunk(matrix, weights, context)
+
+    def combine_coordinates(
+        self, coordinates: npt.NDArray[np.float32], weights: npt.NDArray[np.float64], context: Any = None
+    ) -> npt.NDArray[np.float32]:
+        """Delegate to the inner rule (columns already scaled)."""
+        return self.inner_strategy.combine_coordinates(coordinates, weights, context)
 
     def combination_metrics(
         self, weights: npt.NDArray[np.float64], scales: npt.NDArray[np.float64], context: Any

@@ -172,6 +172,25 @@ def test_flat_layout_gathers_chunks_across_tensors(chunk_size: int) -> None:
     np.testing.assert_array_equal(np.concatenate(pieces, axis=1), expected)
 
 
+@pytest.mark.parametrize("chunk_size", [1, 5, 94, 100])
+def test_flat_layout_gathers_coordinate_major_chunks_into_a_reused_buffer(chunk_size: int) -> None:
+    rng = np.random.default_rng(1)
+    updates = [random_params(rng) for _ in range(3)]
+    layout = FlatLayout(SPEC)
+    views = layout.flat_views(updates)
+    scratch = np.full((chunk_size, 3), np.nan, dtype=np.float32)
+
+    pieces = []
+    for a, b in coordinate_chunks(SPEC.num_parameters, chunk_size):
+        fresh = layout.stack_transposed(views, a, b)
+        reused = layout.stack_transposed(views, a, b, scratch)
+        assert fresh.flags.c_contiguous and reused.flags.c_contiguous and reused.base is scratch
+        np.testing.assert_array_equal(reused, fresh)
+        pieces.append(fresh)
+
+    np.testing.assert_array_equal(np.concatenate(pieces), np.stack([flatten(u) for u in updates]).T)
+
+
 def test_default_chunk_size_is_cache_sized() -> None:
     assert default_chunk_size(100) == 5242  # 2 MiB / (4 bytes * 100 updates)
     assert default_chunk_size(1) == 65536 and default_chunk_size(10**6) == 1024

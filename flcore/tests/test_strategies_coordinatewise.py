@@ -7,10 +7,11 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 
-from flcore.errors import ConfigError
-from flcore.parameters import Parameters, flatten
+from flcore.errors import ConfigError, FlcoreError
+from flcore.parameters import Parameters, ParameterSpec, flatten
 from flcore.strategies import NotEnoughUpdates, build_strategy
-from flcore.strategies.median import CoordinateMedian
+from flcore.strategies.base import FlatLayout
+from flcore.strategies.median import CoordinateMedian, median_of_rows
 from flcore.strategies.trimmed_mean import TrimmedMean
 from flcore.tests.strategy_cases import SPEC, StrategyContract, random_params, vec
 
@@ -157,3 +158,122 @@ def test_a_chunk_wider_than_a_cache_is_combined_block_by_block(n: int) -> None:
     k = n // 4
     expected = np.sort(matrix, axis=0)[k : n - k].astype(np.float64).mean(axis=0)
     np.testing.assert_allclose(trimmed, expected, atol=1e-6, rtol=0)
+
+
+# ---- the coordinate-major path: (c, n) chunks sorted in place ---------------------------------------------
+
+
+def adversarial_rows(rng: np.random.Generator, n: int, kind: str) -> np.ndarray:
+    """``(n, 600)`` float32 inputs that stress ranking: ties, constant columns, signed zeros, wide ranges."""
+    columns = 600
+    if kind == "random":
+        return rng.standard_normal((n, columns)).astype(np.float32)
+    if kind == "ties":  # few distinct values: the middle ranks fall inside runs of equal values
+        return rng.integers(-2, 3, size=(n, columns)).astype(np.float32)
+    if kind == "constant":
+        return np.full((n, columns), 3.25, dtype=np.float32)
+    if kind == "zeros":  # -0.0 and 0.0 compare equal
+        return (rng.choice([-1.0, 1.0], size=(n, columns)) * 0.0).astype(np.float32)
+    if kind == "wide":  # magnitudes from subnormal to near the float32 maximum, both signs
+        exponents = rng.uniform(-44, 38, size=(n, columns))
+        return (rng.choice([-1.0, 1.0], size=(n, columns)) * 10.0**exponents).astype(np.float32)
+    if kind == "sorted":  # already ordered and reversed columns
+        ordered = np.sort(rng.standard_normal((n, columns)).astype(np.float32), axis=0)
+        ordered[:, ::2] = ordered[::-1, ::2]
+        return ordered
+    raise ValueError(kind)
+
+
+KINDS = ["random", "ties", "constant", "zeros", "wide", "sorted"]
+
+
+def as_updates(rows: np.ndarray) -> list[Parameters]:
+    """Split each row into a 3-tensor update (sizes 250, 1, 349), so chunks cross tensor boundaries."""
+    return [{"a": row[:250].reshape(25, 10), "b": row[250:251].copy(), "c": row[251:].copy()} for row in rows]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 99, 100, 101])
+def test_median_of_rows_equals_np_median_in_float64(kind: str, n: int) -> None:
+    rows = adversarial_rows(np.random.default_rng(n), n, kind)
+    coordinates = np.ascontiguousarray(rows.T)
+
+    result = median_of_rows(coordinates)
+
+    expected = np.median(rows.astype(np.float64), axis=0).astype(np.float32)
+    np.testing.assert_array_equal(result, expected)
+    np.testing.assert_array_equal(coordinates, np.sort(rows.T, axis=1))  # sorted in place, as documented
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("n", "threads", "chunk_size"), [(20, 1, None), (21, 2, 7), (100, 2, 64), (7, 3, 1)])
+def test_median_combine_equals_brute_force(kind: str, n: int, threads: int, chunk_size: int | None) -> None:
+    rows = adversarial_rows(np.random.default_rng(100 + n), n, kind)
+    strategy = CoordinateMedian()
+
+    combined, _ = strategy.combine(as_updates(rows), [1] * n, threads=threads, chunk_size=chunk_size)
+
+    result = flatten(combined)
+    np.testing.assert_array_equal(result, np.median(rows.astype(np.float64), axis=0).astype(np.float32))
+    if kind in ("random", "ties"):
+        np.testing.assert_array_equal(result, brute_force_median(rows).astype(np.float32))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(
+    ("n", "beta", "threads", "chunk_size"),
+    [(100, 0.2, 2, None), (10, 0.25, 1, 7), (11, 0.45, 2, 64), (4, 0.0, 2, 5), (9, 0.0, 1, None)],
+)
+def test_trimmed_mean_combine_equals_sorted_float64_brute_force(
+    kind: str, n: int, beta: float, threads: int, chunk_size: int | None
+) -> None:
+    rows = adversarial_rows(np.random.default_rng(200 + n), n, kind)
+    if kind == "wide":  # sums of values near the float32 maximum overflow any float32 result
+        rows = rows * np.float32(1e-10)
+    strategy = TrimmedMean(trim_fraction=beta)
+    k = strategy.num_trimmed(n)
+
+    combined, _ = strategy.combine(as_updates(rows), [1] * n, threads=threads, chunk_size=chunk_size)
+
+    expected = np.sort(rows.astype(np.float64), axis=0)[k : n - k].mean(axis=0)
+    result = flatten(combined)
+    np.testing.assert_allclose(result, expected, rtol=1e-6, atol=1e-30)
+    if kind == "random":
+        np.testing.assert_allclose(result, brute_force_trimmed_mean(rows, k), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("algorithm", ["median", "trimmed_mean"])
+def test_a_non_finite_value_in_a_late_chunk_is_refused_and_named(algorithm: str, bad: float) -> None:
+    rows = adversarial_rows(np.random.default_rng(5), 12, "random")
+    updates = as_updates(rows)
+    updates[9]["c"][-1] = bad  # the last coordinate: the last chunk, on whichever thread gets it
+    strategy = build_strategy(algorithm, {"trim_fraction": 0.25} if algorithm == "trimmed_mean" else {})
+
+    with pytest.raises(FlcoreError, match="Update 9 contains NaN or Inf"):
+        strategy.combine(updates, [1] * 12, threads=2, chunk_size=50)
+
+
+def test_a_coordinate_major_server_range_applies_the_scales() -> None:
+    # norm_bounded around the median: clipped columns of (c, n) chunks, as a server task combines them.
+    rng = np.random.default_rng(6)
+    rows = rng.standard_normal((9, 600)).astype(np.float32) * rng.uniform(0.1, 3.0, size=(9, 1)).astype(
+        np.float32
+    )
+    updates = as_updates(rows)
+    strategy = build_strategy("norm_bounded", {"clip_norm": 20.0, "inner": "median"})
+    norms = np.linalg.norm(rows.astype(np.float64), axis=1)
+    scales = np.array([strategy.update_scale(float(s)) for s in norms], dtype=np.float32)
+    assert strategy.coordinate_major and 0 < np.count_nonzero(scales < 1) < 9
+    layout = FlatLayout(ParameterSpec.from_parameters(updates[0]))
+
+    ranges = [(0, 251), (251, 600)]
+    flat = np.concatenate(
+        [strategy.range_combine(layout, updates, a, b, np.ones(9), None, scales) for a, b in ranges]
+    )
+    combined, metrics = strategy.combine(updates, [1] * 9)
+
+    expected = np.median((rows * scales[:, None]).astype(np.float64), axis=0).astype(np.float32)
+    np.testing.assert_array_equal(flat, expected)
+    np.testing.assert_array_equal(flatten(combined), expected)
+    assert metrics["num_clipped"] == np.count_nonzero(scales < 1)

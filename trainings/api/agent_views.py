@@ -63,8 +63,12 @@ RECHECK_SECONDS = 2.0
 SHARED_RECHECK_SECONDS = 5.0
 #: How long a poll waits for this loop's wake-up listener to subscribe before trusting wake-ups.
 LISTENER_READY_SECONDS = 0.5
-#: Scope key set by ``fedsite.asgi.LongPollHandler``: no ThreadSensitiveContext around this request.
+#: Scope key set by ``fedsite.asgi.LongPollHandler``: no thread of this request's own; its database
+#: calls go to the event loop's shared executor.
 DIRECT_SCOPE_KEY = "fedsite.direct_long_poll"
+#: Scope key set by ``fedsite.asgi.RawUploadSpooler``: the raw upload body, already spooled
+#: (a ``versioning.blobs.SpooledBlob``); Django's handler saw an empty body.
+SPOOLED_BODY_SCOPE_KEY = "fedsite.spooled_upload_body"
 
 shared_recheck = SharedRecheck(SHARED_RECHECK_SECONDS)
 #: Retry-After of the 503 that answers long-polls when the server shuts down (a restart takes seconds).
@@ -302,13 +306,16 @@ class UpdateUploadView(APIView):
                 f"Content-Length must be a non-negative integer. Found {declared!r}.",
                 details={"content_length": "Not an integer."},
             )
-        # The HttpRequest itself is the body stream: the service reads it in chunks, never whole.
+        # Served by fedsite.asgi, the body was spooled to a file (hashed, counted) as it arrived, before
+        # Django's handler ran; otherwise the HttpRequest itself is the stream the service reads in chunks.
+        spooled = getattr(request._request, "scope", {}).get(SPOOLED_BODY_SCOPE_KEY)
         update, created = services.update_submit(
             agent=request.auth,
             task_id=task_id,
-            body=request._request,
+            body=None if spooled is not None else request._request,
             meta=meta,
             declared_bytes=int(declared) if declared is not None else None,
+            spooled=spooled,
         )
         return Response(
             {"task_id": str(update.task_id), "status": "accepted", "sha256": update.blob_sha256},

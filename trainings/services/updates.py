@@ -96,15 +96,23 @@ def _update_too_large(size: int | str, limit: int) -> PayloadTooLarge:
 
 
 def update_submit(
-    *, agent: Agent, task_id: Any, body: Readable, meta: Any, declared_bytes: int | None = None
+    *,
+    agent: Agent,
+    task_id: Any,
+    body: Readable | None = None,
+    meta: Any,
+    declared_bytes: int | None = None,
+    spooled: SpooledBlob | None = None,
 ) -> tuple[ClientUpdate, bool]:
     """Accept an agent's update for its task. Returns ``(update, created)``.
 
     ``body`` is read in chunks into a temporary file, hashed and counted in the same pass and cut off
     at the task's ``max_update_bytes`` (a ``declared_bytes`` above it is refused before anything is
-    read); the safetensors are then validated from that file, which becomes the blob. Nothing is stored
-    and no file is left behind unless the update is accepted. Idempotent: the same body again returns
-    the stored update; a different body is a 409.
+    read); the safetensors are then validated from that file, which becomes the blob. Alternatively
+    ``spooled`` is a body already spooled that way as it arrived (``fedsite.asgi.RawUploadSpooler``); its
+    size is held to the same limit, and the file stays the caller's to remove unless it became the
+    blob. Nothing is stored and no file is left behind unless the update is accepted. Idempotent: the
+    same body again returns the stored update; a different body is a 409.
     """
     task = _get_agent_task(agent, task_id)
     training = task.round.training
@@ -112,6 +120,12 @@ def update_submit(
     limit = update_max_bytes(training)
     if declared_bytes is not None and declared_bytes > limit:
         raise _update_too_large(declared_bytes, limit)
+    if spooled is not None:
+        if spooled.size > limit:
+            raise _update_too_large(spooled.size, limit)
+        return _update_accept(agent, task, spooled, num_examples, metrics, limit)
+    if body is None:
+        raise ValueError("update_submit needs a body to read or a spooled one.")
     try:
         with blob_spool(body, max_bytes=limit) as spooled:
             return _update_accept(agent, task, spooled, num_examples, metrics, limit)

@@ -98,6 +98,26 @@ def test_a_corrupted_blob_is_refused_409_with_a_critical_alert(client: Any, task
 
 
 @pytest.mark.django_db
+def test_a_missing_blob_file_is_refused_409_with_a_critical_alert_not_500(client: Any, tasked: Any) -> None:
+    _, token, version = tasked
+    served = client.get(f"/api/v1/agent/models/{version.pk}", HTTP_AUTHORIZATION=f"Bearer {token}")
+    assert served.status_code == 200  # verified once: this process remembers the file
+    path = blob_local_path(version.blob_name)
+    assert path is not None
+    os.unlink(path)
+
+    response = client.get(f"/api/v1/agent/models/{version.pk}", HTTP_AUTHORIZATION=f"Bearer {token}")
+
+    assert response.status_code == 409, response.content
+    error = response.json()["error"]
+    assert error["code"] == "blob_corrupted" and "missing" in error["message"]
+    assert version.blob_name in error["message"]  # names what to restore
+    alert = Alert.objects.get(training=version.training, kind=Alert.Kind.SYSTEM)
+    assert alert.severity == Alert.Severity.CRITICAL and "missing" in alert.details["actual"]
+    assert AuditLog.objects.filter(action="version.download").count() == 1  # the first, served one
+
+
+@pytest.mark.django_db
 def test_a_blob_corrupted_after_it_was_served_is_refused(client: Any, tasked: Any) -> None:
     """The per-process 'already verified' memory notices the file changed (size, mtime or inode)."""
     _, token, version = tasked

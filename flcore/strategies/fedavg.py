@@ -184,19 +184,22 @@ class FedAvgAccumulator:
                 )
 
     def _axpy(self, base: int, flat: npt.NDArray[Any], weight: float) -> None:
-        """``accumulator[base : base + len(flat)] += weight * flat``, in one BLAS pass when possible."""
+        """``accumulator[base : base + len(flat)] += weight * flat``, one BLAS call per cache-sized chunk.
+
+        Always in the same chunks, with or without a reference: a BLAS ``saxpy`` kernel may treat the tail
+        of a call differently from its body (fused multiply-add in the vector loop, not in the scalar tail,
+        as OpenBLAS's kernels for some CPUs do), so calls over other spans could differ in the last bit,
+        and :meth:`Strategy.combine_measured` promises the same sum as ``combine``, bit for bit.
+        """
         size = flat.shape[0]
         if size == 0:
             return
-        if self._reference is not None:
-            # One chunk at a time: the dot reads the chunk the add has just brought into cache.
-            reference = self._reference[base : base + size]
-            for start, stop in self._chunks(size):
-                piece = flat[start:stop]
-                self._axpy_piece(base + start, piece, weight)
+        reference = None if self._reference is None else self._reference[base : base + size]
+        for start, stop in self._chunks(size):
+            piece = flat[start:stop]
+            self._axpy_piece(base + start, piece, weight)
+            if reference is not None:  # the dot reads the chunk the add has just brought into cache
                 self._reference_dot += float(np.dot(piece, reference[start:stop]))
-            return
-        self._axpy_piece(base, flat, weight)
 
     def _axpy_piece(self, base: int, flat: npt.NDArray[Any], weight: float) -> None:
         size = flat.shape[0]
@@ -279,9 +282,9 @@ class FedAvgAccumulator:
         """Add ``weight * scale * update`` read from a safetensors file, streaming it through a memory map.
 
         The file is opened once, its header parsed once and its data mapped once; each tensor is then added
-        straight from the mapped page cache with one BLAS ``saxpy`` (one call for the whole data section
-        when the blob has the layout :func:`~flcore.parameters.to_bytes` writes), so no model-sized array is
-        allocated. Names and shapes are checked from the header before anything is added.
+        straight from the mapped page cache by BLAS ``saxpy``, chunk by chunk (one pass over the whole data
+        section when the blob has the layout :func:`~flcore.parameters.to_bytes` writes), so no model-sized
+        array is allocated. Names and shapes are checked from the header before anything is added.
 
         Parameters
         ----------

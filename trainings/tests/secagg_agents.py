@@ -50,6 +50,29 @@ def make_parties(client: Any, make_agent: Any, count: int, prefix: str) -> dict[
     return agents
 
 
+def sdk_over_wsgi(agent_id: str, info: dict[str, Any], transport: Any, **options: Any) -> Any:
+    """fedagent's FederatedClient for one of :func:`make_parties`' agents, its HTTP through ``transport``
+    (the Django application as an httpx WSGI transport), answering at once and trying each request once."""
+    from fedagent.client import FederatedClient
+    from fedagent.http import AgentHttpClient
+
+    sdk = FederatedClient(
+        agent_id=agent_id,
+        server="http://testserver",
+        token=info["token"],
+        eval_fraction=0.0,
+        poll_wait=0,
+        max_attempts=1,
+        secagg=info["party"],
+        **options,
+    )
+    sdk._http.close()
+    sdk._http = AgentHttpClient(
+        "http://testserver", info["token"], max_attempts=1, transport=transport, log=sdk._log
+    )
+    return sdk
+
+
 def poll(client: Any, token: str) -> dict[str, Any] | None:
     response = client.get("/api/v1/agent/tasks/next?wait=0", **bearer(token))
     assert response.status_code in (200, 204), response.content

@@ -23,7 +23,15 @@ from trainings import services
 from trainings.configuration import TrainingConfiguration
 from trainings.models import Round, SecAggMessage, SecAggSession, Task, Training
 from trainings.services.secagg import ADVERTISING, MASKING, SHARING, UNMASKING
-from trainings.tests.secagg_agents import answer, bearer, make_parties, poll, register, scan_for
+from trainings.tests.secagg_agents import (
+    answer,
+    bearer,
+    make_parties,
+    poll,
+    register,
+    scan_for,
+    sdk_over_wsgi,
+)
 from versioning.services import version_read_parameters
 
 SECAGG = {"protocol": "secagg", "clip_norm": 1.0, "phase_timeout_seconds": 30}
@@ -439,8 +447,6 @@ def test_fedagent_runs_the_phases_and_gives_back_an_unmask_request_for_both_shar
 ) -> None:
     """fedagent's FederatedClient over the real views: a server (here, a tampered task) that asks one
     agent for both shares of a neighbour gets the task back with the reason, and nothing from it."""
-    from fedagent.client import FederatedClient
-    from fedagent.http import AgentHttpClient
 
     agents = make_parties(client, make_agent, 3, "sdk")
     training = make_training(
@@ -449,19 +455,7 @@ def test_fedagent_runs_the_phases_and_gives_back_an_unmask_request_for_both_shar
     rng = np.random.default_rng(0)
     clients = {}
     for agent_id, info in agents.items():
-        sdk = FederatedClient(
-            agent_id=agent_id,
-            server="http://testserver",
-            token=info["token"],
-            eval_fraction=0.0,
-            poll_wait=0,
-            max_attempts=1,
-            secagg=info["party"],
-        )
-        sdk._http.close()
-        sdk._http = AgentHttpClient(
-            "http://testserver", info["token"], max_attempts=1, transport=wsgi_transport, log=sdk._log
-        )
+        sdk = sdk_over_wsgi(agent_id, info, wsgi_transport)
         sdk.add_dataset("private", rng.normal(size=(30, 4)), rng.integers(0, 3, size=30))
         clients[agent_id] = sdk
     round_ = Round.objects.get(training=training, number=1)

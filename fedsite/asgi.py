@@ -41,7 +41,12 @@ from django.core.handlers.exception import convert_exception_to_response  # noqa
 from django.http import FileResponse  # noqa: E402
 
 from fedsite.http_protocol import BlobSendMiddleware  # noqa: E402
-from fedsite.limits import UPLOAD_PATH, RequestLimitsMiddleware, body_limit_for, send_error  # noqa: E402
+from fedsite.limits import (  # noqa: E402
+    UPDATE_UPLOAD_PATH,
+    RequestLimitsMiddleware,
+    body_limit_for,
+    send_error,
+)
 from monitoring.routing import websocket_urlpatterns  # noqa: E402
 from trainings.api.agent_views import DIRECT_SCOPE_KEY, SPOOLED_BODY_SCOPE_KEY  # noqa: E402
 from versioning.blobs import BlobSpoolWriter, BlobTooLarge  # noqa: E402
@@ -163,7 +168,7 @@ class AgentLongPollRouter:
 def _is_raw_upload(scope: dict[str, Any]) -> bool:
     if scope["type"] != "http" or scope.get("method") != "POST":
         return False
-    if not UPLOAD_PATH.match(scope.get("path", "")):
+    if not UPDATE_UPLOAD_PATH.match(scope.get("path", "")):
         return False
     for name, value in scope.get("headers", []):
         if name == b"content-type":

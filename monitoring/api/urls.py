@@ -14,5 +14,5 @@ urlpatterns = [
         views.training_leaderboard_view,
         name="training-leaderboard",
     ),
-    re_path(r"^agents/leaderboard/?$", views.agents_leaderboard_view, name="agents-leaderboard"),
+    re_path(r"^agents/leaderboard/?\Z", views.agents_leaderboard_view, name="agents-leaderboard"),
 ]

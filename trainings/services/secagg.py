@@ -708,14 +708,17 @@ def secagg_aggregate(*, round_id: int, started: float | None = None) -> str:
             raise SecAggError(f"The unmasked sum of weights is {weight_sum:.6g}: no weight to average by.")
         delta = unflatten(result.total[:-1] / weight_sum, spec)
         extra = _round_metrics(session, result, weight_sum)
-    outcome = round_finish(
-        round_id=round_id,
-        delta=delta,
-        combination_metrics={"num_updates": float(len(result.survivors))},
-        started=started,
-        extra_metrics=extra,
-    )
-    SecAggSession.objects.filter(pk=session.pk).update(phase=Phase.COMPLETED, closed_at=timezone.now())
+    # One transaction: the round completes exactly when its session does (no reader, and no crash in
+    # between, sees a completed round whose session is still aggregating).
+    with transaction.atomic():
+        outcome = round_finish(
+            round_id=round_id,
+            delta=delta,
+            combination_metrics={"num_updates": float(len(result.survivors))},
+            started=started,
+            extra_metrics=extra,
+        )
+        SecAggSession.objects.filter(pk=session.pk).update(phase=Phase.COMPLETED, closed_at=timezone.now())
     return outcome
 
 

@@ -129,10 +129,10 @@ def agent_worker(args: argparse.Namespace) -> None:
                 self.current["status"] = getattr(outcome, "status", "error")
                 emit(self.current)
 
-        def _fetch_model(self, model: Any, log: Any) -> Any:
+        def _fetch_model(self, model: Any, log: Any, **kwargs: Any) -> Any:
             self.current["download_start"] = time.time()
             try:
-                return super()._fetch_model(model, log)
+                return super()._fetch_model(model, log, **kwargs)
             finally:
                 self.current["download_end"] = time.time()
 

@@ -30,6 +30,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from types import FrameType
 from typing import Any
 
@@ -732,7 +733,7 @@ class FederatedClient:
             return self._give_back(task, f"Could not build a trainer for the model: {exc}", log)
 
         try:
-            global_params = self._fetch_model(task.model, log)
+            global_params = self._fetch_model(task.model, log, deadline=task.deadline)
         except AgentStopped:
             raise
         except AgentApiError as exc:
@@ -922,8 +923,11 @@ class FederatedClient:
             )
         return ZooTrainer(model.spec)
 
-    def _fetch_model(self, model: ModelRef, log: ContextLogger) -> Parameters:
-        """Download (or revalidate the cached copy of) the global model and check its SHA-256."""
+    def _fetch_model(
+        self, model: ModelRef, log: ContextLogger, *, deadline: datetime | None = None
+    ) -> Parameters:
+        """Download (or revalidate the cached copy of) the global model and check its SHA-256; the
+        download is retried until ``deadline`` (the task's) while the server cannot be reached."""
         try:
             spec = ParameterSpec.from_json(model.parameters)
         except FlcoreError as exc:
@@ -932,7 +936,10 @@ class FederatedClient:
         cached = self._model_cache.get(model.sha256)
         for attempt in (1, 2):
             body = self._http.download_model(
-                model.url, etag=model.sha256 if cached is not None else None, max_bytes=max_bytes
+                model.url,
+                etag=model.sha256 if cached is not None else None,
+                max_bytes=max_bytes,
+                retry_until=deadline,
             )
             if body is None and cached is not None:
                 log.debug("model %s not modified; using the cached copy", model.sha256[:12])

@@ -481,7 +481,14 @@ class AgentHttpClient:
             raise ProtocolError(f"tasks/next answered {payload!r}, not an object.")
         return payload
 
-    def download_model(self, url: str, *, etag: str | None = None, max_bytes: int) -> bytes | None:
+    def download_model(
+        self,
+        url: str,
+        *,
+        etag: str | None = None,
+        max_bytes: int,
+        retry_until: datetime | None = None,
+    ) -> bytes | None:
         """``GET models/<version_id>``: the safetensors body, or None on 304 (``etag`` still current).
 
         Parameters
@@ -492,9 +499,12 @@ class AgentHttpClient:
             SHA-256 of a cached copy; sent as ``If-None-Match``.
         max_bytes : int
             Cap on the body.
+        retry_until : datetime, optional
+            The task's deadline: a download is idempotent, so it is retried until then (a server that
+            restarts for longer than the back-off of ``max_attempts`` must not cost the agent its task).
         """
         headers = {"If-None-Match": f'"{etag}"'} if etag else None
-        reply = self.request("GET", url, headers=headers, max_body_bytes=max_bytes)
+        reply = self.request("GET", url, headers=headers, max_body_bytes=max_bytes, retry_until=retry_until)
         if reply.status == 304:
             if etag is None:
                 raise ProtocolError("The server answered 304 Not Modified to an unconditional request.")

@@ -51,6 +51,25 @@ def test_upload_outlasts_max_attempts_until_it_lands(
     assert errors_logged(caplog) == []
 
 
+def test_model_download_outlasts_max_attempts_until_the_task_deadline(
+    fake_server: FakeAgentServer, digits: Digits, global_params: Parameters, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server restarting for longer than the back-off of ``max_attempts`` must not cost the agent its task
+    (in a secure-aggregation round one agent's lost task fails the whole attempt)."""
+    model = fake_server.add_model(global_params, DIGITS_SPEC)
+    task = fake_server.add_task(model)
+    fake_server.script("GET", model["url"], *[Scripted(503, error_body("busy", "Restarting."))] * 6)
+
+    with caplog.at_level(logging.INFO), make_client(fake_server, digits) as client:
+        outcome = client.run_one()
+
+    assert outcome is not None and outcome.status == "uploaded", outcome
+    # 6 refusals and the 7th is the model, although the client allows only 2 attempts per ordinary request
+    assert len(fake_server.requests_to("GET", model["url"])) == 7
+    assert task["task_id"] in fake_server.uploads
+    assert errors_logged(caplog) == []
+
+
 def test_upload_gives_up_only_at_the_task_deadline(
     fake_server: FakeAgentServer, digits: Digits, global_params: Parameters
 ) -> None:

@@ -91,20 +91,13 @@ def _round_try_select(round_: Round, training: Training) -> bool:
         return _round_open_private(round_, training, config, budget)
     agents = _select_agents(round_, training, config, config.max_clients)
     if len(agents) < config.min_clients:
-        if not Alert.objects.filter(
-            training=training, round_number=round_.number, kind=Alert.Kind.TOO_FEW_AGENTS
-        ).exists():
-            alert_raise(
-                kind=Alert.Kind.TOO_FEW_AGENTS,
-                severity=Alert.Severity.WARNING,
-                training=training,
-                round_number=round_.number,
-                message=(
-                    f"Round {round_.number} needs {config.min_clients} agents but only {len(agents)} are "
-                    "eligible (active and recently seen); it will start as soon as enough agents poll."
-                ),
-                details={"eligible": len(agents), "required": config.min_clients},
-            )
+        _alert_too_few_agents_once(
+            round_,
+            training,
+            f"Round {round_.number} needs {config.min_clients} agents but only {len(agents)} are "
+            "eligible (active and recently seen); it will start as soon as enough agents poll.",
+            details={"eligible": len(agents), "required": config.min_clients},
+        )
         return False
     transition_round(round_, RS.COLLECTING)
     _issue_tasks(round_, training, config, agents)
@@ -112,6 +105,25 @@ def _round_try_select(round_: Round, training: Training) -> bool:
         training_id=training.pk, event="round_opened", payload={"round": round_.number, "agents": len(agents)}
     )
     return True
+
+
+def _alert_too_few_agents_once(
+    round_: Round, training: Training, message: str, *, details: dict[str, Any] | None = None
+) -> None:
+    """The ``too_few_agents`` warning of a round that waits for agents: raised once per round (the rounds
+    sweep retries the opening every few seconds, and each retry would otherwise count a repeat)."""
+    if Alert.objects.filter(
+        training=training, round_number=round_.number, kind=Alert.Kind.TOO_FEW_AGENTS
+    ).exists():
+        return
+    alert_raise(
+        kind=Alert.Kind.TOO_FEW_AGENTS,
+        severity=Alert.Severity.WARNING,
+        training=training,
+        round_number=round_.number,
+        message=message,
+        details=details,
+    )
 
 
 def _round_open_private(
@@ -131,15 +143,9 @@ def _round_open_private(
 
     eligible = list(agents_selectable().order_by("agent_id"))
     if not eligible:
-        if not Alert.objects.filter(
-            training=training, round_number=round_.number, kind=Alert.Kind.TOO_FEW_AGENTS
-        ).exists():
-            alert_raise(
-                kind=Alert.Kind.TOO_FEW_AGENTS,
-                training=training,
-                round_number=round_.number,
-                message=f"Round {round_.number} waits: no agent is eligible (active and recently seen).",
-            )
+        _alert_too_few_agents_once(
+            round_, training, f"Round {round_.number} waits: no agent is eligible (active and recently seen)."
+        )
         return False
     event, q = budget_next_event(budget, eligible=len(eligible))
     allowed, epsilon = budget_allows(budget, event)

@@ -71,7 +71,11 @@ from privacy.services import budget_allows, skellam_event, skellam_parameters
 from trainings.configuration import TrainingConfiguration
 from trainings.models import Round, SecAggMessage, SecAggSession, Task, Training
 from trainings.outbox import aggregation_intent_record
-from trainings.services.rounds import _round_budget_exhausted, _round_fail_training
+from trainings.services.rounds import (
+    _alert_too_few_agents_once,
+    _round_budget_exhausted,
+    _round_fail_training,
+)
 from trainings.services.tasks import _get_agent_task, _task_config, _wake_agents
 from trainings.services.trainings import _configuration
 from trainings.state import (
@@ -165,20 +169,13 @@ def secagg_round_try_open(round_: Round, training: Training, config: TrainingCon
         except ConfigError as exc:
             problem = str(exc)
     if problem:
-        if not Alert.objects.filter(
-            training=training, round_number=round_.number, kind=Alert.Kind.TOO_FEW_AGENTS
-        ).exists():
-            alert_raise(
-                kind=Alert.Kind.TOO_FEW_AGENTS,
-                severity=Alert.Severity.WARNING,
-                training=training,
-                round_number=round_.number,
-                message=(
-                    f"Secure-aggregation round {round_.number} {problem}; {len(agents)} are eligible. It "
-                    "starts as soon as enough agents (fedagent registers its key when it connects) poll."
-                ),
-                details={"eligible": len(agents), "required": max(config.min_clients, 2)},
-            )
+        _alert_too_few_agents_once(
+            round_,
+            training,
+            f"Secure-aggregation round {round_.number} {problem}; {len(agents)} are eligible. It "
+            "starts as soon as enough agents (fedagent registers its key when it connects) poll.",
+            details={"eligible": len(agents), "required": max(config.min_clients, 2)},
+        )
         return False
     spec = ParameterSpec.from_json(training.parameter_spec)
     budget = _distributed_budget(training)

@@ -5,7 +5,8 @@ shared directory, as each host would mount the same network share at its own pat
 name; they share only Postgres, Redis and the blob store. Half of the agents talk to one web process and
 half to the other, every round needs all of them, and only one worker runs beat. The training must
 complete with every round holding updates that arrived through both web processes, aggregated by both
-workers (each worker's log names the aggregation tasks it ran), one version per round.
+workers (each worker's log names the aggregation tasks it ran; if the broker gave the first rounds to one
+worker only, that worker is drained mid-training, so the rest must go to the other), one version per round.
 docs/operations.md "Scale out" says how to deploy it so.
 """
 
@@ -28,6 +29,7 @@ from tests.live import (
     free_port,
     spawn_agents,
     stop,
+    wait_for,
     wait_healthy,
     wait_until_finished,
 )
@@ -72,7 +74,14 @@ def two_hosts(transactional_db: Any, tmp_path: Path) -> Iterator[dict[str, Any]]
             "FEDSITE_DEADLINE_CHECK_SECONDS": "1",
         }
     )
-    stack: dict[str, Any] = {"env": env, "tmp": tmp_path, "processes": [], "shared_blobs": shared, "web": {}}
+    stack: dict[str, Any] = {
+        "env": env,
+        "tmp": tmp_path,
+        "processes": [],
+        "shared_blobs": shared,
+        "web": {},
+        "workers": {},
+    }
     try:
         for host in ("host-a", "host-b"):
             host_env = _host_env(stack, host)
@@ -84,7 +93,7 @@ def two_hosts(transactional_db: Any, tmp_path: Path) -> Iterator[dict[str, Any]]
             worker += ["--concurrency", "1", "-l", "info", "-n", f"{host}@%h"]
             if host == "host-a":
                 worker += ["-B", "--schedule", str(tmp_path / "beat-schedule")]
-            _spawn(stack, f"{host}-worker", worker, host_env)
+            stack["workers"][host] = _spawn(stack, f"{host}-worker", worker, host_env)
             base = f"http://127.0.0.1:{port}"
             wait_healthy(base, process=server, log=tmp_path / f"{host}-web.log")
             stack["web"][host] = base
@@ -137,6 +146,21 @@ def test_a_training_runs_across_two_web_processes_and_two_workers(two_hosts: dic
             seed=str(21 + list(hosts).index(host)),
         )
 
+    def aggregations(host: str) -> list[str]:
+        return AGGREGATION_TASK.findall((two_hosts["tmp"] / f"{host}-worker.log").read_text())
+
+    # The broker hands each task to whichever worker asks first, so one worker may take every round. Once
+    # one has aggregated a round, drain it (SIGTERM: a warm shutdown, as an operator drains a host) unless
+    # the other has aggregated too: the rounds left must then be aggregated by the other worker.
+    first = wait_for(
+        lambda: next((host for host in two_hosts["workers"] if aggregations(host)), None),
+        240,
+        "a first aggregation",
+    )
+    if not all(aggregations(host) for host in two_hosts["workers"]):
+        drained = two_hosts["workers"][first]
+        drained.terminate()
+        drained.wait(timeout=60)
     logs = wait_until_finished(two_hosts, training, 300)
     assert training.status == Training.Status.COMPLETED, f"{training.status} {training.stop_reason}\n{logs}"
 
@@ -152,10 +176,7 @@ def test_a_training_runs_across_two_web_processes_and_two_workers(two_hosts: dic
     assert training.best_accuracy is not None and training.best_accuracy > 0.5
 
     # both workers aggregated: each one's log names aggregation tasks it ran to success
-    ran = {
-        host: AGGREGATION_TASK.findall((two_hosts["tmp"] / f"{host}-worker.log").read_text())
-        for host in two_hosts["web"]
-    }
+    ran = {host: aggregations(host) for host in two_hosts["workers"]}
     assert all(ran.values()), f"aggregation tasks per worker: {ran}\n{logs}"
     # and they wrote through their own paths into the one store: every version's blob is in it
     for version in training.versions.all():

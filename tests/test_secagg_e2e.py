@@ -145,11 +145,12 @@ def test_a_round_resumes_after_the_web_server_and_the_worker_restart_mid_protoco
     live_stack: dict[str, Any],  # noqa: F811 - the fixture
 ) -> None:
     from django.db import close_old_connections
+    from django.utils import timezone
 
     from clients.models import Agent
     from clients.services import agent_create
     from trainings.configuration import TrainingConfiguration
-    from trainings.models import Round, SecAggSession, Training
+    from trainings.models import Round, SecAggSession, Task, Training
     from trainings.services import training_create, training_start
     from trainings.services.secagg import ROUND_STATES, SHARING
 
@@ -164,9 +165,13 @@ def test_a_round_resumes_after_the_web_server_and_the_worker_restart_mid_protoco
                 "min_clients_per_round": 4,
                 "max_clients_per_round": 4,
                 "max_rounds": 2,
-                "round_timeout_seconds": 120,
+                # Deadlines far beyond the test's wait: the restart of both processes on a loaded machine,
+                # plus the agents' back-off (up to 30 s a wait) while the server is down, must not outlast a
+                # phase, or the attempt fails safe at its deadline and is re-opened instead of resumed. What
+                # a deadline does is tested in trainings/tests/test_secagg_rounds.py.
+                "round_timeout_seconds": 900,
                 "seed": 6,
-                "secure_aggregation": {"protocol": "secagg", "clip_norm": 2.0, "phase_timeout_seconds": 120},
+                "secure_aggregation": {"protocol": "secagg", "clip_norm": 2.0, "phase_timeout_seconds": 900},
             }
         )
     )
@@ -184,22 +189,37 @@ def test_a_round_resumes_after_the_web_server_and_the_worker_restart_mid_protoco
     wait_for(sharing, 120, "round 1 to reach the share phase")
     for process, _ in agents:  # freeze the agents, so the round is surely mid-protocol while we restart
         process.send_signal(signal.SIGSTOP)
+    frozen_at = timezone.now()
     close_old_connections()
     during = Round.objects.get(training=training, number=1).status
     _restart(live_stack, 0, "server")  # the ASGI server: the protocol state must come back from the rows
     _restart(live_stack, 1, "worker")  # and the worker that will unmask the sum
     for process, _ in agents:
         process.send_signal(signal.SIGCONT)
+    thawed_at = timezone.now()
     assert during in ROUND_STATES, during
-    logs = wait_until_finished(live_stack, training, 300)
-    assert training.status == Training.Status.COMPLETED, f"{training.status} {training.stop_reason}\n{logs}"
+    wait_until_finished(live_stack, training, 300)
+    # the whole logs (a few kB each): where the restart met each agent is the point of a failure here
+    logs = "\n".join(f"--- {p.name}\n{p.read_text()}" for p in sorted(live_stack["tmp"].glob("*.log")))
     first = Round.objects.get(training=training, number=1)
     sessions = list(SecAggSession.objects.filter(round=first).order_by("attempt"))
-    # The rows let the round resume in its first attempt, which it did in every run but one: in one
-    # clean-clone CI run (2026-12-01) round 1 was re-opened instead (attempt 2; the cause is not found yet,
-    # the logs kept were too short). Until it is, a re-opened attempt is allowed here, but the earlier
-    # attempts must have failed safe and the last one completed with every party in the sum.
-    assert first.attempt == len(sessions), logs
-    assert sessions[-1].phase == SecAggSession.Phase.COMPLETED, logs
-    assert all(s.phase == SecAggSession.Phase.FAILED for s in sessions[:-1]), logs
+    # what a failure has to show: each attempt's outcome and why, and every task of round 1
+    story = "\n".join(
+        [f"frozen in {during} from {frozen_at:%H:%M:%S.%f} to {thawed_at:%H:%M:%S.%f}"]
+        + [
+            f"attempt {s.attempt}: {s.phase} {s.error!r} (last deadline {s.deadline:%H:%M:%S})"
+            for s in sessions
+        ]
+        + [
+            f"task attempt {t.attempt} {t.kind} {t.agent.agent_id} {t.status} {t.failure_reason!r} "
+            f"created {t.created_at:%H:%M:%S.%f} completed {t.completed_at} deadline {t.deadline:%H:%M:%S}"
+            for t in Task.objects.filter(round=first).select_related("agent").order_by("created_at")
+        ]
+    )
+    assert training.status == Training.Status.COMPLETED, (
+        f"{training.status} {training.stop_reason}\n{story}\n{logs}"
+    )
+    # resumed, not re-opened: one attempt, one session, completed
+    assert first.attempt == 1, f"{story}\n{logs}"
+    assert len(sessions) == 1 and sessions[0].phase == SecAggSession.Phase.COMPLETED, f"{story}\n{logs}"
     assert first.metrics["secagg_survivors"] == 4

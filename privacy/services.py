@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
-
-import dp_accounting
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from fedsite.errors import ValidationFailed
 from fedsite.logs import log_event
@@ -14,21 +13,22 @@ from flcore.dp.skellam import SkellamParameters
 from flcore.parameters import ParameterSpec
 from monitoring.models import Alert
 from monitoring.services import alert_raise, audit_record
-from privacy.accounting import (
-    AccountingError,
-    calibrate_noise_multiplier,
-    calibrate_skellam,
-    check_supported,
-    composed_epsilon,
-    event_to_json,
-    round_event,
-    skellam_round_event,
-)
 from privacy.models import PrivacyBudget, PrivacyLedgerEntry
+
+if TYPE_CHECKING:
+    import dp_accounting
 
 logger = logging.getLogger("privacy")
 
 ALERT_FRACTIONS = (0.5, 0.8, 0.95)
+
+
+def _accounting() -> ModuleType:
+    """``privacy.accounting``, imported when first needed: it loads dp-accounting and SciPy (about a second
+    of every process's start), which only a training with a privacy budget uses."""
+    import privacy.accounting
+
+    return privacy.accounting
 
 
 def event_parameters(budget: PrivacyBudget, sampling_probability: float) -> tuple[float, float]:
@@ -65,7 +65,7 @@ def skellam_parameters(budget: PrivacyBudget, *, rotation_seed: int = 0) -> Skel
 def skellam_event(budget: PrivacyBudget) -> dp_accounting.DpEvent:
     """One round of a distributed-DP budget: the Skellam event with ``noise_agents`` agents' noise counted
     and replace-one sensitivities (the same every round: the parameters are fixed at creation)."""
-    return skellam_round_event(
+    return _accounting().skellam_round_event(
         parameters=skellam_parameters(budget), noise_agents=int(budget.noise_agents or 0)
     )
 
@@ -74,7 +74,9 @@ def _round_event(budget: PrivacyBudget, sampling_probability: float) -> dp_accou
     if budget.mode == PrivacyBudget.Mode.DISTRIBUTED:
         return skellam_event(budget)
     multiplier, q_event = event_parameters(budget, sampling_probability)
-    return round_event(mechanism=budget.mechanism, noise_multiplier=multiplier, sampling_probability=q_event)
+    return _accounting().round_event(
+        mechanism=budget.mechanism, noise_multiplier=multiplier, sampling_probability=q_event
+    )
 
 
 def budget_events(budget: PrivacyBudget) -> list[dp_accounting.DpEvent]:
@@ -82,7 +84,7 @@ def budget_events(budget: PrivacyBudget) -> list[dp_accounting.DpEvent]:
     if budget.mode == PrivacyBudget.Mode.DISTRIBUTED:
         return [skellam_event(budget) for _ in range(budget.ledger.count())]
     return [
-        round_event(
+        _accounting().round_event(
             mechanism=e.mechanism,
             noise_multiplier=e.noise_multiplier,
             sampling_probability=e.sampling_probability,
@@ -111,7 +113,7 @@ def budget_create(
     noise = settings_.get("noise_multiplier")
     try:
         if noise is None:
-            noise = calibrate_noise_multiplier(
+            noise = _accounting().calibrate_noise_multiplier(
                 epsilon=settings_["epsilon"],
                 delta=settings_["delta"],
                 rounds=planned_rounds,
@@ -122,15 +124,15 @@ def budget_create(
             if local:  # the calibrated value is the event's multiplier, z / 2 (see event_parameters)
                 noise *= 2.0
         multiplier = noise / 2.0 if local else noise
-        check_supported(
+        _accounting().check_supported(
             settings_["accountant"],
-            round_event(
+            _accounting().round_event(
                 mechanism=settings_["mechanism"], noise_multiplier=multiplier, sampling_probability=q
             ),
         )
         if settings_.get("adaptive_clipping"):
             _check_adaptive(noise, expected_clients, settings_)
-    except AccountingError as exc:
+    except _accounting().AccountingError as exc:
         raise ValidationFailed(str(exc), details={"privacy": str(exc)}) from exc
     budget = PrivacyBudget.objects.create(
         training=training,
@@ -171,7 +173,7 @@ def _budget_create_distributed(
     noise_agents = int(settings_["min_agents"])
     summed = max(noise_agents, math.ceil(expected_clients + 4.0 * math.sqrt(expected_clients)))
     try:
-        parameters = calibrate_skellam(
+        parameters = _accounting().calibrate_skellam(
             epsilon=settings_["epsilon"],
             delta=settings_["delta"],
             rounds=planned_rounds,
@@ -182,7 +184,7 @@ def _budget_create_distributed(
             bits=settings_["bits"],
             beta=settings_["rounding_beta"],
         )
-    except AccountingError as exc:
+    except _accounting().AccountingError as exc:
         raise ValidationFailed(str(exc), details={"privacy.bits": str(exc)}) from exc
     # The noise standard deviation of the released sum, in model units, over the clip norm.
     effective = math.sqrt(2.0 * noise_agents * parameters.agent_mu) / parameters.scale / parameters.clip_norm
@@ -238,7 +240,7 @@ def _check_adaptive(noise: float, expected_clients: int, settings_: dict[str, An
             clip_learning_rate=settings_.get("clip_learning_rate", 0.2),
         )
     except ConfigError as exc:
-        raise AccountingError(
+        raise _accounting().AccountingError(
             f"{exc} With adaptive clipping the noise multiplier ({noise:.3f}) must be below "
             f"expected_clients_per_round / 10 ({expected_clients / 10:.3f}): raise max_clients_per_round, "
             "lower the noise (a larger epsilon), or turn adaptive clipping off."
@@ -254,7 +256,7 @@ def budget_next_event(budget: PrivacyBudget, *, eligible: int) -> tuple[dp_accou
 def budget_allows(budget: PrivacyBudget, event: dp_accounting.DpEvent) -> tuple[bool, float]:
     """Compose the next round's event hypothetically: may it run without overspending? Returns the epsilon
     the ledger would reach."""
-    epsilon = composed_epsilon(
+    epsilon = _accounting().composed_epsilon(
         [*budget_events(budget), event], delta=budget.delta, accountant=budget.accountant
     )
     return epsilon <= budget.epsilon, epsilon
@@ -269,7 +271,7 @@ def ledger_record(
         return existing
     multiplier, q_event = event_parameters(budget, sampling_probability)
     event = _round_event(budget, sampling_probability)
-    epsilon = composed_epsilon(
+    epsilon = _accounting().composed_epsilon(
         [*budget_events(budget), event], delta=budget.delta, accountant=budget.accountant
     )
     entry = PrivacyLedgerEntry.objects.create(
@@ -278,7 +280,7 @@ def ledger_record(
         mechanism=budget.mechanism,
         noise_multiplier=multiplier,
         sampling_probability=q_event,
-        event=event_to_json(event),
+        event=_accounting().event_to_json(event),
         epsilon_after=epsilon,
     )
     budget.spent_epsilon = epsilon

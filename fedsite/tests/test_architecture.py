@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -36,3 +37,27 @@ def test_openapi_schema_documents_the_agent_protocol(admin_client) -> None:  # t
         assert path in paths, path
     assert "agentToken" in schema["components"]["securitySchemes"]
     assert admin_client.get("/api/docs/").status_code == 200
+
+
+def test_a_server_process_starts_without_loading_the_privacy_accountant() -> None:
+    """dp-accounting and SciPy cost every web and worker process about a second of its start (more on a
+    loaded machine); only a training with a privacy budget needs them, so they load on first use."""
+    code = (
+        "import os, sys, django\n"
+        "os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'fedsite.settings')\n"
+        "django.setup()\n"
+        "import fedsite.asgi, fedsite.celery, trainings.services, privacy.services\n"
+        "print(sorted(m for m in ('dp_accounting', 'scipy') if m in sys.modules))\n"
+        "from privacy.services import budget_allows\n"
+        "import privacy.accounting\n"
+        "print(sorted(m for m in ('dp_accounting', 'scipy') if m in sys.modules))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL"}}
+    env.setdefault("DJANGO_SECRET_KEY", "test-only-secret-key")
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    at_start, after_use = result.stdout.split("\n")[:2]
+    assert at_start == "[]", result.stdout
+    assert after_use == "['dp_accounting', 'scipy']", result.stdout  # and they do load when used

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import math
 
-from scipy.special import log_ndtr
-
 from flcore.dp._checks import non_negative, positive, probability_open
 from flcore.errors import FlcoreError
 
@@ -93,6 +91,8 @@ def gaussian_delta(sigma: float, epsilon: float, sensitivity: float = 1.0) -> fl
     s = positive("sensitivity", sensitivity)
     a = s / (2.0 * sd)
     b = eps * sd / s
+    from scipy.special import log_ndtr  # (on first use: SciPy costs every server process's start ~0.3 s)
+
     log_first = float(log_ndtr(a - b))
     log_second = float(log_ndtr(-a - b))
     exponent = eps + log_second - log_first  # < 0 whenever a > 0

@@ -9,8 +9,10 @@ expected attacker fraction.
 Invariants: UNWEIGHTED (``num_examples`` is ignored; weights would let a liar dominate what is kept);
 coordinate-major like the median: ranks are found by sorting the rows of contiguous ``(c, n)`` chunks in
 place (numpy's vectorised sort; ``np.partition`` with the two ``kth`` ``[k, n - k - 1]`` is scalar and
-several times slower) and the kept ranks are summed in float64 (a float64 copy of the kept slice through
-one matrix-vector product); ``k`` is computed as
+9x slower at n = 100, two single-``kth`` partitions 1.4x to 6x) and the kept ranks are summed in
+float64 (a float64 copy of the kept slice through one matrix-vector product); the chunk's finiteness is
+read from the ends of its sorted rows (for ``k = 0``, from the mean itself) instead of a separate pass;
+``k`` is computed as
 ``floor(beta * n + 1e-9)`` so that e.g. ``0.29 * 100`` trims 29 despite rounding; a positive ``beta`` that
 trims nothing for the given ``n`` is an error rather than a silent plain mean.
 """
@@ -34,7 +36,7 @@ from flcore.strategies.base import (
     Strategy,
     sgd_step,
 )
-from flcore.strategies.median import by_column_blocks, sort_coordinates
+from flcore.strategies.median import by_column_blocks, sort_coordinates, sorted_rows_are_finite
 
 __all__ = ["TrimmedMean"]
 
@@ -119,6 +121,19 @@ class TrimmedMean(Strategy):
         total = kept @ np.ones(n - 2 * k, dtype=np.float64)
         total /= n - 2 * k
         return total.astype(np.float32)
+
+    def coordinates_are_finite(
+        self, coordinates: npt.NDArray[np.float32], combined: npt.NDArray[np.float32]
+    ) -> bool:
+        """Return whether the chunk is finite: its sorted rows' ends for ``k > 0``, else the mean itself.
+
+        With ``k = 0`` the rows are not sorted, but the float64 mean of float32 values is finite exactly
+        when they all are (it cannot overflow, and a NaN or an infinity reaches it), and so is its float32
+        cast (a mean lies between the extremes).
+        """
+        if self.num_trimmed(coordinates.shape[1]) > 0:
+            return sorted_rows_are_finite(coordinates)
+        return bool(np.isfinite(combined).all())
 
     def combination_metrics(
         self, weights: npt.NDArray[np.float64], scales: npt.NDArray[np.float64], context: Any

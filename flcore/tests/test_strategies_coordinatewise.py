@@ -11,7 +11,7 @@ from flcore.errors import ConfigError, FlcoreError
 from flcore.parameters import Parameters, ParameterSpec, flatten
 from flcore.strategies import NotEnoughUpdates, build_strategy
 from flcore.strategies.base import FlatLayout
-from flcore.strategies.median import CoordinateMedian, median_of_rows
+from flcore.strategies.median import CoordinateMedian, median_of_rows, sorted_rows_are_finite
 from flcore.strategies.trimmed_mean import TrimmedMean
 from flcore.tests.strategy_cases import SPEC, StrategyContract, random_params, vec
 
@@ -252,6 +252,55 @@ def test_a_non_finite_value_in_a_late_chunk_is_refused_and_named(algorithm: str,
 
     with pytest.raises(FlcoreError, match="Update 9 contains NaN or Inf"):
         strategy.combine(updates, [1] * 12, threads=2, chunk_size=50)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize(
+    ("algorithm", "n", "hyperparameters"),
+    [
+        ("median", 1, {}),
+        ("median", 2, {}),
+        ("median", 101, {}),
+        ("trimmed_mean", 12, {"trim_fraction": 0.25}),
+        ("trimmed_mean", 7, {"trim_fraction": 0.0}),  # k = 0: rows not sorted, the mean is checked
+    ],
+)
+def test_a_non_finite_value_anywhere_is_refused_without_a_separate_pass(
+    algorithm: str, n: int, hyperparameters: dict[str, float], bad: float
+) -> None:
+    # Finiteness is read from the first and last value of each sorted row (or the k = 0 mean): a value
+    # that sorts to the middle of its row would be missed if that were wrong. One bad value per case, at
+    # an update, a coordinate and a rank drawn at random, among values of both signs.
+    rng = np.random.default_rng(7 + n)
+    strategy = build_strategy(algorithm, hyperparameters)
+    for trial in range(6):
+        rows = adversarial_rows(rng, n, "random")
+        culprit, coordinate = int(rng.integers(n)), int(rng.integers(rows.shape[1]))
+        rows[culprit, coordinate] = bad
+        with pytest.raises(FlcoreError, match=f"Update {culprit} contains NaN or Inf"):
+            strategy.combine(as_updates(rows), [1] * n, threads=1 + trial % 2, chunk_size=37)
+
+
+def test_sorted_rows_are_finite_equals_a_full_check() -> None:
+    rng = np.random.default_rng(8)
+    for n in (1, 2, 5, 100):
+        for _ in range(50):
+            rows = rng.standard_normal((9, n)).astype(np.float32)
+            for _ in range(int(rng.integers(0, 3))):
+                rows[rng.integers(9), rng.integers(n)] = rng.choice([np.nan, np.inf, -np.inf, 0.0])
+            rows.sort(axis=1)
+            assert sorted_rows_are_finite(rows) == bool(np.isfinite(rows).all())
+    assert sorted_rows_are_finite(np.zeros((0, 4), dtype=np.float32))
+
+
+def test_float64_deltas_are_cast_as_an_assignment_would() -> None:
+    # The Python API accepts float64 deltas; the coordinate-major gather casts them to float32 exactly as
+    # the streaming and (n, c) paths do, so the median is that of the float32 values.
+    rng = np.random.default_rng(9)
+    rows = rng.standard_normal((6, 600))
+    combined, _ = CoordinateMedian().combine(as_updates(rows), [1] * 6, chunk_size=64)
+    expected = np.median(rows.astype(np.float32).astype(np.float64), axis=0).astype(np.float32)
+    np.testing.assert_array_equal(flatten(combined), expected)
 
 
 def test_a_coordinate_major_server_range_applies_the_scales() -> None:

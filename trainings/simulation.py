@@ -939,7 +939,8 @@ class FederationPlan:
     one. ``start_worker``: default True on the real stack when the server is started here.
     ``overlap_startup``: launch the server and go on without waiting for it; ``prepare`` runs then (the
     demo migrates there), the agents start while it boots (``--wait-for-server``) and its health check
-    comes last, so the start-ups overlap instead of waiting for each other. ``prepare`` is called once,
+    comes last, so the start-ups overlap instead of waiting for each other; at the end, without
+    ``linger_seconds``, the server shuts down while ``on_finished`` reports. ``prepare`` is called once,
     before the training is created, in either mode.
     """
 
@@ -993,7 +994,8 @@ def run_federation(
     """Start what is missing, run one training with real agents over HTTP, tear everything down.
 
     ``on_finished`` runs while the server is still up (before ``linger_seconds``), so a summary printed
-    there can point at a live dashboard. A Ctrl-C or an error stops the training (reason given) before
+    there can point at a live dashboard; with ``overlap_startup`` and no linger, the server is already
+    shutting down then. A Ctrl-C or an error stops the training (reason given) before
     the processes go.
     """
     from trainings.services import training_create, training_start, training_stop
@@ -1097,6 +1099,8 @@ def run_federation(
                 f"[yellow]warning:[/yellow] {len(failed)} agent(s) exited with an error: {codes}. "
                 f"First one: {failed[0].describe_exit()}"
             )
+        if plan.overlap_startup and server is not None and plan.linger_seconds <= 0:
+            server.signal(signal.SIGTERM)  # it shuts down while on_finished reports; stop() reaps it
         if on_finished is not None:
             on_finished(run, outcome)
         if plan.linger_seconds > 0:

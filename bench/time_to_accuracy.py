@@ -13,13 +13,15 @@ The same task on both sides, in one run:
 ``fedsite``: ``manage.py demo --dataset digits --agents 10`` as a subprocess, exactly what ``make demo`` runs
 (embedded stack unless ``--stack real``): a server process and ten ``python -m fedagent run`` processes
 talking HTTP (long-polling, safetensors uploads). The figures come from the run's database: the time from
-the training's start to the completion of the first round whose version reaches the target, and the mean
-round (opened to completed). The command's whole wall time, process start-up included, is printed too.
+the training's start to the completion of the first round whose version reaches the target, and the median
+round (opened to completed). The command's whole wall time, process start-up included, is printed too,
+split into start-up (launch to the training's start) and teardown (the last round's end to the exit).
 
 ``Flower``: ``flwr.simulation.run_simulation`` (Flower 1.42, Ray backend, one CPU per virtual client) with a
 ``ServerApp`` running the current ``flwr.serverapp.strategy.FedAvg`` (``fraction_train=1``, no federated
 evaluation) and a ``ClientApp`` whose ``train`` handler runs the same trainer. Time to accuracy is from the
-``ServerApp``'s start to the ``evaluate_fn`` call that reaches the target; Ray's start-up is in the wall time.
+``ServerApp``'s start to the ``evaluate_fn`` call that reaches the target; Ray's start-up is in the wall time,
+which, as for fedsite, runs from launching the process to its exit (interpreter and imports included).
 Flower runs in the bench-only venv (see bench/requirements-flower.txt); this script starts it there.
 
 Usage::
@@ -41,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -105,11 +107,14 @@ def flower_worker(args: argparse.Namespace) -> dict[str, Any]:
 
     timeline: list[tuple[int, float, float]] = []
     started: list[float] = []
+    started_epoch: list[float] = []
+    evaluated_epoch: list[float] = []
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         params = dict(zip(names, arrays.to_numpy_ndarrays(), strict=True))
         loss, accuracy = model.evaluate(params, test.x_test, test.y_test)
         timeline.append((server_round, time.perf_counter() - started[0], float(accuracy)))
+        evaluated_epoch.append(time.time())
         return MetricRecord({"accuracy": float(accuracy), "loss": float(loss)})
 
     server_app = ServerApp()
@@ -117,6 +122,7 @@ def flower_worker(args: argparse.Namespace) -> dict[str, Any]:
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         started.append(time.perf_counter())
+        started_epoch.append(time.time())
         strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=args.agents)
         strategy.start(
             grid=grid,
@@ -134,7 +140,12 @@ def flower_worker(args: argparse.Namespace) -> dict[str, Any]:
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
     )
     wall = time.perf_counter() - wall
-    return {"timeline": timeline, "wall": wall}
+    return {
+        "timeline": timeline,
+        "wall": wall,
+        "started_epoch": started_epoch[0],
+        "last_round_epoch": evaluated_epoch[-1],
+    }
 
 
 def run_flower(args: argparse.Namespace, rounds: int) -> dict[str, Any]:
@@ -144,9 +155,11 @@ def run_flower(args: argparse.Namespace, rounds: int) -> dict[str, Any]:
     command += ["--flower-rounds", str(rounds)]
     env = {key: value for key, value in os.environ.items() if not key.startswith(("DJANGO_", "FEDSITE_"))}
     env["PYTHONPATH"] = str(ROOT)
+    launched = time.time()
     subprocess.run(
         command, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
+    exited = time.time()
     result = json.loads(out.read_text())
     out.unlink()
     rounds_seen = [(r, t, a) for r, t, a in result["timeline"] if r > 0]
@@ -158,7 +171,9 @@ def run_flower(args: argparse.Namespace, rounds: int) -> dict[str, Any]:
         "seconds_to_target": reached[1] if reached else None,
         "after_round_one": reached[1] - first if reached and first is not None else None,
         "round_seconds": statistics.median(per_round) if per_round else None,
-        "wall": result["wall"],
+        "wall": exited - launched,
+        "startup": result["started_epoch"] - launched,
+        "teardown": exited - result["last_round_epoch"],
         "final_accuracy": rounds_seen[-1][2] if rounds_seen else None,
     }
 
@@ -167,7 +182,9 @@ def run_flower(args: argparse.Namespace, rounds: int) -> dict[str, Any]:
 # fedsite side (runs in the project's venv)
 # --------------------------------------------------------------------------------------------------
 def _when(value: str) -> float:
-    return datetime.fromisoformat(value).timestamp()
+    """Epoch seconds of a datetime as SQLite holds it (Django writes UTC, without an offset)."""
+    moment = datetime.fromisoformat(value)
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 def run_fedsite(args: argparse.Namespace) -> dict[str, Any]:
@@ -181,9 +198,9 @@ def run_fedsite(args: argparse.Namespace) -> dict[str, Any]:
         command += ["--partition", "dirichlet", "--alpha", str(args.alpha), "--seed", str(args.seed)]
         command += ["--target-accuracy", str(args.target), "--max-rounds", str(args.max_rounds)]
         command += ["--out", str(Path(tmp) / "out")]
-        wall = time.perf_counter()
+        launched = time.time()
         subprocess.run(command, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
-        wall = time.perf_counter() - wall
+        exited = time.time()
         summary = json.loads((Path(tmp) / "out" / "summary.json").read_text())
         if args.stack != "embedded":
             raise SystemExit("--stack real: read the figures from the dashboard; this script reads SQLite")
@@ -204,7 +221,9 @@ def run_fedsite(args: argparse.Namespace) -> dict[str, Any]:
         "seconds_to_target": _when(reached[1]) - _when(started) if reached else None,
         "after_round_one": _when(reached[1]) - _when(rounds[0][2]) if reached else None,
         "round_seconds": statistics.median(_when(c) - _when(o) for _, o, c in rounds),
-        "wall": wall,
+        "wall": exited - launched,
+        "startup": _when(started) - launched,
+        "teardown": exited - _when(rounds[-1][2]),
         "final_accuracy": summary["final_accuracy"],
         "rounds": len(rounds),
     }
@@ -260,18 +279,21 @@ def main() -> None:
     print(f"\n{task}, target accuracy {args.target}")
     print(
         f"{'side':<44} {'rounds':>6} {'s to target':>11} {'after round 1':>13} {'s/round':>7} "
-        f"{'wall s':>6} {'final acc':>9}"
+        f"{'start-up':>8} {'teardown':>8} {'wall s':>6} {'final acc':>9}"
     )
     for name, row in rows:
         print(
             f"{name:<44} {row['rounds_to_target'] or '-':>6} {_fmt(row['seconds_to_target']):>11} "
-            f"{_fmt(row['after_round_one']):>13} {_fmt(row['round_seconds'], 2):>7} {row['wall']:>6.1f} "
+            f"{_fmt(row['after_round_one']):>13} {_fmt(row['round_seconds'], 2):>7} "
+            f"{row['startup']:>8.1f} {row['teardown']:>8.1f} {row['wall']:>6.1f} "
             f"{_fmt(row['final_accuracy'], 4):>9}"
         )
     print(
         "s to target: from the training's start (fedsite: agents already online) or the ServerApp's start "
         "(Flower: Ray's virtual clients start inside round 1); after round 1: from the end of round 1; "
-        "s/round: median round; wall: the whole command, start-up included"
+        "s/round: median round; start-up: from launching the command to the training's start; teardown: "
+        "from the last round's end to the command's exit; wall: the whole command, launched to exited "
+        "(both sides: the Flower process's interpreter and imports included)"
     )
 
 

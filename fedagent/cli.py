@@ -58,7 +58,6 @@ from fedagent.http import AgentHttpClient
 from fedagent.local_dp import MECHANISMS as LOCAL_DP_MECHANISMS
 from fedagent.local_dp import LocalDpConfig, LocalDpHooks, local_dp_hooks
 from fedagent.logs import ContextLogger, configure_logging
-from fedagent.secagg import DROP_PHASES, SecAggParty, load_or_create_identity_key
 from fedagent.stragglers import StragglerPolicy
 
 EXIT_OK = 0
@@ -68,6 +67,10 @@ EXIT_AUTH = 3
 EXIT_CONFLICT = 4
 EXIT_UNREACHABLE = 5
 EXIT_DATA = 6
+
+#: ``fedagent.secagg.DROP_PHASES``, repeated so that building the parser does not import fedagent.secagg
+#: (cryptography and flcore.secagg), which only an agent given ``--state-dir`` needs; a test keeps them equal.
+SECAGG_DROP_PHASES = ("advertise", "share", "upload")
 
 logger = logging.getLogger("fedagent.cli")
 
@@ -141,6 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="when idle, check this training's status and exit 0 once it is over",
     )
     run.add_argument("--poll-wait", type=float, default=30.0, help="long-poll seconds, 0-60 (default 30)")
+    run.add_argument(
+        "--wait-for-server",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="for an agent started with its server: try connecting every 0.25 s at most for up to this "
+        "long before the usual retries (default 0: the usual retries only)",
+    )
     run.add_argument("--heartbeat-interval", type=float, help="seconds; default: the server's")
     simulation = run.add_argument_group(
         "simulation (experiments only; off by default)",
@@ -198,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     simulation.add_argument(
         "--secagg-drop-after",
-        choices=list(DROP_PHASES),
+        choices=list(SECAGG_DROP_PHASES),
         help="tests only: stop answering secure-aggregation tasks after this phase, like a crashed agent",
     )
     simulation.add_argument(
@@ -418,6 +429,8 @@ def _command_run(args: argparse.Namespace) -> int:
     token = _read_token(args)
     secagg = None
     if args.state_dir is not None:
+        from fedagent.secagg import SecAggParty, load_or_create_identity_key
+
         try:
             identity_key = load_or_create_identity_key(args.state_dir)
         except (OSError, ValueError) as exc:
@@ -456,7 +469,7 @@ def _command_run(args: argparse.Namespace) -> int:
         client.add_dataset(args.dataset, x_train, y_train, split="train")
         if len(y_eval):
             client.add_dataset(args.dataset, x_eval, y_eval, split="eval")
-        client.connect()
+        client.connect(wait_for_server=max(0.0, args.wait_for_server))
         if token is None and args.token_file is not None and client.token:
             _write_token(args.token_file, client.token)
             log.info("token written to %s", args.token_file)

@@ -17,7 +17,6 @@ answer (401, 403 on polling) ends :meth:`FederatedClient.run` early.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import math
@@ -32,7 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -49,21 +48,13 @@ from fedagent.errors import (
 from fedagent.http import AgentHttpClient
 from fedagent.logs import ContextLogger
 from fedagent.protocol import TERMINAL_TRAINING_STATUSES, ModelRef, Task, validate_agent_id
-from fedagent.secagg import (
-    KIND_ADVERTISE,
-    KIND_MASKED_INPUT,
-    KIND_SHARE,
-    KIND_UNMASK,
-    SECAGG_KINDS,
-    SecAggParty,
-    SecAggTaskError,
-    identity_registration,
-)
 from fedagent.stragglers import StragglerPolicy, straggler_rng
 from fedagent.trainer import FitConfig, Trainer, ZooTrainer
 from flcore.errors import FlcoreError
 from flcore.parameters import Parameters, ParameterSpec, from_bytes, sha256_hex, subtract, to_bytes
-from flcore.secagg import SecAggError
+
+if TYPE_CHECKING:
+    from fedagent.secagg import SecAggParty
 
 #: Environment variables read when the matching constructor argument is not given.
 ENV_SERVER = "FEDAGENT_SERVER"
@@ -74,11 +65,14 @@ ENV_ENROLLMENT_KEY = "FEDAGENT_ENROLLMENT_KEY"
 DEFAULT_HEARTBEAT_INTERVAL = 30.0
 #: Safetensors header allowance on top of the raw tensor bytes when downloading a model.
 MODEL_HEADER_ALLOWANCE = 1024 * 1024
+#: Longest pause between two tries of :meth:`FederatedClient.wait_for_server`, in seconds.
+SERVER_WAIT_INTERVAL = 0.25
 #: Downloaded models kept in memory (the current one and the previous, for overlapping trainings).
 MODEL_CACHE_SIZE = 2
 
-#: Errors of a secure-aggregation phase that make the agent give the task back (it never answers then).
-REFUSALS = (SecAggError, SecAggTaskError, AgentError, FlcoreError, LookupError, TypeError, ValueError)
+#: Task kinds of secure aggregation start with this; fedagent.secagg (cryptography and flcore.secagg, a few
+#: hundred milliseconds of imports) is loaded only when such a task or a ``secagg`` party shows up.
+SECAGG_KIND_PREFIX = "secagg_"
 #: What an agent reports with a masked input: its evaluation of the round's model, never of its update.
 EVALUATION_METRICS = ("eval_accuracy", "eval_loss", "eval_num_examples")
 
@@ -318,8 +312,14 @@ class FederatedClient:
     def _capabilities(self) -> dict[str, Any]:
         return {**self.capabilities, "data": self.data.summary(), "sdk": "fedagent"}
 
-    def connect(self) -> None:
+    def connect(self, *, wait_for_server: float = 0.0) -> None:
         """Enroll if there is no token, then send a first heartbeat (checks the token, learns the interval).
+
+        Parameters
+        ----------
+        wait_for_server : float
+            First wait up to this many seconds for the server to accept connections
+            (:meth:`wait_for_server`); 0, the default, only retries as every request does.
 
         Raises
         ------
@@ -327,7 +327,11 @@ class FederatedClient:
             No token and no enrollment key.
         AgentApiError
             The server refused (401 bad token, 403 disabled or bad enrollment key, 409 id taken).
+        AgentConnectionError
+            The server could not be reached (after ``wait_for_server`` seconds, then the retries).
         """
+        if wait_for_server > 0:
+            self.wait_for_server(wait_for_server)
         if not self._http.token:
             if not self.enrollment_key:
                 raise AgentError(
@@ -341,11 +345,55 @@ class FederatedClient:
         reply = self._http.heartbeat("idle", self._capabilities())
         self._learn_interval(reply.get("heartbeat_interval"))
         if self.secagg is not None:
+            from fedagent.secagg import identity_registration
+
             public_key, proof = identity_registration(self.agent_id, self.secagg.identity_key)
             self._http.register_identity_key(public_key, proof)
             self._log.info("identity key registered (%s...)", public_key[:12])
         self._connected = True
         self._log.info("connected to %s (heartbeat every %ss)", self.server, self.heartbeat_interval)
+
+    def wait_for_server(self, timeout: float, *, interval: float = SERVER_WAIT_INTERVAL) -> None:
+        """Return once the server answers HTTP: for an agent started together with its server.
+
+        Sends one heartbeat at a time (a single attempt each, no retries of its own), pausing 0.05 s after
+        the first refused connection and doubling up to ``interval``, so an agent that finished loading its
+        data before the server is up starts within ``interval`` of the server, instead of after an
+        exponential back-off meant for a server that went away. Any HTTP answer counts, a refusal too
+        (:meth:`connect` then reports it), except 502, 503 and 504, which a proxy or a starting server
+        sends while the application is not up yet.
+
+        Raises
+        ------
+        AgentConnectionError
+            The server did not answer within ``timeout`` seconds.
+        AgentStopped
+            :meth:`stop` was called (or a signal arrived) while waiting.
+        """
+        deadline = time.monotonic() + timeout
+        pause = 0.05
+        waited = False
+        with AgentHttpClient(self.server, self._http.token, timeout=self._timeout, max_attempts=1) as probe:
+            while True:
+                try:
+                    probe.heartbeat("idle")
+                    break
+                except AgentApiError as exc:
+                    if exc.status not in {502, 503, 504}:
+                        break
+                    error: AgentError = exc
+                except AgentConnectionError as exc:
+                    error = exc
+                if not waited:
+                    self._log.info("waiting up to %.0fs for the server at %s", timeout, self.server)
+                    waited = True
+                if time.monotonic() + pause > deadline:
+                    raise AgentConnectionError(
+                        f"The server at {self.server} did not answer within {timeout:.0f}s: {error}"
+                    )
+                if self._stop.wait(pause):
+                    raise AgentStopped("Stopped while waiting for the server.")
+                pause = min(interval, pause * 2)
 
     def _learn_interval(self, value: Any) -> None:
         if self._heartbeat_override is None and isinstance(value, int | float) and value > 0:
@@ -353,6 +401,8 @@ class FederatedClient:
 
     async def initialize(self) -> None:
         """Async form of :meth:`connect` (runs it in a thread)."""
+        import asyncio
+
         await asyncio.to_thread(self.connect)
 
     def close(self) -> None:
@@ -605,6 +655,8 @@ class FederatedClient:
         exit_when_training_done: str | None = None,
     ) -> RunStats:
         """Async form of :meth:`run` (in a thread; cancelling it asks the loop to stop)."""
+        import asyncio
+
         try:
             return await asyncio.to_thread(
                 self.run,
@@ -677,8 +729,11 @@ class FederatedClient:
             task.model.number,
             task.deadline.isoformat(),
         )
-        if task.kind in SECAGG_KINDS:
-            return self._do_secagg_task(task, log)
+        if task.kind.startswith(SECAGG_KIND_PREFIX):
+            from fedagent.secagg import SECAGG_KINDS
+
+            if task.kind in SECAGG_KINDS:
+                return self._do_secagg_task(task, log)
         if task.kind != "fit":
             return self._give_back(task, f"This agent only handles 'fit' tasks, not {task.kind!r}.", log)
         trained = self._train(task, log)
@@ -854,6 +909,17 @@ class FederatedClient:
 
     def _do_secagg_task(self, task: Task, log: ContextLogger) -> TaskOutcome:
         """Answer one phase of secure aggregation (fedagent/secagg.py); refusals are given back."""
+        from fedagent.secagg import (
+            KIND_ADVERTISE,
+            KIND_MASKED_INPUT,
+            KIND_SHARE,
+            KIND_UNMASK,
+            SecAggTaskError,
+        )
+        from flcore.secagg import SecAggError
+
+        # Errors of a phase that make the agent give the task back (it never answers then).
+        refusals = (SecAggError, SecAggTaskError, AgentError, FlcoreError, LookupError, TypeError, ValueError)
         party = self.secagg
         if party is None:
             return self._give_back(
@@ -886,7 +952,7 @@ class FederatedClient:
                 meta = {"metrics": {k: metrics[k] for k in EVALUATION_METRICS if metrics.get(k) is not None}}
         except (AgentApiError, AgentStopped):
             raise
-        except REFUSALS as exc:
+        except refusals as exc:
             return self._give_back(task, f"Secure aggregation refused: {type(exc).__name__}: {exc}", log)
         try:
             receipt = self._http.submit_secagg(

@@ -31,7 +31,9 @@ aggregation layer masks and uploads it (its REST wiring is issue 8's next part).
 Invariants: the noise comes from the explicit ``rng`` (the command line seeds it from the operating system,
 ``np.random.default_rng(secrets.randbits(128))``; numpy's generator is not cryptographically secure, see
 :mod:`flcore.dp`); clipping always happens before the noise; outputs are new float32 arrays with the
-delta's names and shapes; every upload's noise standard deviation is logged.
+delta's names and shapes; every upload's noise standard deviation is logged. :mod:`flcore.dp` (which
+imports scipy) is imported only where noise is calibrated, drawn or encoded: ``python -m fedagent run``
+always installs these hooks, and an agent without local DP must not pay that start-up.
 """
 
 from __future__ import annotations
@@ -49,10 +51,6 @@ from fedagent.attacks import default_trainer
 from fedagent.errors import AgentError
 from fedagent.protocol import ModelRef
 from fedagent.trainer import EvalResult, FitConfig, FitResult, Trainer
-from flcore.dp.calibration import analytic_gaussian_sigma, laplace_scale
-from flcore.dp.clipping import clip_by_l1_norm, clip_by_l2_norm
-from flcore.dp.mechanisms import add_gaussian_noise, add_laplace_noise
-from flcore.dp.skellam import SkellamParameters, skellam_encode, to_modular
 from flcore.errors import FlcoreError
 from flcore.parameters import Parameters
 
@@ -143,6 +141,8 @@ class LocalDpConfig:
         ValueError
             For an invalid value, a missing ``delta`` (gaussian) or a ``delta`` given for laplace.
         """
+        from flcore.dp.calibration import analytic_gaussian_sigma, laplace_scale
+
         bound = _positive("clip_norm", clip_norm)
         eps = _positive("epsilon", epsilon)
         if mechanism == "gaussian":
@@ -185,6 +185,9 @@ def apply_local_dp(
     delta: Parameters, config: LocalDpConfig, rng: np.random.Generator
 ) -> tuple[Parameters, float]:
     """Clip ``delta`` then add the configured noise; return the noised delta and the original norm."""
+    from flcore.dp.clipping import clip_by_l1_norm, clip_by_l2_norm
+    from flcore.dp.mechanisms import add_gaussian_noise, add_laplace_noise
+
     if config.mechanism == "gaussian":
         clipped, norm, _ = clip_by_l2_norm(delta, config.clip_norm)
         return add_gaussian_noise(clipped, config.noise_scale, rng), norm
@@ -405,6 +408,8 @@ def distributed_dp_share(
         If the parameters are malformed or do not fit the delta: the agent must not upload a share whose
         noise or sensitivity differs from what the server accounted.
     """
+    from flcore.dp.skellam import SkellamParameters, skellam_encode, to_modular
+
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator. Found {type(rng).__name__}.")
     try:

@@ -298,8 +298,11 @@ class ServerProcess(ManagedProcess):
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self) -> None:
+    def start(self, *, wait: bool = True) -> None:
+        """Launch the server; unless ``wait`` is False, return once it answers (:meth:`wait_ready`)."""
         super().start()
+        if not wait:
+            return
         try:
             self.wait_ready()
         except BaseException:
@@ -466,6 +469,8 @@ class AgentProcesses:
     state_root : Path, optional
         Give every agent ``--state-dir <state_root>/<agent_id>`` (its identity key, for trainings with
         secure aggregation).
+    wait_for_server : float, optional
+        ``--wait-for-server``: agents started while the server boots wait this long for it.
     grace_seconds : float
         SIGTERM-to-SIGKILL delay on stop.
     """
@@ -487,6 +492,7 @@ class AgentProcesses:
         env: Mapping[str, str | None] | None = None,
         extra_args: Sequence[str] = (),
         state_root: Path | None = None,
+        wait_for_server: float | None = None,
         grace_seconds: float = 15.0,
     ) -> None:
         self.server_url = server_url
@@ -527,6 +533,8 @@ class AgentProcesses:
                 argv += ["--mnist-path", mnist_path]
             if state_root is not None:
                 argv += ["--state-dir", str(state_root / credential.agent_id)]
+            if wait_for_server:
+                argv += ["--wait-for-server", repr(float(wait_for_server))]
             argv += list(extra_args)
             self.processes.append(
                 ManagedProcess(
@@ -929,6 +937,11 @@ class FederationPlan:
 
     ``server_url`` set: use that running server (sharing this process's database) instead of starting
     one. ``start_worker``: default True on the real stack when the server is started here.
+    ``overlap_startup``: launch the server and go on without waiting for it; ``prepare`` runs then (the
+    demo migrates there), the agents start while it boots (``--wait-for-server``) and its health check
+    comes last, so the start-ups overlap instead of waiting for each other; at the end, without
+    ``linger_seconds``, the server shuts down while ``on_finished`` reports. ``prepare`` is called once,
+    before the training is created, in either mode.
     """
 
     configuration: TrainingConfiguration
@@ -950,6 +963,8 @@ class FederationPlan:
     agent_startup_timeout: float = 180.0
     timeout: float | None = None
     linger_seconds: float = 0.0
+    overlap_startup: bool = False
+    prepare: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -979,7 +994,8 @@ def run_federation(
     """Start what is missing, run one training with real agents over HTTP, tear everything down.
 
     ``on_finished`` runs while the server is still up (before ``linger_seconds``), so a summary printed
-    there can point at a live dashboard. A Ctrl-C or an error stops the training (reason given) before
+    there can point at a live dashboard; with ``overlap_startup`` and no linger, the server is already
+    shutting down then. A Ctrl-C or an error stops the training (reason given) before
     the processes go.
     """
     from trainings.services import training_create, training_start, training_stop
@@ -997,9 +1013,12 @@ def run_federation(
             server: ServerProcess | None = None
         else:
             console.print(f"starting the server (log: {plan.log_dir / 'server.log'})")
-            server = stack.enter_context(
-                ServerProcess(log_dir=plan.log_dir, host=plan.host, port=plan.port, env=plan.env)
-            )
+            server = ServerProcess(log_dir=plan.log_dir, host=plan.host, port=plan.port, env=plan.env)
+            if plan.overlap_startup:
+                server.start(wait=False)
+                stack.callback(server.stop)
+            else:
+                stack.enter_context(server)
             base_url = server.url
         worker: WorkerProcess | None = None
         if start_worker:
@@ -1008,6 +1027,8 @@ def run_federation(
                 WorkerProcess(log_dir=plan.log_dir, env=plan.env, concurrency=plan.worker_concurrency)
             )
 
+        if plan.prepare is not None:
+            plan.prepare()
         training = training_create(configuration=plan.configuration)
         run = FederationRun(base_url=base_url, training_id=str(training.pk), embedded=embedded)
         if on_training_created is not None:
@@ -1033,8 +1054,11 @@ def run_federation(
                     state_root=plan.log_dir / "agents" / "state"
                     if plan.configuration.secure_aggregation
                     else None,
+                    wait_for_server=plan.agent_startup_timeout if plan.overlap_startup else None,
                 )
             )
+            if plan.overlap_startup and server is not None:
+                server.wait_ready()
             agents_wait_online(
                 credentials,
                 since=since,
@@ -1075,6 +1099,8 @@ def run_federation(
                 f"[yellow]warning:[/yellow] {len(failed)} agent(s) exited with an error: {codes}. "
                 f"First one: {failed[0].describe_exit()}"
             )
+        if plan.overlap_startup and server is not None and plan.linger_seconds <= 0:
+            server.signal(signal.SIGTERM)  # it shuts down while on_finished reports; stop() reaps it
         if on_finished is not None:
             on_finished(run, outcome)
         if plan.linger_seconds > 0:

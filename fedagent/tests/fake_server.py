@@ -69,7 +69,7 @@ class _QuietServer(ThreadingHTTPServer):
 class FakeAgentServer:
     """State and behaviour of the fake server; ``url`` is where it listens."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.tokens: dict[str, str] = {"good-token": "agent_001"}
         self.enrollment_key = "enroll-me"
         self.heartbeat_interval = 30
@@ -86,7 +86,7 @@ class FakeAgentServer:
         self.corrupt_model_bytes = False
         self.lock = threading.Condition()
         self.closing = False
-        self.httpd = _QuietServer(("127.0.0.1", 0), _make_handler(self))
+        self.httpd = _QuietServer(("127.0.0.1", port), _make_handler(self))
         self.thread = threading.Thread(
             target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         )

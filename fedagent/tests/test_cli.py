@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def agent_command(
-    server: FakeAgentServer, *extra: str, token: str = "good-token", agent_id: str = "agent_001"
+    server: FakeAgentServer | str, *extra: str, token: str = "good-token", agent_id: str = "agent_001"
 ) -> list[str]:
     return [
         sys.executable,
@@ -28,7 +29,7 @@ def agent_command(
         "fedagent",
         "run",
         "--server",
-        server.url,
+        server if isinstance(server, str) else server.url,
         "--agent-id",
         agent_id,
         "--token",
@@ -121,6 +122,46 @@ def test_unreachable_server_exits_5(tmp_path: Path) -> None:
     _, stderr = process.communicate(timeout=120)
 
     assert process.returncode == 5, stderr
+
+
+def test_agent_started_before_its_server_waits_for_it(global_params: Parameters) -> None:
+    with socket.socket() as probe:  # a port nothing listens on (yet)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    extra = ("--max-tasks", "1", "--poll-wait", "1", "--max-attempts", "1", "--wait-for-server", "60")
+    process = start(agent_command(url, *extra))
+    try:
+        time.sleep(2.0)  # the agent loads its data and finds nothing listening
+        assert process.poll() is None, process.communicate()[1]
+        server = FakeAgentServer(port=port).start()
+        try:
+            task = server.add_task(
+                server.add_model(global_params, DIGITS_SPEC), training_id="t", round_number=1
+            )
+            _, stderr = process.communicate(timeout=60)
+        finally:
+            server.stop()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    assert process.returncode == 0, stderr
+    assert "waiting up to 60s for the server" in stderr
+    assert server.uploads[task["task_id"]].meta["num_examples"] > 0
+
+
+def test_wait_for_server_gives_up_with_exit_5() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    process = start(agent_command(url, "--max-attempts", "1", "--wait-for-server", "1"))
+    _, stderr = process.communicate(timeout=60)
+
+    assert process.returncode == 5, stderr
+    assert "did not answer within 1s" in stderr
 
 
 def test_enroll_prints_the_token(fake_server: FakeAgentServer) -> None:
@@ -218,3 +259,20 @@ def test_second_sigterm_abandons_the_task_and_gives_it_back(
     assert task["task_id"] not in fake_server.uploads
     assert [task_id for task_id, _ in fake_server.failures] == [task["task_id"]]
     assert "stopped (signal): 1 task(s), 0 uploaded" in stderr and "1 abandoned" in stderr
+
+
+def test_the_command_line_imports_only_what_run_needs() -> None:
+    from fedagent.cli import SECAGG_DROP_PHASES
+    from fedagent.secagg import DROP_PHASES
+
+    assert SECAGG_DROP_PHASES == DROP_PHASES
+    # every agent process of a demo pays its imports: the heavy optional ones wait until they are used
+    probe = (
+        "import sys; import fedagent.cli; from flcore.data import load_digits; load_digits(); "
+        "print(sorted(m for m in ('scipy.special', 'sklearn', 'fedagent.secagg', 'flcore.dp', "
+        "'cryptography', 'asyncio') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert result.stdout.strip() == "[]", result.stdout

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +47,37 @@ def test_load_digits_shape_and_range() -> None:
     assert y.shape == (1797,) and y.dtype == np.int64
     assert x.min() == 0.0 and x.max() == 1.0
     assert set(np.unique(y)) == set(range(10))
+
+
+def test_load_digits_equals_scikit_learns_loader_without_importing_it() -> None:
+    from sklearn.datasets import load_digits as sklearn_load_digits
+
+    x, y = load_digits()
+    bunch = sklearn_load_digits()
+
+    assert np.array_equal(x, (bunch.data / 16.0).astype(np.float32))
+    assert np.array_equal(y, bunch.target)
+    # the file is read directly: a fresh interpreter loads digits without scikit-learn in sys.modules
+    probe = (
+        "import sys; from flcore.data import load_digits; x, y = load_digits(); "
+        "assert x.shape == (1797, 64), x.shape; print('sklearn' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
+def test_load_digits_falls_back_to_scikit_learn_when_the_file_is_missing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import flcore.data
+
+    expected = load_digits()
+    monkeypatch.setattr(flcore.data, "DIGITS_CSV", "no-such-file.csv.gz")
+    assert flcore.data._digits_csv() is None
+
+    x, y = load_digits()
+
+    assert np.array_equal(x, expected[0]) and np.array_equal(y, expected[1])
 
 
 def test_digits_split_is_fixed_stratified_and_disjoint() -> None:

@@ -1,9 +1,12 @@
 """``manage.py demo``: a real federation end to end on this machine (what ``make demo`` runs).
 
-Steps: migrate, make sure a staff user ``demo`` exists, start the server (and on the real stack a
-Celery worker with beat), create a FedAvg training on digits or MNIST, start one agent process per
-agent (each with its own non-IID shard), follow the rounds, then write ``summary.json`` and
-``training.png`` under ``--out``. Exit code 0 only if the training completed.
+Steps: start the server (and on the real stack a Celery worker with beat) without waiting for it;
+meanwhile migrate, make sure a staff user ``demo`` exists, create a FedAvg training on digits or MNIST
+and start one agent process per agent (each with its own non-IID shard), which connect as soon as the
+server answers; once all have said hello, start the training, follow the rounds, then write
+``summary.json`` and ``training.png`` under ``--out``. Exit code 0 only if the training completed.
+The start-ups overlap because on this 2-core machine they were most of the command's time
+(docs/benchmarks.md, "Time to accuracy against Flower's simulation").
 
 Embedded stack (no ``REDIS_URL``): every run gets a fresh SQLite file under
 ``<out>/runs/<time>/fedsite.sqlite3`` (the child processes get it as ``DATABASE_URL``), so reruns never
@@ -16,6 +19,7 @@ import json
 import logging
 import os
 import secrets
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -45,6 +49,27 @@ from trainings.simulation import (
 )
 
 DEMO_USERNAME = "demo"
+#: The agents' long-poll seconds (``--poll-wait``) in the demo.
+DEMO_POLL_WAIT = 1.0
+
+
+def _preload_chart_library() -> None:
+    """Import matplotlib in a daemon thread while the federation runs (this process mostly waits then).
+
+    ``training.png`` is drawn after the last round, and the import alone is most of the drawing's cost
+    (1-4 s here): paid in the meantime, it is off the command's critical path.
+    """
+
+    def preload() -> None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")  # as trainings.charts does, before pyplot is imported
+            import matplotlib.pyplot
+        except Exception:  # the chart reports its own failure later, in the main thread
+            logging.getLogger("trainings.demo").debug("matplotlib preload failed", exc_info=True)
+
+    threading.Thread(target=preload, name="demo-chart-preload", daemon=True).start()
 
 
 class Command(BaseCommand):
@@ -84,8 +109,10 @@ class Command(BaseCommand):
         stack = "embedded (SQLite, eager Celery)" if embedded else "real (Postgres/Redis, Celery worker)"
         console.print(f"[bold]fedsite demo[/bold]: {options['dataset']}, {options['agents']} agents, {stack}")
         console.print(f"run directory: {run_dir}")
-        call_command("migrate", interactive=False, verbosity=0)
-        self._ensure_staff_user(out, console)
+
+        def prepare() -> None:  # runs while the server process boots
+            call_command("migrate", interactive=False, verbosity=0)
+            self._ensure_staff_user(out, console)
 
         agents = options["agents"]
         configuration = dataset_configuration(
@@ -115,9 +142,18 @@ class Command(BaseCommand):
             mnist_path=mnist_path,
             timeout=options["timeout"],
             linger_seconds=options["linger"],
+            # Start-up in parallel: the server boots while this process migrates, and the agents load
+            # their data meanwhile and connect as soon as it answers (--wait-for-server).
+            overlap_startup=True,
+            prepare=prepare,
+            # Short long-polls: the first round is opened by this process, whose wake-ups cannot reach the
+            # server's waiting polls on the embedded stack (in-memory channel layer), and an idle agent
+            # notices the training's end at its next empty poll; 1 s bounds both.
+            poll_wait=DEMO_POLL_WAIT,
         )
 
         def announce(run: FederationRun) -> None:
+            _preload_chart_library()
             console.print(f"training {run.training_id} created")
             console.print(f"  live training page: [link={run.dashboard_url}]{run.dashboard_url}[/link]")
             console.print(f"  Swagger UI:         [link={run.api_docs_url}]{run.api_docs_url}[/link]")

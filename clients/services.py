@@ -392,9 +392,14 @@ def agent_record_outcome(*, agent_id: Any, outcome: str, training: Any = None) -
     agent_failures_evaluate(agent_id=agent_id, training=training)
     if row is not None:
         values = dict(zip(AGENT_EVENT_FIELDS, row, strict=True))
-        if isinstance(values["last_seen_at"], str):  # SQLite's cursor gives text (UTC) where the ORM converts
-            seen = parse_datetime(values["last_seen_at"])
-            values["last_seen_at"] = seen if seen is None or seen.tzinfo else seen.replace(tzinfo=UTC)
+        seen = values[
+            "last_seen_at"
+        ]  # SQLite's cursor gives it naive (UTC), or as text, where the ORM converts
+        if isinstance(seen, str):
+            seen = parse_datetime(seen)
+        if seen is not None and seen.tzinfo is None:
+            seen = seen.replace(tzinfo=UTC)
+        values["last_seen_at"] = seen
         _agent_event(values)
 
 

@@ -11,20 +11,22 @@ import json
 import secrets
 import threading
 import time
+from datetime import UTC
 from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import F
 from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 from django.utils import timezone
+from django.utils.dateparse import parse_datetime
 
 from clients.models import Agent, EnrollmentKey, agent_id_validator
 from fedsite.errors import AuthenticationFailed, Conflict, Forbidden, ValidationFailed
 from fedsite.parsers import json_check, text_check
-from fedsite.throttling import auth_failure_guard, auth_failure_record
+from fedsite.throttling import auth_failure_guard, auth_failure_record, auth_failure_suspected
 from monitoring.events import event_broadcast_on_commit
 from monitoring.models import Alert
 from monitoring.services import agent_failures_evaluate, alert_resolve, audit_record
@@ -51,23 +53,32 @@ class _AgentTokenCache:
     most the TTL, so a disabled agent is refused, and a quarantined one gets no new task, within that
     many seconds everywhere. ``0`` turns the cache off. Callers get a copy: a request's changes to its
     agent (``agent_touch``) never reach another request's.
+
+    Each entry also remembers the client IPs it was accepted from after the failed-authentication check
+    (:func:`fedsite.throttling.auth_failure_guard`, a cache round trip): the same token from the same IP
+    within the TTL skips that check unless this process saw that IP fail since (fedsite.throttling).
     """
 
     def __init__(self) -> None:
-        self._entries: dict[str, tuple[float, Agent]] = {}
+        self._entries: dict[str, tuple[float, Agent, frozenset[str | None]]] = {}
         self._lock = threading.Lock()
 
-    def get(self, token_hash: str) -> Agent | None:
+    def lookup(self, token_hash: str, client_ip: str | None) -> tuple[Agent | None, bool]:
+        """The cached agent (a copy) or None, and whether ``client_ip`` already passed the check with it."""
         ttl = float(settings.FEDSITE_AGENT_TOKEN_CACHE_SECONDS)
         if ttl <= 0:
-            return None
+            return None, False
         with self._lock:
             entry = self._entries.get(token_hash)
         if entry is None or entry[0] <= time.monotonic():
-            return None
-        return copy.copy(entry[1])
+            return None, False
+        return copy.copy(entry[1]), client_ip in entry[2]
 
-    def put(self, token_hash: str, agent: Agent) -> None:
+    def get(self, token_hash: str) -> Agent | None:
+        return self.lookup(token_hash, None)[0]
+
+    def put(self, token_hash: str, agent: Agent, client_ip: str | None = None) -> None:
+        """Cache ``agent`` for the TTL, as accepted from ``client_ip`` after the failure check."""
         ttl = float(settings.FEDSITE_AGENT_TOKEN_CACHE_SECONDS)
         if ttl <= 0:
             return
@@ -77,7 +88,15 @@ class _AgentTokenCache:
                 self._entries = {k: v for k, v in self._entries.items() if v[0] > now}
                 if len(self._entries) >= AGENT_TOKEN_CACHE_MAX_ENTRIES:
                     self._entries.clear()
-            self._entries[token_hash] = (now + ttl, copy.copy(agent))
+            self._entries[token_hash] = (now + ttl, copy.copy(agent), frozenset([client_ip]))
+
+    def accept_ip(self, token_hash: str, agent_pk: Any, client_ip: str | None) -> None:
+        """Remember that ``client_ip`` passed the failure check with this (still cached) token."""
+        with self._lock:
+            entry = self._entries.get(token_hash)
+            if entry is None or entry[1].pk != agent_pk or len(entry[2]) >= AGENT_TOKEN_CACHE_MAX_IPS:
+                return
+            self._entries[token_hash] = (entry[0], entry[1], entry[2] | {client_ip})
 
     def forget(self, agent_pk: Any) -> None:
         with self._lock:
@@ -86,13 +105,58 @@ class _AgentTokenCache:
 
 #: Bound on the token cache's entries (one per agent seen within the TTL; about 1 KiB each).
 AGENT_TOKEN_CACHE_MAX_ENTRIES = 100_000
+#: Client IPs remembered per cached token; a token used from more addresses is checked each time.
+AGENT_TOKEN_CACHE_MAX_IPS = 8
 agent_token_cache = _AgentTokenCache()
+
+
+class _SeenWrites:
+    """When this process last wrote each agent's ``last_seen_at`` (monotonic clock, and the value written).
+
+    A poll or a bare heartbeat within ``FEDSITE_AGENT_SEEN_WRITE_SECONDS`` of this process's last write
+    for the agent makes no ``UPDATE`` (:func:`agent_touch`): ``last_seen_at`` is then at most that many
+    seconds behind, for the online/offline views, the round's eligibility (``FEDSITE_AGENT_TIMEOUT``) and
+    the re-selection of an agent that let a task expire (seen again since). Any ``save()`` of the agent
+    and any task expiry counted here drop its entry, so the next touch writes.
+    """
+
+    def __init__(self) -> None:
+        self._written: dict[Any, tuple[float, Any]] = {}
+        self._lock = threading.Lock()
+
+    def recent(self, agent_pk: Any) -> Any:
+        """The ``last_seen_at`` this process wrote within the interval, or None (then write)."""
+        interval = float(settings.FEDSITE_AGENT_SEEN_WRITE_SECONDS)
+        if interval <= 0:
+            return None
+        with self._lock:
+            entry = self._written.get(agent_pk)
+        if entry is None or time.monotonic() - entry[0] >= interval:
+            return None
+        return entry[1]
+
+    def note(self, agent_pk: Any, written: Any) -> None:
+        if float(settings.FEDSITE_AGENT_SEEN_WRITE_SECONDS) <= 0:
+            return
+        now = time.monotonic()
+        with self._lock:
+            if len(self._written) >= AGENT_TOKEN_CACHE_MAX_ENTRIES:
+                self._written.clear()
+            self._written[agent_pk] = (now, written)
+
+    def forget(self, agent_pk: Any) -> None:
+        with self._lock:
+            self._written.pop(agent_pk, None)
+
+
+agent_seen_writes = _SeenWrites()
 
 
 @receiver(post_save, sender=Agent)
 @receiver(post_delete, sender=Agent)
 def _forget_cached_agent(sender: Any, instance: Agent, **kwargs: Any) -> None:
     agent_token_cache.forget(instance.pk)
+    agent_seen_writes.forget(instance.pk)
 
 
 def _validate_agent_id(agent_id: Any) -> str:
@@ -233,34 +297,46 @@ def agent_enroll(
     return agent, token
 
 
+def _agent_token_refused(client_ip: str | None) -> None:
+    """A malformed token: 429 if the IP is over the limit, else count the failure (the caller raises 401)."""
+    auth_failure_guard(scope="agent_token", client_ip=client_ip)
+    auth_failure_record(scope="agent_token", client_ip=client_ip)
+
+
 def agent_authenticate(*, authorization: str | None, client_ip: str | None = None) -> Agent:
     """Resolve ``Authorization: Bearer <token>`` to an active agent or raise 401/403.
 
     ``client_ip`` (given by HTTP callers) counts wrong tokens per IP; past the limit every attempt from the
-    IP gets 429 before its token is looked at (fedsite.throttling).
+    IP gets 429 before its token is trusted (fedsite.throttling; the counter is not consulted again for
+    a token this process accepted from the same IP within ``FEDSITE_AGENT_TOKEN_CACHE_SECONDS``).
     """
     if not authorization or not authorization.startswith("Bearer "):
         raise AuthenticationFailed(
             "Send the agent token as 'Authorization: Bearer <token>'.", code="not_authenticated"
         )
-    auth_failure_guard(scope="agent_token", client_ip=client_ip)
     token = authorization[len("Bearer ") :].strip()
     if not token or len(token) > 200:
-        auth_failure_record(scope="agent_token", client_ip=client_ip)
+        _agent_token_refused(client_ip)
         raise AuthenticationFailed("The agent token is malformed.", code="invalid_token")
     if token.startswith(OPERATOR_TOKEN_PREFIX):
-        auth_failure_record(scope="agent_token", client_ip=client_ip)
+        _agent_token_refused(client_ip)
         raise AuthenticationFailed(
             "This is an operator token; operators send 'Authorization: Token <token>', "
             "agents send their own fsa_ token as 'Authorization: Bearer <token>'.",
             code="invalid_token",
         )
     token_hash = _hash_secret(token)
-    agent = agent_token_cache.get(token_hash)
+    agent, accepted_before = agent_token_cache.lookup(token_hash, client_ip)
+    # The failed-authentication counter is a cache round trip: skipped only for this token from this IP
+    # accepted here within the cache's TTL, while this process saw no failure from the IP (throttling).
+    if not accepted_before or auth_failure_suspected(scope="agent_token", client_ip=client_ip):
+        auth_failure_guard(scope="agent_token", client_ip=client_ip)
+        if agent is not None:
+            agent_token_cache.accept_ip(token_hash, agent.pk, client_ip)
     if agent is None:
         agent = Agent.objects.filter(token_hash=token_hash).first()
         if agent is not None:
-            agent_token_cache.put(token_hash, agent)
+            agent_token_cache.put(token_hash, agent, client_ip)
     if agent is None:
         auth_failure_record(scope="agent_token", client_ip=client_ip)
         raise AuthenticationFailed(
@@ -272,7 +348,16 @@ def agent_authenticate(*, authorization: str | None, client_ip: str | None = Non
 
 
 def agent_touch(*, agent: Agent, state: str | None = None, capabilities: Any = None) -> Agent:
-    """Record that the agent is alive (heartbeat or poll)."""
+    """Record that the agent is alive (heartbeat or poll).
+
+    A bare touch (no ``state``, no ``capabilities``) within ``FEDSITE_AGENT_SEEN_WRITE_SECONDS`` of this
+    process's last write of the agent's ``last_seen_at`` makes no query (:class:`_SeenWrites`).
+    """
+    if state is None and capabilities is None:
+        written = agent_seen_writes.recent(agent.pk)
+        if written is not None:
+            agent.last_seen_at = written
+            return agent
     fields: dict[str, Any] = {"last_seen_at": timezone.now()}
     if state is not None:
         if state not in ("idle", "training"):
@@ -281,6 +366,7 @@ def agent_touch(*, agent: Agent, state: str | None = None, capabilities: Any = N
     if capabilities is not None:
         fields["capabilities"] = _validate_capabilities(capabilities)
     Agent.objects.filter(pk=agent.pk).update(**fields)
+    agent_seen_writes.note(agent.pk, fields["last_seen_at"])
     for key, value in fields.items():
         setattr(agent, key, value)
     return agent
@@ -290,9 +376,31 @@ def agent_record_outcome(*, agent_id: Any, outcome: str, training: Any = None) -
     """Count a task outcome for the reliability score (``completed``, ``failed`` or ``expired``), then
     evaluate the agent's ``client_failures`` alert over its last tasks (docs/monitoring.md)."""
     column = {"completed": "tasks_completed", "failed": "tasks_failed", "expired": "tasks_expired"}[outcome]
-    Agent.objects.filter(pk=agent_id).update(**{column: F(column) + 1})
+    if outcome == "expired":  # its next poll writes last_seen_at: "seen again since" the expiry, at once
+        agent_seen_writes.forget(agent_id)
+    # One statement: the counter's increment returns the row the dashboards' event needs.
+    quote = connection.ops.quote_name
+    returned = ", ".join(quote(Agent._meta.get_field(name).column) for name in AGENT_EVENT_FIELDS)
+    counter = quote(Agent._meta.get_field(column).column)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {quote(Agent._meta.db_table)} SET {counter} = {counter} + 1 "  # noqa: S608 (names only)
+            f"WHERE {quote(Agent._meta.pk.column)} = %s RETURNING {returned}",
+            [Agent._meta.pk.get_db_prep_value(agent_id, connection)],
+        )
+        row = cursor.fetchone()
     agent_failures_evaluate(agent_id=agent_id, training=training)
-    agent_broadcast(agent_pk=agent_id)
+    if row is not None:
+        values = dict(zip(AGENT_EVENT_FIELDS, row, strict=True))
+        seen = values[
+            "last_seen_at"
+        ]  # SQLite's cursor gives it naive (UTC), or as text, where the ORM converts
+        if isinstance(seen, str):
+            seen = parse_datetime(seen)
+        if seen is not None and seen.tzinfo is None:
+            seen = seen.replace(tzinfo=UTC)
+        values["last_seen_at"] = seen
+        _agent_event(values)
 
 
 AGENT_EVENT_FIELDS = (
@@ -310,8 +418,11 @@ def agent_broadcast(*, agent_pk: Any) -> None:
     """Tell every dashboard the agent's counters and status (``agent_update``, a system event: no
     training group), after the surrounding transaction commits; one small read, no blob."""
     values = Agent.objects.filter(pk=agent_pk).values(*AGENT_EVENT_FIELDS).first()
-    if values is None:
-        return
+    if values is not None:
+        _agent_event(values)
+
+
+def _agent_event(values: dict[str, Any]) -> None:
     done = values["tasks_completed"]
     total = done + values["tasks_failed"] + values["tasks_expired"]
     last_seen = values["last_seen_at"]

@@ -302,6 +302,9 @@ FEDSITE_AGENT_TIMEOUT = env.int("FEDSITE_AGENT_TIMEOUT", default=90)
 # Seconds an agent token, once looked up, is trusted without a query in each process (0: off). A disabled
 # agent is refused within this time in every process (at once in the one that disabled it).
 FEDSITE_AGENT_TOKEN_CACHE_SECONDS = env.float("FEDSITE_AGENT_TOKEN_CACHE_SECONDS", default=5.0)
+# Seconds within which a poll or bare heartbeat does not write last_seen_at again when this process wrote
+# it for the agent (0: every poll writes); last_seen_at is then at most this far behind.
+FEDSITE_AGENT_SEEN_WRITE_SECONDS = env.float("FEDSITE_AGENT_SEEN_WRITE_SECONDS", default=15.0)
 FEDSITE_LONG_POLL_MAX = env.int("FEDSITE_LONG_POLL_MAX", default=60)
 FEDSITE_ROUND_TIMEOUT = env.float("FEDSITE_ROUND_TIMEOUT", default=300.0)
 FEDSITE_MAX_ROUND_ATTEMPTS = env.int("FEDSITE_MAX_ROUND_ATTEMPTS", default=5)

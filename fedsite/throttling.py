@@ -10,6 +10,13 @@ Invariants:
 - Once an IP has ``N`` failures within the period of its scope's rate (``FEDSITE_AUTH_FAILURE_RATES``),
   every attempt of that scope from it is refused with 429 and ``Retry-After`` *before* the credential is
   checked: a guess that happens to be right is refused too, so refusals tell an attacker nothing.
+- A failure is always checked against the shared counter before it is answered (429 once over the limit,
+  in every process). A success is checked too, except when this process let the same credential through
+  from the same IP within the credential cache's TTL (``clients.services``: an agent token, at most
+  ``FEDSITE_AGENT_TOKEN_CACHE_SECONDS``) and has seen no failure of that scope from that IP since the
+  window began (:func:`auth_failure_suspected`). A right guess is never such a repeat, so a throttled IP
+  still learns nothing from a refusal; what it may keep doing for that TTL is use a credential this
+  process already accepted from it, which tells it nothing new.
 - The counters fail open: when the cache is unreachable (Redis down) a warning is logged and nothing is
   throttled, so agents keep authenticating against the database.
 - The client IP is the socket's address unless ``FEDSITE_NUM_PROXIES`` trusted proxies add
@@ -20,6 +27,8 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
+import time
 from typing import Any
 
 from axes.backends import AxesStandaloneBackend
@@ -88,6 +97,47 @@ class FailedAuthenticationThrottle(SimpleRateThrottle):
         self.cache.set(self.key, self.history[: max(self.num_requests, 1) * 2], self.duration)
 
 
+class _LocalFailures:
+    """When this process last counted a failure of each (scope, IP), keyed as the shared counters are
+    (with ``FEDSITE_AUTH_FAILURE_NAMESPACE``): the cheap check of :func:`auth_failure_suspected`.
+    Bounded: past ``LOCAL_FAILURES_MAX_ENTRIES`` the older half goes."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[str, str, str], float] = {}
+        self._lock = threading.Lock()
+
+    def note(self, scope: str, ident: str) -> None:
+        key = (settings.FEDSITE_AUTH_FAILURE_NAMESPACE, scope, ident)
+        with self._lock:
+            if len(self._seen) >= LOCAL_FAILURES_MAX_ENTRIES:
+                keep = sorted(self._seen.items(), key=lambda item: item[1])[len(self._seen) // 2 :]
+                self._seen = dict(keep)
+            self._seen[key] = time.monotonic()
+
+    def since(self, scope: str, ident: str) -> float | None:
+        key = (settings.FEDSITE_AUTH_FAILURE_NAMESPACE, scope, ident)
+        with self._lock:
+            return self._seen.get(key)
+
+
+LOCAL_FAILURES_MAX_ENTRIES = 100_000
+local_failures = _LocalFailures()
+
+
+def auth_failure_suspected(*, scope: str, client_ip: str | None) -> bool:
+    """Whether this process counted a failure of ``scope`` from ``client_ip`` within the scope's window.
+
+    No cache round trip: callers that skip :func:`auth_failure_guard` for a credential they already
+    accepted from this IP must still consult it when this is true (see the module docstring).
+    """
+    if client_ip is None:
+        return False
+    last = local_failures.since(scope, client_ip)
+    if last is None:
+        return False
+    return time.monotonic() - last <= FailedAuthenticationThrottle(scope).duration
+
+
 def auth_failure_guard(*, scope: str, client_ip: str | None) -> None:
     """Raise 429 if ``client_ip`` is over the failure limit of ``scope``; no-op when the IP is unknown."""
     if client_ip is None:
@@ -110,6 +160,7 @@ def auth_failure_record(*, scope: str, client_ip: str | None) -> None:
     """Count one failed authentication of ``scope`` from ``client_ip`` (no-op when the IP is unknown)."""
     if client_ip is None:
         return
+    local_failures.note(scope, client_ip)
     try:
         FailedAuthenticationThrottle(scope).record_failure(client_ip)
     except Exception as exc:  # the cache (Redis) is away: the failure is answered, just not counted

@@ -32,7 +32,7 @@ from privacy.models import PrivacyBudget
 from trainings.configuration import TrainingConfiguration
 from trainings.models import Round, Task, Training
 from trainings.services.trainings import ASYNCHRONOUS_ALGORITHMS
-from trainings.state import transition_task
+from trainings.state import TASK_TRANSITIONS, _check
 from versioning.models import ModelVersion
 
 logger = logging.getLogger("trainings")
@@ -148,29 +148,44 @@ def task_next_for_agent(*, agent: Agent) -> Task | None:
     if agent.status != Agent.Status.ACTIVE:  # quarantined since its tasks were issued: hand out none
         return None
     now = timezone.now()
-    task = (
+    found = (
         Task.objects.filter(agent=agent, status__in=list(Task.OPEN), deadline__gt=now)
         .filter(round__training__status=TS.RUNNING)
         .filter(
             Q(round__status__in=[RS.COLLECTING, *SECAGG_STATES])
             | Q(round__training__algorithm__in=list(ASYNCHRONOUS_ALGORITHMS))
         )
+        .select_related(*PAYLOAD_RELATIONS)
         .order_by("created_at")
         .first()
     )
-    if task is None:
-        task = _issue_asynchronous_task(agent)
+    task = found or _issue_asynchronous_task(agent)
     if task is None:
         return None
-    if task.status == KS.PENDING:
-        with transaction.atomic():
-            locked = Task.objects.select_for_update().get(pk=task.pk)
-            if locked.status == KS.PENDING:
-                transition_task(locked, KS.DELIVERED)
-            task = locked
-    return Task.objects.select_related("round__training", "round__base_version", "base_version").get(
-        pk=task.pk
-    )
+    if task.status == KS.PENDING and not _task_mark_delivered(task):
+        found = None  # changed by another request since it was read
+    if found is None:  # an asynchronous task just issued, or one changed meanwhile: read it as it is now
+        return Task.objects.select_related(*PAYLOAD_RELATIONS).get(pk=task.pk)
+    return found
+
+
+#: What the task's JSON needs (trainings.selectors.task_payload), read with the task in one query.
+PAYLOAD_RELATIONS = ("round__training", "round__base_version", "base_version")
+
+
+def _task_mark_delivered(task: Task) -> bool:
+    """``pending -> delivered`` in ONE conditional ``UPDATE`` (no lock, no re-read); False if the task was
+    no longer pending (another request delivered, completed, expired or cancelled it meanwhile).
+
+    The move is checked against the task table of ``trainings.state``, as ``transition_task`` does; the
+    ``WHERE status = 'pending'`` gives the same guarantee as re-reading the row under ``select_for_update``.
+    """
+    _check("task", TASK_TRANSITIONS, KS.PENDING, KS.DELIVERED, f"Task {task.pk}")
+    now = timezone.now()
+    if not Task.objects.filter(pk=task.pk, status=KS.PENDING).update(status=KS.DELIVERED, delivered_at=now):
+        return False
+    task.status, task.delivered_at = KS.DELIVERED, now
+    return True
 
 
 def tasks_agents_with_work(agent_keys: Collection[str]) -> set[str]:

@@ -13,6 +13,12 @@ AGENTS ?= 10
 
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/fedsite
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
+# Each run spreads its tests over TEST_WORKERS pytest-xdist processes, each with its own test database, var
+# directory and Redis database (tests/xdist_workers.py): the N-th number of TEST_REDIS_DBS, or, if that is
+# empty, the one N below TEST_REDIS_URL's (15 14 13 ... for the default). TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 3
+TEST_REDIS_DBS ?=
+XDIST := -n $(TEST_WORKERS) --dist load --maxschedchunk 1
 # The apps' tests (web, API, dashboard, services): run a second time on the embedded default.
 EMBEDDED_TEST_PATHS ?= fedsite trainings clients privacy versioning monitoring tests
 
@@ -47,12 +53,12 @@ chromium:
 
 test-stack: venv chromium
 	DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) DJANGO_SECRET_KEY=test-only-secret-key \
-		$(VENV)/bin/pytest $(PYTEST_ARGS)
+		FEDSITE_TEST_REDIS_DBS="$(TEST_REDIS_DBS)" $(VENV)/bin/pytest $(XDIST) $(PYTEST_ARGS)
 
 # End-to-end tests (marker e2e) start their own processes and stack; they run once, in test-stack.
 test-embedded: venv chromium
 	env -u DATABASE_URL -u REDIS_URL -u DJANGO_SECRET_KEY FEDSITE_VAR_DIR=$(CURDIR)/var/test-embedded \
-		$(VENV)/bin/pytest -m "not e2e" -p no:cacheprovider $(PYTEST_ARGS) $(EMBEDDED_TEST_PATHS)
+		$(VENV)/bin/pytest $(XDIST) -m "not e2e" -p no:cacheprovider $(PYTEST_ARGS) $(EMBEDDED_TEST_PATHS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

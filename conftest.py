@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -78,3 +81,34 @@ def _fresh_auth_failure_counters(settings: Any) -> None:
     import uuid
 
     settings.FEDSITE_AUTH_FAILURE_NAMESPACE = uuid.uuid4().hex
+
+
+@pytest.fixture(autouse=True)
+def _fedagent_logger_restored() -> Any:
+    """``fedagent.cli.main`` run in-process (the CLI tests) configures the ``fedagent`` logger for a
+    terminal: its own handler, no propagation. Put it back afterwards, or a later test in the same process
+    that reads the agent's logs with ``caplog`` sees none (which one that is depends on the order)."""
+    logger = logging.getLogger("fedagent")
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    yield
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+    logger.propagate = propagate
+
+
+def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+    """In a parallel run (pytest-xdist) the slow tests go first: the end-to-end ones, then the rest of
+    ``tests/`` (browsers, live servers), so that ``--dist load --maxschedchunk 1`` (make test) hands them out
+    a few at a time to each worker at the start and the many short tests fill in around them, instead of
+    one of them starting last and running alone.
+    Every worker collects in the same order (xdist requires it); a run in one process keeps its order."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    live = Path(__file__).resolve().parent / "tests"
+
+    def rank(item: Any) -> int:
+        if item.get_closest_marker("e2e"):
+            return 0
+        return 1 if Path(item.path).is_relative_to(live) else 2
+
+    items.sort(key=rank)

@@ -76,11 +76,15 @@ def staff_client(db: Any, client: Any):
 
 
 @pytest.fixture(autouse=True)
-def _fresh_auth_failure_counters(settings: Any) -> None:
-    """Each test counts failed authentications afresh (the counters live in the shared Redis cache)."""
+def _fresh_auth_failure_counters(settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test counts failed authentications afresh (the counters live in the shared Redis cache), in
+    this process and in every server it starts (they inherit the environment): otherwise the failures one
+    test's live server counted for 127.0.0.1 throttle the next test's requests for the counter's window."""
     import uuid
 
-    settings.FEDSITE_AUTH_FAILURE_NAMESPACE = uuid.uuid4().hex
+    namespace = uuid.uuid4().hex
+    settings.FEDSITE_AUTH_FAILURE_NAMESPACE = namespace
+    monkeypatch.setenv("FEDSITE_AUTH_FAILURE_NAMESPACE", namespace)
 
 
 @pytest.fixture(autouse=True)

@@ -364,7 +364,8 @@ def test_demo_creates_the_staff_user_once_with_a_private_credentials_file(tmp_pa
 
     from trainings.management.commands.demo import Command
 
-    console = Console(file=io.StringIO(), width=200)
+    # a terminal narrower than the paths: they must still come out in one piece, to be copied
+    console = Console(file=io.StringIO(), width=80)
     Command()._ensure_staff_user(tmp_path, console)
     Command()._ensure_staff_user(tmp_path, console)
 

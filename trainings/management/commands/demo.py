@@ -204,7 +204,10 @@ class Command(BaseCommand):
                 if f"database: {database}\n" in recorded
                 else f"reset its password with: manage.py changepassword {DEMO_USERNAME}"
             )
-            console.print(f"staff user '{DEMO_USERNAME}' already exists in {database}; {where}")
+            # soft_wrap: no line breaks inserted into the paths, so they can be copied in one piece
+            console.print(
+                f"staff user '{DEMO_USERNAME}' already exists in {database}; {where}", soft_wrap=True
+            )
             return
         password = secrets.token_urlsafe(12)
         users.objects.create_user(DEMO_USERNAME, password=password, is_staff=True, is_superuser=True)
@@ -213,7 +216,8 @@ class Command(BaseCommand):
             handle.write(f"username: {DEMO_USERNAME}\npassword: {password}\ndatabase: {database}\n")
         console.print(
             f"dashboard login: user [bold]{DEMO_USERNAME}[/bold], password [bold]{password}[/bold] "
-            f"(shown once; also in {path})"
+            f"(shown once; also in {path})",
+            soft_wrap=True,
         )
 
     def _report(

@@ -264,6 +264,21 @@ def transition_round(round_: Round, target: str, *, error: str = "", protocol: s
     return round_
 
 
+def deliver_task_if_pending(task: Task) -> bool:
+    """``pending -> delivered`` in ONE conditional ``UPDATE`` (no lock, no re-read); False if the task was
+    no longer pending (another request delivered, completed, expired or cancelled it meanwhile).
+
+    Checked against the task table as :func:`transition_task` is; the ``WHERE status = 'pending'`` gives the
+    same guarantee as re-reading the row under ``select_for_update``.
+    """
+    _check("task", TASK_TRANSITIONS, KS.PENDING, KS.DELIVERED, f"Task {task.pk}")
+    now = timezone.now()
+    if not Task.objects.filter(pk=task.pk, status=KS.PENDING).update(status=KS.DELIVERED, delivered_at=now):
+        return False
+    task.status, task.delivered_at = KS.DELIVERED, now
+    return True
+
+
 def transition_task(task: Task, target: str, *, reason: str = "") -> Task:
     """Move a task (locked by the caller, or its round locked) to ``target``."""
     _check("task", TASK_TRANSITIONS, task.status, target, f"Task {task.pk}")

@@ -32,7 +32,7 @@ from privacy.models import PrivacyBudget
 from trainings.configuration import TrainingConfiguration
 from trainings.models import Round, Task, Training
 from trainings.services.trainings import ASYNCHRONOUS_ALGORITHMS
-from trainings.state import TASK_TRANSITIONS, _check
+from trainings.state import deliver_task_if_pending
 from versioning.models import ModelVersion
 
 logger = logging.getLogger("trainings")
@@ -162,7 +162,7 @@ def task_next_for_agent(*, agent: Agent) -> Task | None:
     task = found or _issue_asynchronous_task(agent)
     if task is None:
         return None
-    if task.status == KS.PENDING and not _task_mark_delivered(task):
+    if task.status == KS.PENDING and not deliver_task_if_pending(task):
         found = None  # changed by another request since it was read
     if found is None:  # an asynchronous task just issued, or one changed meanwhile: read it as it is now
         return Task.objects.select_related(*PAYLOAD_RELATIONS).get(pk=task.pk)
@@ -171,21 +171,6 @@ def task_next_for_agent(*, agent: Agent) -> Task | None:
 
 #: What the task's JSON needs (trainings.selectors.task_payload), read with the task in one query.
 PAYLOAD_RELATIONS = ("round__training", "round__base_version", "base_version")
-
-
-def _task_mark_delivered(task: Task) -> bool:
-    """``pending -> delivered`` in ONE conditional ``UPDATE`` (no lock, no re-read); False if the task was
-    no longer pending (another request delivered, completed, expired or cancelled it meanwhile).
-
-    The move is checked against the task table of ``trainings.state``, as ``transition_task`` does; the
-    ``WHERE status = 'pending'`` gives the same guarantee as re-reading the row under ``select_for_update``.
-    """
-    _check("task", TASK_TRANSITIONS, KS.PENDING, KS.DELIVERED, f"Task {task.pk}")
-    now = timezone.now()
-    if not Task.objects.filter(pk=task.pk, status=KS.PENDING).update(status=KS.DELIVERED, delivered_at=now):
-        return False
-    task.status, task.delivered_at = KS.DELIVERED, now
-    return True
 
 
 def tasks_agents_with_work(agent_keys: Collection[str]) -> set[str]:

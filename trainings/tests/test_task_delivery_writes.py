@@ -1,6 +1,6 @@
 """Handing a task to a polling agent: one read (with what the task JSON needs) and one conditional UPDATE,
 the pending -> delivered move still checked against the state machine, and a task changed meanwhile not
-moved (trainings.services.tasks._task_mark_delivered)."""
+moved (trainings.state.deliver_task_if_pending)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from django.test.utils import CaptureQueriesContext
 
 from trainings.models import Task
 from trainings.selectors import task_payload
-from trainings.services.tasks import _task_mark_delivered, task_next_for_agent
+from trainings.services.tasks import task_next_for_agent
+from trainings.state import deliver_task_if_pending
 
 pytestmark = pytest.mark.django_db
 KS = Task.Status
@@ -51,7 +52,7 @@ def test_a_task_changed_since_it_was_read_is_not_moved(
     assert read.status == KS.PENDING
     Task.objects.filter(pk=read.pk).update(status=meanwhile)  # another request, between read and write
 
-    assert _task_mark_delivered(read) is False
+    assert deliver_task_if_pending(read) is False
     assert read.status == KS.PENDING and read.delivered_at is None
     stored = Task.objects.get(pk=read.pk)
     assert stored.status == meanwhile and stored.delivered_at is None

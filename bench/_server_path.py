@@ -7,8 +7,9 @@ flcore calls, in the same order, on safetensors blobs in a directory:
   ``FedAvgAccumulator.add_file(path, weight, scale=..., verified=True)`` and calls ``result()``;
 - a chunked rule (Krum, Multi-Krum, median, trimmed mean): ``trainings.chunked`` cuts ``[0, P)`` with
   :func:`chunk_ranges` (the same formula) into one Celery task per range; each task maps every blob
-  (``iter_file_tensors``) and runs ``Strategy.range_statistics`` on its range (cache-sized chunks gathered
-  from the mappings; sent back as a JSON list of floats), the finalize step sums them and calls
+  (side by side as one matrix, ``map_files_stacked``, else one by one, ``iter_file_tensors``) and runs
+  ``Strategy.range_statistics`` on its range (cache-sized chunks gathered from the mappings; sent back
+  as a JSON list of floats), the finalize step sums them and calls
   ``finalize_statistics`` (the context travels as JSON), then each task maps the blobs again and runs
   ``Strategy.range_combine`` (only the rows ``combined_rows`` names; the result travels as a safetensors
   blob), and the join stitches the chunks. Here the tasks of each chord run on ``workers`` threads of this
@@ -20,7 +21,7 @@ flcore calls, in the same order, on safetensors blobs in a directory:
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from flcore.parameters import (
     to_bytes,
     unflatten,
 )
+from flcore.stacked_files import map_files_stacked
 from flcore.strategies import Strategy
 from flcore.strategies.base import FlatLayout, coordinate_chunks, default_chunk_size, parallel_map
 from flcore.strategies.krum import KrumSelection
@@ -77,8 +79,13 @@ def combine_from_blobs(
     ranges = chunk_ranges(spec.num_parameters, len(paths), workers)
     layout = FlatLayout(spec)
 
-    def views() -> list[dict[str, Any]]:
-        return [dict(iter_file_tensors(path)) for path in paths]  # each task maps every blob
+    def views() -> Sequence[Mapping[str, Any]]:
+        # Each task maps every blob: side by side as one matrix when they share a layout, as
+        # trainings.chunked._views does, else one by one.
+        stacked = map_files_stacked(paths)
+        if stacked is not None:
+            return stacked
+        return [dict(iter_file_tensors(path)) for path in paths]
 
     context: Any = None
     if strategy.needs_statistics:

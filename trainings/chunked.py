@@ -14,6 +14,7 @@ chunk results travel as safetensors blobs, never pickles. The join rebuilds the 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from django.conf import settings
 
 from fedsite.logs import log_event
 from flcore.parameters import ParameterSpec, from_bytes, iter_file_tensors, to_bytes, unflatten
+from flcore.stacked_files import map_files_stacked
 from flcore.strategies import Strategy
 from flcore.strategies.base import FlatLayout, coordinate_chunks, default_chunk_size
 from trainings.models import ClientUpdate, Round
@@ -49,11 +51,21 @@ def chunk_ranges(num_parameters: int, num_updates: int, workers: int) -> list[tu
     return list(coordinate_chunks(num_parameters, target))
 
 
-def _views(spec: ParameterSpec, updates: list[ClientUpdate]) -> list[dict[str, Any]]:
-    """Every update's tensors: zero-copy views of the memory-mapped blob when it is a local file."""
-    views = []
-    for update in updates:
-        path = blob_local_path(update.blob_name)
+def _views(spec: ParameterSpec, updates: list[ClientUpdate]) -> Sequence[Mapping[str, Any]]:
+    """Every update's tensors: zero-copy views of the memory-mapped blob when it is a local file.
+
+    When every blob is a local file of the same layout (the usual round), they are mapped side by side as
+    the rows of one matrix (:func:`flcore.stacked_files.map_files_stacked`), so a chunk of all of them is
+    gathered in one copy per tensor instead of one per update and tensor.
+    """
+    paths = [blob_local_path(update.blob_name) for update in updates]
+    local = [path for path in paths if path is not None]
+    if local and len(local) == len(paths):
+        stacked = map_files_stacked(local)
+        if stacked is not None:
+            return stacked
+    views: list[Mapping[str, Any]] = []
+    for update, path in zip(updates, paths, strict=True):
         if path is not None:
             views.append(dict(iter_file_tensors(path)))
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -311,6 +312,49 @@ def test_iter_file_tensors_rejects_bad_header(tmp_path: Path) -> None:
         list(iter_file_tensors(path))
 
     assert info.value.code == "wrong_dtype"
+
+
+def test_iter_file_tensors_sees_a_file_rewritten_in_place_or_replaced(
+    tmp_path: Path, params: Parameters
+) -> None:
+    # The parsed header is kept per version of a file: a rewrite in place (a new size) and a replacement
+    # by rename (a new inode, the same size) must both be mapped with their own header.
+    path = tmp_path / "p.safetensors"
+    path.write_bytes(to_bytes(params))
+    assert set(dict(iter_file_tensors(path))) == set(params)
+
+    other = {"w": np.arange(7, dtype=np.float32)}
+    path.write_bytes(to_bytes(other))
+    seen = dict(iter_file_tensors(path))
+    assert list(seen) == ["w"]
+    np.testing.assert_array_equal(seen["w"], other["w"])
+
+    renamed = {name: np.zeros(a.shape, dtype=np.float32) for name, a in params.items()}
+    renamed["layer0.weighT"] = renamed.pop("layer0.weight")  # another name of the same length
+    assert len(to_bytes(renamed)) == len(to_bytes(params))
+    staged = tmp_path / "staged.safetensors"
+    path.write_bytes(to_bytes(params))
+    dict(iter_file_tensors(path))
+    staged.write_bytes(to_bytes(renamed))
+    before = path.stat()
+    os.utime(staged, ns=(before.st_atime_ns, before.st_mtime_ns))  # only the inode tells them apart
+    os.replace(staged, path)
+    assert set(dict(iter_file_tensors(path))) == set(renamed)
+
+
+def test_iter_file_tensors_rejects_a_file_truncated_after_it_was_mapped(
+    tmp_path: Path, params: Parameters
+) -> None:
+    path = tmp_path / "p.safetensors"
+    data = to_bytes(params)
+    path.write_bytes(data)
+    list(iter_file_tensors(path))
+
+    path.write_bytes(data[:-4])
+
+    with pytest.raises(SerdeError) as info:
+        list(iter_file_tensors(path))
+    assert info.value.code == "bad_header"
 
 
 # ---- helpers -------------------------------------------------------------------------------------------

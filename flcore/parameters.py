@@ -10,7 +10,8 @@ Invariants:
 - :func:`from_bytes` and :func:`load_file` never materialise a blob before its size, its header (parsed
   here with ``struct`` and ``json``), its dtypes and, when a spec is given, its names and shapes have been
   checked; every result they return is writeable float32 and finite. Every rejection is a
-  :class:`~flcore.errors.SerdeError` with a machine-readable ``code``.
+  :class:`~flcore.errors.SerdeError` with a machine-readable ``code``. :func:`validate_file` makes the
+  same checks on a file without materialising it and returns its L2 norm.
 - :func:`iter_file_tensors` yields read-only, zero-copy views of a memory-mapped file; it checks the header
   but not the values, so it is meant for blobs already validated at upload.
 """
@@ -56,6 +57,7 @@ __all__ = [
     "subtract",
     "to_bytes",
     "unflatten",
+    "validate_file",
 ]
 
 Parameters: TypeAlias = dict[str, npt.NDArray[np.float32]]
@@ -538,13 +540,7 @@ def from_bytes(data: bytes, *, spec: ParameterSpec | None = None, max_bytes: int
             "too_large", f"The parameter blob is {len(data)} bytes; at most {max_bytes} bytes are accepted."
         )
     header = _header_from_bytes(data)
-    names = header.ordered_names()
-    if spec is not None:
-        _check_names(spec, names)
-        shapes = {e.name: e.shape for e in header.entries}
-        for tensor in spec.tensors:
-            _check_shape(tensor, shapes[tensor.name])
-        names = list(spec.names)
+    names = _names_checked(header, spec)
     try:
         loaded = safetensors.numpy.load(data)
     except Exception as exc:  # safetensors raises its own SafetensorError
@@ -557,6 +553,18 @@ def from_bytes(data: bytes, *, spec: ParameterSpec | None = None, max_bytes: int
         _check_finite(name, array)
         result[name] = array
     return result
+
+
+def _names_checked(header: _Header, spec: ParameterSpec | None) -> list[str]:
+    """Return the tensor names to read: the spec's, once the header's names and shapes match it."""
+    names = header.ordered_names()
+    if spec is None:
+        return names
+    _check_names(spec, names)
+    shapes = {e.name: e.shape for e in header.entries}
+    for tensor in spec.tensors:
+        _check_shape(tensor, shapes[tensor.name])
+    return list(spec.names)
 
 
 def _check_finite(name: str, array: npt.NDArray[np.float32]) -> None:
@@ -583,6 +591,66 @@ def load_file(
             "too_large", f"The parameter file is {size} bytes; at most {max_bytes} bytes are accepted."
         )
     return from_bytes(Path(path).read_bytes(), spec=spec, max_bytes=max_bytes)
+
+
+_NORM_BLOCK = 65536
+"""float32 values widened to float64 at a time by :func:`validate_file` (512 KiB: stays in cache)."""
+
+
+def validate_file(
+    path: str | os.PathLike[str], *, spec: ParameterSpec | None = None, max_bytes: int
+) -> float:
+    """Validate a safetensors file as :func:`load_file` does and return its float64 L2 norm, in one pass.
+
+    The same checks and errors as :func:`from_bytes` (size first, then header, dtypes, names and shapes
+    against ``spec``, then NaN and Inf), without materialising the values: the file is memory-mapped and
+    its values are widened to float64 one cache-sized block at a time and their squares summed. That sum
+    is also the finiteness check, exactly: the square of a finite float32 is at most about 1.2e77, so a
+    sum of 2**31 of them is finite in float64, while one NaN or infinity makes it NaN or infinite (only then
+    are the tensor's values scanned, to count them for the error). What the upload path needs from an
+    agent's update before it becomes a blob: one read of 4 MB instead of three copies, a bool mask and a
+    float64 copy (:func:`load_file` then :func:`l2_norm`).
+
+    Raises
+    ------
+    SerdeError
+        As :func:`from_bytes`.
+    """
+    if max_bytes <= 0:
+        raise ValueError(f"max_bytes must be positive. Found {max_bytes}.")
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size > max_bytes:
+            raise SerdeError(
+                "too_large", f"The parameter file is {size} bytes; at most {max_bytes} bytes are accepted."
+            )
+        header = _parse_header(handle.read(_header_length(handle.read(8), size)), size)
+        names = _names_checked(header, spec)
+        total = header.entries[-1].end
+        mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if total else None
+    if mapping is None:
+        return 0.0
+    entries = {entry.name: entry for entry in header.entries}
+    block = np.empty(_NORM_BLOCK, dtype=np.float64)
+    squares = 0.0
+    for name in names:
+        entry = entries[name]
+        values = np.frombuffer(
+            mapping,
+            dtype=_LITTLE_F32,
+            count=(entry.end - entry.begin) // 4,
+            offset=header.data_start + entry.begin,
+        )
+        part = 0.0
+        for start in range(0, values.size, _NORM_BLOCK):
+            widened = block[: min(_NORM_BLOCK, values.size - start)]
+            np.copyto(widened, values[start : start + _NORM_BLOCK])
+            part += float(np.dot(widened, widened))
+        if not math.isfinite(part):
+            _check_finite(name, values)
+        squares += part
+        del values  # the mapping is unmapped with its last view, here
+    return math.sqrt(squares)
 
 
 _MAPPED_HEADERS: OrderedDict[tuple[int, int, int, int], _Header] = OrderedDict()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ from flcore.parameters import (
     subtract,
     to_bytes,
     unflatten,
+    validate_file,
 )
 
 MAX = 10_000_000
@@ -50,9 +53,19 @@ def f32_entry(shape: list[int], begin: int) -> dict[str, Any]:
 
 
 def expect_code(code: str, data: bytes, **kwargs: Any) -> SerdeError:
+    """Expect ``code`` from ``from_bytes`` and the same refusal from ``validate_file`` on that file."""
+    max_bytes = kwargs.pop("max_bytes", MAX)
     with pytest.raises(SerdeError) as info:
-        from_bytes(data, max_bytes=kwargs.pop("max_bytes", MAX), **kwargs)
+        from_bytes(data, max_bytes=max_bytes, **kwargs)
     assert info.value.code == code, str(info.value)
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "blob.safetensors"
+        path.write_bytes(data)
+        with pytest.raises(SerdeError) as from_file:
+            validate_file(path, max_bytes=max_bytes, **kwargs)
+    assert from_file.value.code == code, str(from_file.value)
+    if code != "too_large":  # that one names a blob or a file
+        assert str(from_file.value) == str(info.value)
     return info.value
 
 
@@ -274,6 +287,27 @@ def test_load_file_checks_size_and_content(tmp_path: Path, params: Parameters) -
     assert allclose(load_file(path, spec=spec, max_bytes=MAX), params, atol=0, rtol=0)
     with pytest.raises(SerdeError) as info:
         load_file(path, spec=spec, max_bytes=10)
+    assert info.value.code == "too_large"
+
+
+@pytest.mark.parametrize("sizes", [[3], [5, 70_000, 1], [65_536, 65_537, 131_072, 2]])
+def test_validate_file_returns_the_float64_norm(tmp_path: Path, sizes: list[int]) -> None:
+    # Tensors shorter than, equal to and longer than the widening block, and values near float32's
+    # maximum, whose squares overflow float32 but not float64.
+    rng = np.random.default_rng(len(sizes))
+    params = {f"t{i}": rng.standard_normal(size).astype(np.float32) for i, size in enumerate(sizes)}
+    params["t0"][0] = np.finfo(np.float32).max
+    path = tmp_path / "update.safetensors"
+    path.write_bytes(to_bytes(params))
+    spec = ParameterSpec.from_parameters(params)
+
+    norm = validate_file(path, spec=spec, max_bytes=MAX)
+
+    exact = math.fsum(float(x) ** 2 for a in params.values() for x in a.astype(np.float64))
+    assert norm == pytest.approx(math.sqrt(exact), rel=1e-13)
+    assert norm == pytest.approx(l2_norm(params), rel=1e-13)
+    with pytest.raises(SerdeError) as info:
+        validate_file(path, spec=spec, max_bytes=path.stat().st_size - 1)
     assert info.value.code == "too_large"
 
 

@@ -27,7 +27,7 @@ from fedsite.errors import Conflict, PayloadTooLarge, ValidationFailed
 from fedsite.logs import log_event
 from fedsite.parsers import json_check, json_parse, text_check
 from flcore.errors import SerdeError
-from flcore.parameters import ParameterSpec, from_bytes, iter_file_tensors, l2_norm, load_file
+from flcore.parameters import ParameterSpec, from_bytes, iter_file_tensors, validate_file
 from trainings.models import ClientUpdate, Round, Task, Training
 from trainings.services.rounds import _round_settle
 from trainings.services.tasks import _get_agent_task
@@ -151,11 +151,10 @@ def _update_accept(
         )
     spec = ParameterSpec.from_json(training.parameter_spec)
     try:
-        parameters = load_file(spooled.path, spec=spec, max_bytes=limit)
+        # The checks of load_file, and the norm, in one pass over the mapped file (no copy of the values).
+        norm = validate_file(spooled.path, spec=spec, max_bytes=limit)
     except SerdeError as exc:
         raise ValidationFailed(str(exc), code=f"bad_update_{exc.code}") from exc
-    norm = l2_norm(parameters)
-    del parameters
     if not math.isfinite(norm):
         raise ValidationFailed(
             "The update's norm overflows float64; send a smaller update.", code="bad_update_non_finite"

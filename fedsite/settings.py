@@ -164,10 +164,9 @@ else:
             "use DATABASE_POOL_MAX_SIZE to size the connection pool."
         )
     DATABASES["default"]["CONN_MAX_AGE"] = 0
-    # With a pool this makes Django create it with check=ConnectionPool.check_connection: every checkout
-    # is verified (an empty query), so a pooled connection that Postgres terminated is discarded instead
-    # of failing the request that draws it. (Passing "check" in the pool options clashes with Django's.)
-    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+    # No pool-level check (an empty query on every checkout): fedsite.db checks each connection it draws
+    # by whether its socket has anything to read, and runs that query only then (fedsite/db/base.py).
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = False
     pool_size = env.int("DATABASE_POOL_MAX_SIZE", default=16)
     if pool_size > 0:
         DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {

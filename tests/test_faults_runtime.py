@@ -383,7 +383,10 @@ def test_pool_discards_connections_that_died_while_pooled() -> None:
         pool.putconn(conn)
     _terminate(pids)
 
-    fresh = [pool.getconn() for _ in held]
+    # Drawn as a request draws them (fedsite.db's get_new_connection): each dead one's socket is readable
+    # (the backend said FATAL and closed it), so it is checked, found dead and dropped.
+    params = connection.get_connection_params()
+    fresh = [connection.get_new_connection(params) for _ in held]
     try:
         for conn in fresh:  # every checkout is a live connection, not one of the three dead ones
             assert conn.execute("SELECT 1").fetchone() == (1,)

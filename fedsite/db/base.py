@@ -34,9 +34,6 @@ from django_prometheus.db.backends.postgresql import base as prometheus_base
 
 logger = logging.getLogger("fedsite.db")
 
-CHECKOUT_ATTEMPTS = 4
-"""Connections drawn in a row before the last one is handed out unchecked (the second layer covers it)."""
-
 
 def _quiet_and_idle(conn: Any) -> bool:
     """Whether a pooled connection looks alive without a round trip: open, idle, nothing to read."""
@@ -71,7 +68,9 @@ class DatabaseWrapper(prometheus_base.DatabaseWrapper):  # type: ignore[misc]
         conn = super().get_new_connection(conn_params)
         if self.pool is None:
             return conn
-        for _ in range(CHECKOUT_ATTEMPTS - 1):
+        # Every pooled connection may be dead (a Postgres restart): after max_size discards the pool has
+        # had to open a new one, so the last draw is fresh.
+        for _ in range(self.pool.max_size):
             if _quiet_and_idle(conn) or _alive(conn):
                 return conn
             logger.warning("dead_pooled_connection_discarded alias=%s", self.alias)

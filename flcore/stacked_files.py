@@ -35,7 +35,6 @@ __all__ = ["StackedFiles", "map_files_stacked"]
 
 _PROT_NONE = 0
 _MAP_FIXED = 0x10  # the same value on every Linux architecture
-_MAP_NORESERVE = 0x4000  # x86, ARM, RISC-V; the reservation is PROT_NONE, so it is only a hint
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
@@ -138,8 +137,8 @@ def _map(handles: Sequence[Any], size: int, header: _Header, total: int) -> Stac
     libc = _libc()
     stride = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
     length = stride * len(handles)
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
-    base = libc.mmap(None, length, _PROT_NONE, flags, -1, 0)
+    # A PROT_NONE private reservation commits no memory (Linux accounts only writable private mappings).
+    base = libc.mmap(None, length, _PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
     if base is None or base == _MAP_FAILED:
         return None
     reservation = _Reservation(libc, base, length)  # from here on, the finalizer unmaps the range

@@ -51,7 +51,7 @@ class AgentApiError(AgentError):
 
     @property
     def retryable(self) -> bool:
-        """Whether the protocol says to try again later (429, 502, 503, 504)."""
+        """Whether the protocol says to try again later (408, 429, 502, 503, 504)."""
         return self.status in RETRYABLE_STATUSES
 
 
@@ -71,5 +71,6 @@ class AgentStopped(AgentError):
     """The agent was asked to stop while it was waiting (long-poll or back-off sleep)."""
 
 
-#: Statuses after which the protocol says to retry later, honouring ``Retry-After``.
-RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
+#: Statuses after which the protocol says to retry later, honouring ``Retry-After``. 408: the server did not
+#: receive the body in time and stored nothing (a slow link, or a server that was just restarting).
+RETRYABLE_STATUSES = frozenset({408, 429, 502, 503, 504})

@@ -1,7 +1,7 @@
 """HTTP client for agent protocol v1 (``docs/agent-protocol.md``).
 
 One method per endpoint. Every request goes through one retry loop (tenacity): connection errors and the
-statuses 429, 502, 503 and 504 are retried with exponential back-off and full jitter (AWS Architecture
+statuses 408, 429, 502, 503 and 504 are retried with exponential back-off and full jitter (AWS Architecture
 Blog, "Exponential Backoff And Jitter", 2015), and a ``Retry-After`` header, when present, replaces the
 computed wait. Other 4xx are never retried: they raise :class:`~fedagent.errors.AgentApiError` at once,
 carrying the server's ``code`` and ``message``.
@@ -530,7 +530,7 @@ class AgentHttpClient:
         upload_url, update, meta
             ``task.upload_url``, the safetensors bytes, ``{"num_examples", "metrics"}``.
         deadline : datetime, optional
-            The task's deadline: retry (connection errors, 429/502/503/504, honouring ``Retry-After``)
+            The task's deadline: retry (connection errors, 408/429/502/503/504, honouring ``Retry-After``)
             until then instead of ``max_attempts`` times. After it the server refuses the update anyway.
         """
         reply = self.request(

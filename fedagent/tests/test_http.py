@@ -34,7 +34,7 @@ def test_retries_503_then_succeeds(fake_server: FakeAgentServer) -> None:
     assert len(fake_server.requests_to("POST", "/api/v1/agent/heartbeat")) == 3
 
 
-@pytest.mark.parametrize("status", [429, 502, 504])
+@pytest.mark.parametrize("status", [408, 429, 502, 504])
 def test_retries_every_retryable_status(fake_server: FakeAgentServer, status: int) -> None:
     fake_server.script("POST", "/api/v1/agent/heartbeat", Scripted(status, b"<html>busy</html>"))
     with make_client(fake_server) as http:

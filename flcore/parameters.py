@@ -421,11 +421,14 @@ def _header_from_bytes(data: bytes) -> _Header:
     return _parse_header(bytes(data[8 : 8 + length]), len(data))
 
 
+def _header_from_handle(handle: BinaryIO, total_size: int) -> _Header:
+    """Read and validate the header of the file open at its start, whose size is ``total_size``."""
+    return _parse_header(handle.read(_header_length(handle.read(8), total_size)), total_size)
+
+
 def _header_from_path(path: str | os.PathLike[str]) -> _Header:
     with open(path, "rb") as handle:
-        total_size = os.fstat(handle.fileno()).st_size
-        length = _header_length(handle.read(8), total_size)
-        return _parse_header(handle.read(length), total_size)
+        return _header_from_handle(handle, os.fstat(handle.fileno()).st_size)
 
 
 def read_header(data_or_path: bytes | str | os.PathLike[str]) -> dict[str, Any]:
@@ -624,7 +627,7 @@ def validate_file(
             raise SerdeError(
                 "too_large", f"The parameter file is {size} bytes; at most {max_bytes} bytes are accepted."
             )
-        header = _parse_header(handle.read(_header_length(handle.read(8), size)), size)
+        header = _header_from_handle(handle, size)
         names = _names_checked(header, spec)
         total = header.entries[-1].end
         mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if total else None
@@ -674,8 +677,7 @@ def _mapped_header(handle: BinaryIO, status: os.stat_result) -> _Header:
         if cached is not None:
             _MAPPED_HEADERS.move_to_end(key)
             return cached
-    length = _header_length(handle.read(8), status.st_size)
-    header = _parse_header(handle.read(length), status.st_size)
+    header = _header_from_handle(handle, status.st_size)
     with _MAPPED_HEADERS_LOCK:
         _MAPPED_HEADERS[key] = header
         if len(_MAPPED_HEADERS) > _MAPPED_HEADERS_MAX:

@@ -31,14 +31,14 @@ from typing import Any
 
 from django.db.utils import InterfaceError, OperationalError
 from django_prometheus.db.backends.postgresql import base as prometheus_base
+from psycopg import pq
+from psycopg_pool import ConnectionPool
 
 logger = logging.getLogger("fedsite.db")
 
 
 def _quiet_and_idle(conn: Any) -> bool:
     """Whether a pooled connection looks alive without a round trip: open, idle, nothing to read."""
-    from psycopg import pq
-
     if conn.closed or conn.info.transaction_status != pq.TransactionStatus.IDLE:
         return False
     poller = select.poll()
@@ -48,8 +48,6 @@ def _quiet_and_idle(conn: Any) -> bool:
 
 def _alive(conn: Any) -> bool:
     """The psycopg pool's own check (an empty query), as a boolean."""
-    from psycopg_pool import ConnectionPool
-
     try:
         ConnectionPool.check_connection(conn)
     except Exception:  # psycopg.Error, or an OSError from the socket: dead either way

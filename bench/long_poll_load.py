@@ -42,7 +42,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.round_overhead import PYTHON, Processes, free_port, run_psql, wait_until  # noqa: E402
+from bench.round_overhead import PYTHON, Processes, free_port, run_psql, wait_healthy, wait_until  # noqa: E402
 
 CELERY = str(REPO_ROOT / ".venv" / "bin" / "celery")
 AGENT_PREFIX = "load-agent-"
@@ -55,6 +55,62 @@ def raise_file_limit() -> int:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def stack_env(pg: str, database: str, redis_db: int, workdir: Path, server_url: str) -> dict[str, str]:
+    """The environment of a benchmark's server and worker: this one, plus the stack's settings."""
+    return {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "fedsite.settings",
+        "DJANGO_SECRET_KEY": "bench",
+        "DATABASE_URL": f"{pg}/{database}",
+        "REDIS_URL": f"redis://127.0.0.1:6379/{redis_db}",
+        "FEDSITE_VAR_DIR": str(workdir),
+        "FEDSITE_MEDIA_ROOT": str(workdir / "media"),
+        "FEDSITE_PUBLIC_BASE_URL": server_url,
+    }
+
+
+def fresh_stack(pg: str, database: str, env: dict[str, str]) -> None:
+    """Drop and re-create ``database``, flush the Redis db of ``env["REDIS_URL"]``, and migrate."""
+    import redis
+
+    host = pg.rsplit("@", 1)[-1].split(":")[0]
+    pg_port = pg.rsplit(":", 1)[-1]
+    user = pg.split("//", 1)[1].split("@")[0]
+    run_psql(["dropdb", "--if-exists", "-h", host, "-p", pg_port, "-U", user, database], env)
+    run_psql(["createdb", "-h", host, "-p", pg_port, "-U", user, database], env)
+    redis.Redis.from_url(env["REDIS_URL"]).flushdb()
+    migrate = [PYTHON, "manage.py", "migrate", "--noinput", "-v", "0"]
+    subprocess.run(migrate, env=env, cwd=REPO_ROOT, check=True)
+
+
+def register_agents(count: int, prefix: str) -> list[str]:
+    """Write ``count`` agents in bulk (tokens hashed as the service does, seen now); return their tokens.
+
+    Needs Django set up; closes this process's database connection afterwards.
+    """
+    import secrets
+
+    from django.db import connection
+    from django.utils import timezone
+
+    from clients.models import Agent
+    from clients.services import TOKEN_PREFIX, _hash_secret
+
+    tokens = [TOKEN_PREFIX + secrets.token_urlsafe(32) for _ in range(count)]
+    now = timezone.now()
+    Agent.objects.bulk_create(
+        [
+            Agent(
+                agent_id=f"{prefix}{i:05d}", token_hash=_hash_secret(t), token_prefix=t[:10], last_seen_at=now
+            )
+            for i, t in enumerate(tokens)
+        ],
+        batch_size=2000,
+    )
+    connection.close()
+    return tokens
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -196,68 +252,32 @@ def _cpu_seconds(pid: int) -> float:
 
 def run_one(args: argparse.Namespace, agents: int) -> dict[str, Any]:
     import httpx
-    import redis
 
     workdir = Path(tempfile.mkdtemp(prefix="long-poll-load-"))
     port = free_port()
     server_url = f"http://127.0.0.1:{port}"
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "fedsite.settings",
-        "DJANGO_SECRET_KEY": "bench",
-        "DATABASE_URL": f"{args.pg}/{args.database}",
-        "REDIS_URL": f"redis://127.0.0.1:6379/{args.redis_db}",
-        "FEDSITE_VAR_DIR": str(workdir),
-        # One blob store for every N of this invocation: this process sets Django up once (the first N's
-        # settings stay), and it writes each training's version 0 that the server then serves.
-        "FEDSITE_MEDIA_ROOT": os.environ["FEDSITE_MEDIA_ROOT"],
-        "FEDSITE_PUBLIC_BASE_URL": server_url,
-        "OPENBLAS_NUM_THREADS": "1",
-        "FEDSITE_METRICS_TOKEN": "bench-metrics-token",  # the bench reads the server's long-poll gauge
-    }
+    env = stack_env(args.pg, args.database, args.redis_db, workdir, server_url)
+    # One blob store for every N of this invocation: this process sets Django up once (the first N's
+    # settings stay), and it writes each training's version 0 that the server then serves.
+    env["FEDSITE_MEDIA_ROOT"] = os.environ["FEDSITE_MEDIA_ROOT"]
+    env["OPENBLAS_NUM_THREADS"] = "1"
+    env["FEDSITE_METRICS_TOKEN"] = "bench-metrics-token"  # the bench reads the server's long-poll gauge
     os.environ.update(env)
     processes = Processes()
     try:
-        host = args.pg.rsplit("@", 1)[-1].split(":")[0]
-        pg_port = args.pg.rsplit(":", 1)[-1]
-        user = args.pg.split("//", 1)[1].split("@")[0]
-        run_psql(["dropdb", "--if-exists", "-h", host, "-p", pg_port, "-U", user, args.database], env)
-        run_psql(["createdb", "-h", host, "-p", pg_port, "-U", user, args.database], env)
-        redis.Redis.from_url(env["REDIS_URL"]).flushdb()
-        subprocess.run(
-            [PYTHON, "manage.py", "migrate", "--noinput", "-v", "0"], env=env, cwd=REPO_ROOT, check=True
-        )
+        fresh_stack(args.pg, args.database, env)
 
         import django
 
         django.setup()
         from django.db import connection
 
-        from clients.models import Agent
-        from clients.services import TOKEN_PREFIX, _hash_secret
         from trainings.configuration import TrainingConfiguration
         from trainings.models import Round, Task, Training
         from trainings.services import training_create_and_start
 
         connection.connect()  # (a previous run's connection belongs to a dropped database)
-        import secrets
-
-        from django.utils import timezone
-
-        tokens = [TOKEN_PREFIX + secrets.token_urlsafe(32) for _ in range(agents)]
-        Agent.objects.bulk_create(
-            [
-                Agent(
-                    agent_id=f"{AGENT_PREFIX}{i:05d}",
-                    token_hash=_hash_secret(t),
-                    token_prefix=t[:10],
-                    last_seen_at=timezone.now(),
-                )
-                for i, t in enumerate(tokens)
-            ],
-            batch_size=2000,
-        )
-        connection.close()
+        tokens = register_agents(agents, AGENT_PREFIX)
 
         server = processes.start(
             "server",
@@ -286,15 +306,7 @@ def run_one(args: argparse.Namespace, agents: int) -> dict[str, Any]:
             log=workdir / "worker.log",
         )
 
-        def healthy() -> bool:
-            if server.poll() is not None:
-                raise RuntimeError(f"the server exited; see {workdir / 'server.log'}")
-            try:
-                return httpx.get(f"{server_url}/api/health", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(healthy, 60, "the server's /api/health")
+        wait_healthy(server, server_url, workdir / "server.log")
 
         configuration = TrainingConfiguration.from_dict(
             {

@@ -245,6 +245,21 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interva
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+def wait_healthy(server: subprocess.Popen[Any], server_url: str, log: Path, timeout: float = 60) -> None:
+    """Wait until the server answers ``/api/health`` 200; raise at once if it exited (see ``log``)."""
+    import httpx
+
+    def healthy() -> bool:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited with {server.returncode}; see {log}")
+        try:
+            return httpx.get(f"{server_url}/api/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(healthy, timeout, "the server's /api/health")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Celery events: when the worker received, started and finished each aggregation
 # ----------------------------------------------------------------------------------------------------------
@@ -396,7 +411,6 @@ def run(
     processes: Processes,
     events: CeleryEvents,
 ) -> str:
-    import httpx
     import redis
 
     host = args.pg.rsplit("@", 1)[-1].split(":")[0]
@@ -450,15 +464,7 @@ def run(
         log=workdir / "worker.log",
     )
 
-    def healthy() -> bool:
-        if server.poll() is not None:
-            raise RuntimeError(f"the server exited with {server.returncode}; see {workdir / 'server.log'}")
-        try:
-            return httpx.get(f"{server_url}/api/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(healthy, 60, "the server's /api/health")
+    wait_healthy(server, server_url, workdir / "server.log")
 
     import django
 

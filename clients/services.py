@@ -11,6 +11,7 @@ import json
 import secrets
 import threading
 import time
+from collections.abc import Sequence
 from datetime import UTC
 from typing import Any
 
@@ -24,9 +25,14 @@ from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
 from clients.models import Agent, EnrollmentKey, agent_id_validator
-from fedsite.errors import AuthenticationFailed, Conflict, Forbidden, ValidationFailed
+from fedsite.errors import AuthenticationFailed, Conflict, Forbidden, ServiceError, ValidationFailed
 from fedsite.parsers import json_check, text_check
-from fedsite.throttling import auth_failure_guard, auth_failure_record, auth_failure_suspected
+from fedsite.throttling import (
+    auth_failure_guard,
+    auth_failure_guard_many,
+    auth_failure_record,
+    auth_failure_suspected,
+)
 from monitoring.events import event_broadcast_on_commit
 from monitoring.models import Alert
 from monitoring.services import agent_failures_evaluate, alert_resolve, audit_record
@@ -303,13 +309,9 @@ def _agent_token_refused(client_ip: str | None) -> None:
     auth_failure_record(scope="agent_token", client_ip=client_ip)
 
 
-def agent_authenticate(*, authorization: str | None, client_ip: str | None = None) -> Agent:
-    """Resolve ``Authorization: Bearer <token>`` to an active agent or raise 401/403.
-
-    ``client_ip`` (given by HTTP callers) counts wrong tokens per IP; past the limit every attempt from the
-    IP gets 429 before its token is trusted (fedsite.throttling; the counter is not consulted again for
-    a token this process accepted from the same IP within ``FEDSITE_AGENT_TOKEN_CACHE_SECONDS``).
-    """
+def _bearer_token_hash(authorization: str | None, client_ip: str | None) -> str:
+    """The hash of the agent token in ``Authorization: Bearer <token>``; 401 (a counted failure) if there
+    is none or it is malformed, 429 first if the IP is over the failure limit."""
     if not authorization or not authorization.startswith("Bearer "):
         raise AuthenticationFailed(
             "Send the agent token as 'Authorization: Bearer <token>'.", code="not_authenticated"
@@ -325,26 +327,105 @@ def agent_authenticate(*, authorization: str | None, client_ip: str | None = Non
             "agents send their own fsa_ token as 'Authorization: Bearer <token>'.",
             code="invalid_token",
         )
-    token_hash = _hash_secret(token)
-    agent, accepted_before = agent_token_cache.lookup(token_hash, client_ip)
-    # The failed-authentication counter is a cache round trip: skipped only for this token from this IP
-    # accepted here within the cache's TTL, while this process saw no failure from the IP (throttling).
-    if not accepted_before or auth_failure_suspected(scope="agent_token", client_ip=client_ip):
-        auth_failure_guard(scope="agent_token", client_ip=client_ip)
-        if agent is not None:
-            agent_token_cache.accept_ip(token_hash, agent.pk, client_ip)
-    if agent is None:
-        agent = Agent.objects.filter(token_hash=token_hash).first()
-        if agent is not None:
-            agent_token_cache.put(token_hash, agent, client_ip)
-    if agent is None:
-        auth_failure_record(scope="agent_token", client_ip=client_ip)
-        raise AuthenticationFailed(
-            "The agent token is not valid; enrol again or ask the operator.", code="invalid_token"
-        )
-    if agent.status == Agent.Status.DISABLED:
-        raise Forbidden(f"Agent {agent.agent_id} is disabled by the operator.", code="agent_disabled")
-    return agent
+    return _hash_secret(token)
+
+
+def agent_authenticate(*, authorization: str | None, client_ip: str | None = None) -> Agent:
+    """Resolve ``Authorization: Bearer <token>`` to an active agent or raise 401/403.
+
+    ``client_ip`` (given by HTTP callers) counts wrong tokens per IP; past the limit every attempt from the
+    IP gets 429 before its token is trusted (fedsite.throttling; the counter is not consulted again for
+    a token this process accepted from the same IP within ``FEDSITE_AGENT_TOKEN_CACHE_SECONDS``).
+    """
+    (result,) = agents_authenticate([(authorization, client_ip)])
+    if isinstance(result, ServiceError):
+        raise result
+    return result
+
+
+def agents_authenticate(requests: Sequence[tuple[str | None, str | None]]) -> list[Agent | ServiceError]:
+    """:func:`agent_authenticate` of many ``(authorization, client_ip)`` at once, in order: each request's
+    agent, or the error it gets (401, 403 or 429, as :func:`agent_authenticate` would raise it).
+
+    The long-polls that start together are authenticated this way: one cache round trip for the failure
+    counters of all their IPs (:func:`fedsite.throttling.auth_failure_guard_many`) and one query for all
+    the tokens this process has not cached. The throttle holds as it does one request at a time: a
+    failure counted for an IP (a malformed or unknown token) makes every LATER request of the same IP in
+    the batch check the shared counter again before it is answered, so a burst of guesses sent together
+    gets no more tries than the same guesses sent one after the other.
+    """
+    results: list[Agent | ServiceError | None] = [None] * len(requests)
+    hashes: dict[int, str] = {}
+    for index, (authorization, ip) in enumerate(requests):
+        try:
+            hashes[index] = _bearer_token_hash(authorization, ip)
+        except ServiceError as exc:
+            results[index] = exc
+    ips = [ip for _, ip in requests]
+    cached = {index: agent_token_cache.lookup(token_hash, ips[index]) for index, token_hash in hashes.items()}
+    # The counter is skipped only for a token accepted here from the same IP within the cache's TTL, while
+    # this process saw no failure from the IP (fedsite.throttling).
+    guarded = {
+        index
+        for index, (_, accepted_before) in cached.items()
+        if not accepted_before or auth_failure_suspected(scope="agent_token", client_ip=ips[index])
+    }
+    refused = auth_failure_guard_many(scope="agent_token", client_ips={ips[index] for index in guarded})
+    missing = {
+        hashes[index]
+        for index, (agent, _) in cached.items()
+        if agent is None and not (index in guarded and ips[index] in refused)
+    }
+    found = {a.token_hash: a for a in Agent.objects.filter(token_hash__in=missing)} if missing else {}
+    failed_ips: set[str] = set()
+    for index, token_hash in hashes.items():
+        ip = ips[index]
+        agent = cached[index][0]
+        try:
+            if ip in failed_ips:  # a failure earlier in this batch: check the counter again, as in sequence
+                auth_failure_guard(scope="agent_token", client_ip=ip)
+            elif index in guarded and ip in refused:
+                raise refused[ip]
+            if agent is None:
+                agent = found.get(token_hash)
+                if agent is not None:
+                    agent_token_cache.put(token_hash, agent, ip)
+                    agent = copy.copy(agent)  # (two requests of one token never share an instance)
+            elif index in guarded:
+                agent_token_cache.accept_ip(token_hash, agent.pk, ip)
+            if agent is None:
+                auth_failure_record(scope="agent_token", client_ip=ip)
+                if ip is not None:
+                    failed_ips.add(ip)
+                raise AuthenticationFailed(
+                    "The agent token is not valid; enrol again or ask the operator.", code="invalid_token"
+                )
+            if agent.status == Agent.Status.DISABLED:
+                raise Forbidden(f"Agent {agent.agent_id} is disabled by the operator.", code="agent_disabled")
+            results[index] = agent
+        except ServiceError as exc:
+            results[index] = exc
+    return results  # type: ignore[return-value]  # (every index was filled above)
+
+
+def agents_touch_seen(agents: Sequence[Agent]) -> None:
+    """A bare touch of each agent (:func:`agent_touch` with no state): one ``UPDATE`` for all of those
+    whose ``last_seen_at`` this process has not written within ``FEDSITE_AGENT_SEEN_WRITE_SECONDS``."""
+    stale: dict[Any, list[Agent]] = {}
+    for agent in agents:
+        written = agent_seen_writes.recent(agent.pk)
+        if written is not None:
+            agent.last_seen_at = written
+        else:
+            stale.setdefault(agent.pk, []).append(agent)
+    if not stale:
+        return
+    now = timezone.now()
+    Agent.objects.filter(pk__in=list(stale)).update(last_seen_at=now)
+    for pk, instances in stale.items():
+        agent_seen_writes.note(pk, now)
+        for agent in instances:
+            agent.last_seen_at = now
 
 
 def agent_touch(*, agent: Agent, state: str | None = None, capabilities: Any = None) -> Agent:
@@ -354,10 +435,8 @@ def agent_touch(*, agent: Agent, state: str | None = None, capabilities: Any = N
     process's last write of the agent's ``last_seen_at`` makes no query (:class:`_SeenWrites`).
     """
     if state is None and capabilities is None:
-        written = agent_seen_writes.recent(agent.pk)
-        if written is not None:
-            agent.last_seen_at = written
-            return agent
+        agents_touch_seen([agent])
+        return agent
     fields: dict[str, Any] = {"last_seen_at": timezone.now()}
     if state is not None:
         if state not in ("idle", "training"):

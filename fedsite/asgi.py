@@ -3,13 +3,14 @@
 Django's requests run their sync code on kept threads (:class:`ReusedThreadASGIHandler`), not on a thread
 started and joined per request.
 
-The agent long-poll (``GET /api/v1/agent/tasks/next``) is routed to :class:`LongPollHandler`, Django's
-ASGI handler without the middleware chain and without the per-request thread that
-``asgiref.sync.ThreadSensitiveContext`` gives every Django request: thousands of polls wait on one event
-loop, each holding a future and a socket, no thread (trainings/wakeup.py). Its database work runs in the
-event loop's shared executor. It is an async view that authenticates with the agent token itself, sets no
-cookie and reads no session, so the middleware it skips (sessions, CSRF, messages, authentication,
-clickjacking, security headers on a JSON response, Prometheus' request counters) has nothing to do for it.
+The agent long-poll (``GET /api/v1/agent/tasks/next``) is routed to :class:`LongPollApp`: its async view
+awaited directly, without Django's handler, its middleware chain or the per-request thread that
+``asgiref.sync.ThreadSensitiveContext`` gives every Django request. Thousands of polls wait on one event
+loop, each holding a future and a socket, no thread (trainings/wakeup.py); their database work runs in
+batches on the event loop's executor (trainings/poll_batch.py). The view authenticates with the agent
+token itself, sets no cookie and reads no session, so the middleware it skips (sessions, CSRF, messages,
+authentication, clickjacking, security headers on a JSON response, Prometheus' request counters) has
+nothing to do for it.
 A raw update upload (``POST /api/v1/agent/tasks/<id>/update``, ``application/octet-stream``) is spooled by
 :class:`RawUploadSpooler` as its body arrives: each chunk is hashed, counted and written once to the file
 that becomes the blob, instead of Django's buffering of the whole body, then a copy of it into a file
@@ -26,7 +27,8 @@ from django.core.asgi import get_asgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "fedsite.settings")
 get_asgi_application()  # django.setup(); the HTTP handler used is ReusedThreadASGIHandler below
 
-import itertools  # noqa: E402
+import asyncio  # noqa: E402
+import io  # noqa: E402
 import threading  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from typing import Any  # noqa: E402
@@ -35,9 +37,9 @@ from asgiref.sync import ThreadSensitiveContext, sync_to_async  # noqa: E402
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
-from django.core.handlers.asgi import ASGIHandler  # noqa: E402
+from django.core.handlers.asgi import ASGIHandler, ASGIRequest  # noqa: E402
 from django.core.handlers.base import BaseHandler  # noqa: E402
-from django.core.handlers.exception import convert_exception_to_response  # noqa: E402
+from django.core.handlers.exception import response_for_exception  # noqa: E402
 from django.http import FileResponse  # noqa: E402
 
 from fedsite.http_protocol import BlobSendMiddleware  # noqa: E402
@@ -48,14 +50,12 @@ from fedsite.limits import (  # noqa: E402
     send_error,
 )
 from monitoring.routing import websocket_urlpatterns  # noqa: E402
-from trainings.api.agent_views import DIRECT_SCOPE_KEY, SPOOLED_BODY_SCOPE_KEY  # noqa: E402
+from trainings.api.agent_views import DIRECT_SCOPE_KEY, SPOOLED_BODY_SCOPE_KEY, next_task_view  # noqa: E402
 from versioning.blobs import BlobSpoolWriter, BlobTooLarge  # noqa: E402
 
 LONG_POLL_PATH = "/api/v1/agent/tasks/next"
 #: One-thread executors kept for Django's requests (more are made, and dropped after, under a burst).
 REQUEST_THREADS_KEPT = 16
-#: One-thread executors the long-polls share for Django's plumbing around the view (LongPollHandler).
-LONG_POLL_PLUMBING_THREADS = 4
 
 
 class ReusedThreadASGIHandler(ASGIHandler):
@@ -115,44 +115,62 @@ class ReusedThreadASGIHandler(ASGIHandler):
             self._give_back(executor)
 
 
-class LongPollHandler(ASGIHandler):
-    """Django's ASGI handler for the agent long-poll alone: URL resolution and the view, nothing else.
+class LongPollApp:
+    """The agent long-poll as a plain ASGI application: its view, and none of Django's handler around it.
 
-    Django's own plumbing around the view still makes two thread-sensitive calls per request (the
-    ``request_started`` receivers, and closing the response, which sends ``request_finished``). Without a
-    ``ThreadSensitiveContext`` asgiref runs them all on ONE process-wide thread; with thousands of agents
-    polling that thread was the queue every poll waited in (polls unanswered for a minute at 5,000
-    agents). Here each poll's context uses one of :data:`LONG_POLL_PLUMBING_THREADS` kept one-thread
-    executors, in turn: no thread per poll, and no single thread for all of them. The receivers act on the
-    calling thread's database connections and caches, which the poll's own database work (on the event
-    loop's executor, connection handed back after each call) never uses.
+    Thousands of waiting agents each start a poll every ``wait`` seconds. Through Django's handler each
+    start paid for URL resolution, the ``request_started`` and ``request_finished`` signals (two trips to
+    a thread: their receivers close the calling thread's database connections and caches, which a poll
+    never uses; its database work runs in batches on the event loop's executor, trainings.poll_batch)
+    and the handler's own tasks: with the database work batched, that plumbing was most of a poll's CPU
+    (bench/poll_start.py; docs/benchmarks.md section 3d). Here the request is Django's own
+    :class:`~django.core.handlers.asgi.ASGIRequest` (the same ``GET``, headers and ``META`` for the
+    client's IP), the view is awaited directly, and its response (never streaming, never a cookie) goes
+    out as two ASGI messages with its ``Content-Length``. As Django's handler does, a client that
+    disconnects cancels the view, and an unexpected exception becomes Django's 500 response (logged,
+    ``got_request_exception`` sent).
     """
 
-    def __init__(self, threads: int = LONG_POLL_PLUMBING_THREADS) -> None:
-        super().__init__()
-        self._executors = [
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="long-poll-plumbing") for _ in range(threads)
-        ]
-        for executor in self._executors:
-            executor.submit(int).result()  # start the threads now, not under the first burst of polls
-        self._turn = itertools.count()
-
-    def load_middleware(self, is_async: bool = False) -> None:
-        self._view_middleware: list[Any] = []
-        self._template_response_middleware: list[Any] = []
-        self._exception_middleware: list[Any] = []
-        self._middleware_chain = convert_exception_to_response(self._get_response_async)
-
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        # Not Django's ThreadSensitiveContext, which would start a thread for this request and keep it for
-        # the whole wait: a kept executor shared with other polls (see the class docstring).
-        executor = self._executors[next(self._turn) % len(self._executors)]
-        async with ThreadSensitiveContext(executor=executor):
-            await self.handle({**scope, DIRECT_SCOPE_KEY: True}, receive, send)
+        while True:  # a GET's body, if any, is read and ignored (RequestLimitsMiddleware bounds it)
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            if not message.get("more_body", False):
+                break
+        request = ASGIRequest({**scope, DIRECT_SCOPE_KEY: True}, io.BytesIO())
+        this = asyncio.current_task()
+        assert this is not None
+        gone = asyncio.Event()
+        watcher = asyncio.get_running_loop().create_task(_cancel_on_disconnect(receive, this, gone))
+        try:
+            response = await next_task_view(request)
+        except asyncio.CancelledError:
+            if not gone.is_set():
+                raise
+            this.uncancel()  # the client left: nothing to answer (as Django's handler does)
+            return
+        except Exception as exc:
+            response = await sync_to_async(response_for_exception, thread_sensitive=False)(request, exc)
+        finally:
+            watcher.cancel()
+        headers = [(name.encode("ascii"), value.encode("latin-1")) for name, value in response.items()]
+        body = response.content
+        if not response.has_header("Content-Length"):
+            headers.append((b"content-length", str(len(body)).encode("ascii")))
+        await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+async def _cancel_on_disconnect(receive: Any, task: asyncio.Task[Any], gone: asyncio.Event) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    gone.set()
+    task.cancel()
 
 
 class AgentLongPollRouter:
-    """Send ``GET`` long-polls to :class:`LongPollHandler` and every other HTTP request to Django."""
+    """Send ``GET`` long-polls to :class:`LongPollApp` and every other HTTP request to Django."""
 
     def __init__(self, django_app: Any, long_poll_app: Any) -> None:
         self.django_app = django_app
@@ -246,7 +264,7 @@ application = ProtocolTypeRouter(
         # Per-endpoint body limits and read deadlines before Django reads a byte (fedsite/limits.py).
         "http": RequestLimitsMiddleware(
             BlobSendMiddleware(
-                AgentLongPollRouter(RawUploadSpooler(ReusedThreadASGIHandler()), LongPollHandler())
+                AgentLongPollRouter(RawUploadSpooler(ReusedThreadASGIHandler()), LongPollApp())
             )
         ),
         "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),

@@ -29,6 +29,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Collection, Iterable
 from typing import Any
 
 from axes.backends import AxesStandaloneBackend
@@ -74,22 +75,34 @@ class FailedAuthenticationThrottle(SimpleRateThrottle):
     def get_rate(self) -> str:  # read at each use, so a changed setting applies at once
         return settings.FEDSITE_AUTH_FAILURE_RATES[self.scope]
 
-    def _load(self, ident: str) -> None:
-        self.key = self.cache_format % {
+    def key_for(self, ident: str) -> str:
+        return self.cache_format % {
             "namespace": settings.FEDSITE_AUTH_FAILURE_NAMESPACE,
             "scope": self.scope,
             "ident": ident,
         }
+
+    def _load(self, ident: str) -> None:
+        self.key = self.key_for(ident)
         self.now = self.timer()
         self.history = [t for t in self.cache.get(self.key, []) if t > self.now - self.duration]
 
     def retry_after(self, ident: str) -> int | None:
         """Seconds until the next attempt is allowed, or None when it is allowed now."""
-        self._load(ident)
-        if len(self.history) < self.num_requests:
-            return None
-        # The attempt is allowed again once the N-th newest failure leaves the window.
-        return max(1, math.ceil(self.history[self.num_requests - 1] + self.duration - self.now))
+        return self.retry_after_many([ident]).get(ident)
+
+    def retry_after_many(self, idents: Collection[str]) -> dict[str, int]:
+        """:meth:`retry_after` of several IPs in one cache round trip: only those that must wait."""
+        keys = {ident: self.key_for(ident) for ident in idents}
+        stored = self.cache.get_many(list(keys.values())) if keys else {}
+        now = self.timer()
+        waits = {}
+        for ident, key in keys.items():
+            history = [t for t in stored.get(key, []) if t > now - self.duration]
+            if len(history) >= self.num_requests:
+                # The attempt is allowed again once the N-th newest failure leaves the window.
+                waits[ident] = max(1, math.ceil(history[self.num_requests - 1] + self.duration - now))
+        return waits
 
     def record_failure(self, ident: str) -> None:
         self._load(ident)
@@ -140,20 +153,31 @@ def auth_failure_suspected(*, scope: str, client_ip: str | None) -> bool:
 
 def auth_failure_guard(*, scope: str, client_ip: str | None) -> None:
     """Raise 429 if ``client_ip`` is over the failure limit of ``scope``; no-op when the IP is unknown."""
-    if client_ip is None:
-        return
+    refused = auth_failure_guard_many(scope=scope, client_ips=[client_ip])
+    if client_ip in refused:
+        raise refused[client_ip]
+
+
+def auth_failure_guard_many(*, scope: str, client_ips: Iterable[str | None]) -> dict[str, TooManyRequests]:
+    """:func:`auth_failure_guard` for several IPs in one cache round trip (the long-polls that start
+    together): the 429 of each IP over the limit; unknown IPs are never refused."""
+    idents = {ip for ip in client_ips if ip is not None}
+    if not idents:
+        return {}
     throttle = FailedAuthenticationThrottle(scope)
     try:
-        wait = throttle.retry_after(client_ip)
+        waits = throttle.retry_after_many(idents)
     except Exception as exc:  # the cache (Redis) is away: fail open, the credential check still runs
         logger.warning("auth_failure_counter_unavailable scope=%s error=%r", scope, exc)
-        return
-    if wait is not None:
-        raise TooManyRequests(
+        return {}
+    return {
+        ip: TooManyRequests(
             f"Too many {WHAT[scope]} from this address ({throttle.num_requests} per {throttle.duration} s); "
             f"retry after {wait} seconds with a valid credential.",
             retry_after=wait,
         )
+        for ip, wait in waits.items()
+    }
 
 
 def auth_failure_record(*, scope: str, client_ip: str | None) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 from typing import Any
 
 import pytest
@@ -11,8 +10,8 @@ from asgiref.sync import SyncToAsync, iscoroutinefunction
 from asgiref.testing import ApplicationCommunicator
 
 
-async def _get(application: Any, path: str) -> tuple[int, dict[bytes, bytes], bytes]:
-    scope = {
+def _scope(path: str, query: bytes = b"", headers: tuple[tuple[bytes, bytes], ...] = ()) -> dict[str, Any]:
+    return {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
@@ -20,12 +19,15 @@ async def _get(application: Any, path: str) -> tuple[int, dict[bytes, bytes], by
         "scheme": "http",
         "path": path,
         "raw_path": path.encode(),
-        "query_string": b"",
-        "headers": [(b"host", b"127.0.0.1")],
+        "query_string": query,
+        "headers": [(b"host", b"127.0.0.1"), *headers],
         "client": ("127.0.0.1", 50000),
         "server": ("127.0.0.1", 8001),
     }
-    communicator = ApplicationCommunicator(application, scope)
+
+
+async def _get(application: Any, path: str) -> tuple[int, dict[bytes, bytes], bytes]:
+    communicator = ApplicationCommunicator(application, _scope(path))
     await communicator.send_input({"type": "http.request", "body": b"", "more_body": False})
     start = await communicator.receive_output(10)
     body = b""
@@ -66,38 +68,102 @@ def test_a_request_crosses_to_its_thread_a_few_times_not_once_per_middleware(mon
 
 
 @pytest.mark.django_db(transaction=True)
-def test_long_polls_share_a_few_kept_threads_for_djangos_plumbing_not_one_for_all(make_agent: Any) -> None:
+def test_long_polls_skip_djangos_handler_and_share_batches_of_database_work(make_agent: Any) -> None:
     import httpx
-    from django.core.signals import request_started
+    from django.core.signals import request_finished, request_started
     from django.db import connection
 
-    from fedsite.asgi import LONG_POLL_PLUMBING_THREADS, application
+    from fedsite.asgi import application
+    from trainings.poll_batch import poll_batcher
 
-    tokens = [make_agent()[1] for _ in range(3 * LONG_POLL_PLUMBING_THREADS)]
+    polls = 24
+    tokens = [make_agent()[1] for _ in range(polls)]
     connection.close()
-    seen: list[threading.Thread] = []
+    signals: list[str] = []
 
-    def record(**kwargs: Any) -> None:
-        seen.append(threading.current_thread())
+    def started(**kwargs: Any) -> None:
+        signals.append("started")
 
-    async def polls() -> list[int]:
+    def finished(**kwargs: Any) -> None:
+        signals.append("finished")
+
+    async def run() -> list[httpx.Response]:
         transport = httpx.ASGITransport(app=application)
         async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
-            responses = await asyncio.gather(
+            return await asyncio.gather(
                 *(
                     client.get("/api/v1/agent/tasks/next?wait=0", headers={"Authorization": f"Bearer {t}"})
                     for t in tokens
                 )
             )
-        return [r.status_code for r in responses]
 
-    request_started.connect(record, weak=False)
+    request_started.connect(started, weak=False)
+    request_finished.connect(finished, weak=False)
+    batches, requests = poll_batcher.batches, poll_batcher.requests
     try:
-        statuses = asyncio.run(polls())
+        responses = asyncio.run(run())
     finally:
-        request_started.disconnect(record)
+        request_started.disconnect(started)
+        request_finished.disconnect(finished)
 
-    assert statuses == [204] * len(tokens)
-    assert len(seen) == len(tokens)
-    assert all(thread.name.startswith("long-poll-plumbing") for thread in seen), seen
-    assert len(set(seen)) == LONG_POLL_PLUMBING_THREADS, seen  # in turn, not all on one
+    assert [r.status_code for r in responses] == [204] * polls
+    assert signals == []  # no trip through Django's handler and its signal receivers
+    assert poll_batcher.requests - requests == polls
+    # They arrived together: one batch took the first, the rest queued behind it (a batch each would be 24).
+    assert poll_batcher.batches - batches <= 3, poll_batcher.batches - batches
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_long_poll_answer_carries_its_length_and_errors_keep_their_shape() -> None:
+    import httpx
+    from django.db import connection
+
+    from fedsite.asgi import application
+
+    connection.close()
+
+    async def get(token: str) -> httpx.Response:
+        transport = httpx.ASGITransport(app=application)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            return await client.get(
+                "/api/v1/agent/tasks/next?wait=0", headers={"Authorization": f"Bearer {token}"}
+            )
+
+    refused = asyncio.run(get("fsa_not-a-token"))
+    assert refused.status_code == 401
+    assert refused.headers["content-length"] == str(len(refused.content))
+    assert refused.headers["content-type"] == "application/json"
+    assert refused.json()["error"]["code"] == "invalid_token"
+    assert refused.headers["www-authenticate"] == 'Bearer realm="fedsite-agent"'
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_client_that_leaves_mid_wait_ends_its_poll_at_once(make_agent: Any) -> None:
+    from django.db import connection
+
+    from fedsite.asgi import application
+    from monitoring.health import open_long_polls
+
+    token = make_agent()[1]
+    connection.close()
+    scope = _scope("/api/v1/agent/tasks/next", b"wait=30", ((b"authorization", f"Bearer {token}".encode()),))
+
+    async def scenario() -> tuple[int, float]:
+        before = open_long_polls.value
+        communicator = ApplicationCommunicator(application, scope)
+        await communicator.send_input({"type": "http.request", "body": b"", "more_body": False})
+        deadline = asyncio.get_running_loop().time() + 20
+        while open_long_polls.value <= before:
+            assert asyncio.get_running_loop().time() < deadline, "the poll never started waiting"
+            await asyncio.sleep(0.02)
+        waiting = open_long_polls.value - before
+        left = asyncio.get_running_loop().time()
+        await communicator.send_input({"type": "http.disconnect"})
+        await communicator.wait(5)  # the application returns: it does not wait out its 30 s
+        assert await communicator.receive_nothing(0.1)  # and answers nothing to a client that left
+        assert open_long_polls.value == before
+        return waiting, asyncio.get_running_loop().time() - left
+
+    waiting, seconds = asyncio.run(scenario())
+    assert waiting == 1
+    assert seconds < 5

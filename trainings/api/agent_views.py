@@ -1,6 +1,6 @@
 """Agent protocol v1: long-poll for a task, download a model version, upload an update, give a task back.
 
-The long-poll is an async view. Served by ``fedsite.asgi`` (its :class:`~fedsite.asgi.LongPollHandler`:
+The long-poll is an async view. Served by ``fedsite.asgi`` (its :class:`~fedsite.asgi.LongPollApp`:
 no middleware, no per-request thread; ``scope[DIRECT_SCOPE_KEY]`` is set) a waiting poll holds no thread
 and makes no query: it awaits a wake-up (trainings/wakeup.py), and one shared re-check per process
 (:data:`shared_recheck`) catches lost ones. Its database work then runs in the event loop's shared
@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.db import connection
 from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
@@ -35,7 +33,6 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from clients.services import agent_authenticate, agent_touch
 from fedsite.agent_auth import AgentTokenAuthentication, IsAgent
 from fedsite.api import error_response
 from fedsite.errors import (
@@ -50,7 +47,7 @@ from fedsite.parsers import StrictJSONParser
 from fedsite.throttling import client_ip
 from monitoring.health import open_long_polls
 from trainings import services
-from trainings.selectors import task_payload
+from trainings.poll_batch import POLL, START, Payload, poll_batcher, process_polls
 from trainings.services.tasks import agent_download_record, agent_download_task, tasks_agents_with_work
 from trainings.wakeup import SharedRecheck, shutdown, wait_for_wakeup, wakeups_ready
 from versioning.blobs import BlobHashMismatch, blob_verified_path
@@ -63,7 +60,7 @@ RECHECK_SECONDS = 2.0
 SHARED_RECHECK_SECONDS = 5.0
 #: How long a poll waits for this loop's wake-up listener to subscribe before trusting wake-ups.
 LISTENER_READY_SECONDS = 0.5
-#: Scope key set by ``fedsite.asgi.LongPollHandler``: no thread of this request's own; its database
+#: Scope key set by ``fedsite.asgi.LongPollApp``: no thread of this request's own; its database
 #: calls go to the event loop's shared executor.
 DIRECT_SCOPE_KEY = "fedsite.direct_long_poll"
 #: Scope key set by ``fedsite.asgi.RawUploadSpooler``: the raw upload body, already spooled
@@ -101,39 +98,29 @@ def _parse_wait(values: list[str]) -> float:
     return wait
 
 
-def _poll_once(agent: Any) -> dict[str, Any] | None:
-    try:
-        task = services.task_next_for_agent(agent=agent)
-        return task_payload(task) if task is not None else None
-    finally:
-        # A long-poll waits for many seconds between checks: hand the connection back to the pool
-        # instead of holding one per waiting agent (thousands of agents, a pool of a few dozen).
-        _release_connection()
+class _Polls:
+    """This poll's database work: batched with the other polls of the event loop when served by
+    ``fedsite.asgi.LongPollApp`` (:mod:`trainings.poll_batch`), else one request at a time on the
+    request's thread, as Django requires there; either way :func:`trainings.poll_batch.process_polls`."""
 
+    def __init__(self, request: HttpRequest) -> None:
+        self.direct = bool(getattr(request, "scope", {}).get(DIRECT_SCOPE_KEY))
 
-def _prepare_poll(authorization: str | None, client_ip: str | None) -> Any:
-    try:
-        agent = agent_authenticate(authorization=authorization, client_ip=client_ip)
-        agent_touch(agent=agent)
-        services.rounds_try_open_waiting_if_any()
-        return agent
-    finally:
-        _release_connection()
+    async def _alone(self, item: tuple[str, Any]) -> tuple[Any, Payload]:
+        (outcome,) = await sync_to_async(process_polls, thread_sensitive=True)([item])
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
+    async def start(self, authorization: str | None, ip: str | None) -> tuple[Any, Payload]:
+        if self.direct:
+            return await poll_batcher.start(authorization, ip)
+        return await self._alone((START, (authorization, ip)))
 
-def _database_caller(request: HttpRequest) -> Callable[[Callable[..., Any]], Any]:
-    """``sync_to_async`` for this poll's database calls (see the module docstring for which kind)."""
-    direct = bool(getattr(request, "scope", {}).get(DIRECT_SCOPE_KEY))
-
-    def wrap(function: Callable[..., Any]) -> Any:
-        return sync_to_async(function, thread_sensitive=not direct)
-
-    return wrap
-
-
-def _release_connection() -> None:
-    if not connection.in_atomic_block:  # (tests wrap requests in a transaction; never close one)
-        connection.close()
+    async def poll(self, agent: Any) -> Payload:
+        if self.direct:
+            return await poll_batcher.poll(agent)
+        return (await self._alone((POLL, agent)))[1]
 
 
 def _shutting_down_response() -> HttpResponse:
@@ -162,12 +149,11 @@ async def next_task_view(request: HttpRequest) -> HttpResponse:
         wait = _parse_wait(request.GET.getlist("wait"))
         if shutdown.is_set():
             return _shutting_down_response()
-        in_thread = _database_caller(request)
-        agent = await in_thread(_prepare_poll)(request.headers.get("Authorization"), client_ip(request))
+        polls = _Polls(request)
+        agent, payload = await polls.start(request.headers.get("Authorization"), client_ip(request))
         deadline = time.monotonic() + wait
         with open_long_polls.track():  # the gauge of /api/system/health and /metrics
             while True:
-                payload = await in_thread(_poll_once)(agent)
                 if payload is not None:
                     return JsonResponse(payload)
                 if shutdown.is_set():
@@ -184,9 +170,10 @@ async def next_task_view(request: HttpRequest) -> HttpResponse:
                     agent.pk, remaining if reliable else min(remaining, RECHECK_SECONDS)
                 )
                 if woken and not shutdown.is_set():
+                    payload = await polls.poll(agent)
                     continue
                 if shutdown.is_set() or (not reliable and time.monotonic() > deadline - 0.05):
-                    payload = await in_thread(_poll_once)(agent)
+                    payload = await polls.poll(agent)
                     if payload is not None:
                         return JsonResponse(payload)
                     return _shutting_down_response() if shutdown.is_set() else HttpResponse(status=204)

@@ -169,6 +169,30 @@ def task_next_for_agent(*, agent: Agent) -> Task | None:
     return found
 
 
+def agents_with_open_tasks(agent_pks: Collection[Any]) -> set[Any] | None:
+    """Which of these agents :func:`task_next_for_agent` may find a task for, in one query; None while an
+    asynchronous training runs (its tasks are issued on demand: any agent may get one when it asks).
+
+    A superset of the agents that have an open task in a collecting round of a running training, so the
+    polls that start together look up their tasks one by one only where there is one.
+    """
+    from trainings.services.secagg import ROUND_STATES as SECAGG_STATES
+
+    if not agent_pks:
+        return set()
+    if Training.objects.filter(status=TS.RUNNING, algorithm__in=list(ASYNCHRONOUS_ALGORITHMS)).exists():
+        return None
+    return set(
+        Task.objects.filter(
+            agent_id__in=list(agent_pks),
+            status__in=list(Task.OPEN),
+            deadline__gt=timezone.now(),
+            round__status__in=[RS.COLLECTING, *SECAGG_STATES],
+            round__training__status=TS.RUNNING,
+        ).values_list("agent_id", flat=True)
+    )
+
+
 #: What the task's JSON needs (trainings.selectors.task_payload), read with the task in one query.
 PAYLOAD_RELATIONS = ("round__training", "round__base_version", "base_version")
 

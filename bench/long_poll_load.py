@@ -10,8 +10,10 @@ update, then poll again. Everything is bounded in time (``--timeout``).
 
 Reported: errors (any response that is not 200/201/204, any transport error), task delivery latency
 (``Round.opened_at`` -> the agent has the task; p50, p99, max), the server's peak RSS, CPU seconds and
-peak thread count, and the peak number of Postgres connections to the benchmark database
-(``pg_stat_activity``), sampled every 0.5 s.
+peak thread count, the load generator's CPU seconds (all client processes; it shares the machine), the
+peak number of Postgres connections to the benchmark database (``pg_stat_activity``), sampled every 0.5 s,
+and the kernel's listen-queue overflows during the run (``TcpExtListenOverflows``: handshakes dropped
+because ``serve``'s accept queue was full; raise ``net.core.somaxconn`` if it is not 0).
 
 Usage::
 
@@ -55,6 +57,20 @@ def raise_file_limit() -> int:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def listen_overflows() -> int:
+    """The kernel's count of connections dropped because a listen queue was full (``TcpExtListenOverflows``,
+    for the whole machine since boot; -1 where /proc/net/netstat does not say)."""
+    try:
+        lines = Path("/proc/net/netstat").read_text().splitlines()
+    except OSError:
+        return -1
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            table = dict(zip(names.split()[1:], values.split()[1:], strict=False))
+            return int(table.get("ListenOverflows", -1))
+    return -1
 
 
 def stack_env(pg: str, database: str, redis_db: int, workdir: Path, server_url: str) -> dict[str, str]:
@@ -307,6 +323,7 @@ def run_one(args: argparse.Namespace, agents: int) -> dict[str, Any]:
         )
 
         wait_healthy(server, server_url, workdir / "server.log")
+        overflows_before = listen_overflows()
 
         configuration = TrainingConfiguration.from_dict(
             {
@@ -381,6 +398,7 @@ def run_one(args: argparse.Namespace, agents: int) -> dict[str, Any]:
         sampler = Sampler(server.pid, args.database)
         sampler.start()
         cpu_before = _cpu_seconds(server.pid)
+        clients_cpu_before = sum(_cpu_seconds(proc.pid) for proc in clients)
         run_started = time.time()
         training = training_create_and_start(configuration=configuration)
         connection.close()
@@ -394,6 +412,7 @@ def run_one(args: argparse.Namespace, agents: int) -> dict[str, Any]:
             wait_until(finished, max(10.0, stop_at - time.time()), f"training {training.pk} to finish", 0.5)
         run_seconds = time.time() - run_started
         cpu_used = _cpu_seconds(server.pid) - cpu_before
+        clients_cpu = sum(_cpu_seconds(proc.pid) for proc in clients) - clients_cpu_before
         sampler.stop()
         training.refresh_from_db()
         opened = {r.number: r.opened_at.timestamp() for r in Round.objects.filter(training=training)}
@@ -445,8 +464,10 @@ def run_one(args: argparse.Namespace, agents: int) -> dict[str, Any]:
             "rss_mib": max(sampler.rss, default=0) / 2**20,
             "threads": max(sampler.threads, default=0),
             "cpu": cpu_used,
+            "clients_cpu": clients_cpu,
             "run_seconds": run_seconds,
             "db_connections": max(sampler.connections, default=0),
+            "listen_overflows": listen_overflows() - overflows_before,
         }
     finally:
         with contextlib.suppress(Exception):  # this process's pooled connections: the next N drops the db
@@ -507,16 +528,18 @@ def main() -> None:
     print(
         "| N agents polling | training | errors (of which before the training) | tasks delivered "
         "| delivery p50 s | p99 s | max s "
-        "| server RSS peak MiB | server threads peak | server CPU s | run s | DB connections peak |"
+        "| server RSS peak MiB | server threads peak | server CPU s | load generator CPU s | run s "
+        "| DB connections peak | listen overflows |"
     )
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(
             f"| {r['agents']:,} | {r['status']} ({r['rounds']} rounds) "
             f"| {r['errors']} ({r['warm_up_errors']}) "
             f"| {r['delivered']}/{r['tasks']} "
             f"| {r['p50']:.3f} | {r['p99']:.3f} | {r['max']:.3f} | {r['rss_mib']:.0f} | {r['threads']} "
-            f"| {r['cpu']:.1f} | {r['run_seconds']:.1f} | {r['db_connections']} |"
+            f"| {r['cpu']:.1f} | {r['clients_cpu']:.1f} | {r['run_seconds']:.1f} | {r['db_connections']} "
+            f"| {r['listen_overflows']} |"
         )
     for r in results:
         if r["error_kinds"]:

@@ -286,6 +286,10 @@ FEDSITE_BODY_IDLE_TIMEOUT = env.float("FEDSITE_BODY_IDLE_TIMEOUT", default=15.0)
 FEDSITE_BODY_TIMEOUT = env.float("FEDSITE_BODY_TIMEOUT", default=30.0)
 FEDSITE_UPLOAD_TIMEOUT = env.float("FEDSITE_UPLOAD_TIMEOUT", default=600.0)
 FEDSITE_KEEP_ALIVE_TIMEOUT = env.float("FEDSITE_KEEP_ALIVE_TIMEOUT", default=5.0)
+# Connections the kernel queues for `serve` before it accepts them (listen(2)'s backlog; Linux caps it at
+# net.core.somaxconn). Thousands of agents (re)connecting at once overflow a short queue: the kernel drops
+# their handshakes and a client's first request is then reset (uvicorn's default is 2048).
+FEDSITE_LISTEN_BACKLOG = env.int("FEDSITE_LISTEN_BACKLOG", default=16384)
 # Django's own cap on bodies it reads into memory (request.body, non-file multipart fields, admin forms).
 DATA_UPLOAD_MAX_MEMORY_SIZE = FEDSITE_MAX_FORM_BODY_BYTES
 
@@ -305,6 +309,14 @@ FEDSITE_AGENT_TOKEN_CACHE_SECONDS = env.float("FEDSITE_AGENT_TOKEN_CACHE_SECONDS
 # it for the agent (0: every poll writes); last_seen_at is then at most this far behind.
 FEDSITE_AGENT_SEEN_WRITE_SECONDS = env.float("FEDSITE_AGENT_SEEN_WRITE_SECONDS", default=15.0)
 FEDSITE_LONG_POLL_MAX = env.int("FEDSITE_LONG_POLL_MAX", default=60)
+# A long-poll with no task is answered 204 after a random time between (1 - this) * wait and wait, so that
+# agents that (re)connected together (a server restart, a network blip) spread out instead of coming back
+# in the same second every wait seconds (0: exactly wait).
+FEDSITE_LONG_POLL_JITTER = env.float("FEDSITE_LONG_POLL_JITTER", default=0.2)
+if not 0 <= FEDSITE_LONG_POLL_JITTER < 1:
+    raise ImproperlyConfigured(
+        f"FEDSITE_LONG_POLL_JITTER must be at least 0 and below 1; it is {FEDSITE_LONG_POLL_JITTER}."
+    )
 FEDSITE_ROUND_TIMEOUT = env.float("FEDSITE_ROUND_TIMEOUT", default=300.0)
 FEDSITE_MAX_ROUND_ATTEMPTS = env.int("FEDSITE_MAX_ROUND_ATTEMPTS", default=5)
 FEDSITE_ENROLLMENT_KEY = env.str("FEDSITE_ENROLLMENT_KEY", default="")

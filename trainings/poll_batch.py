@@ -7,10 +7,10 @@ to Postgres and Redis and four ORM queries compiled, for every poll of every age
 polling every 30 s, 330 a second. :class:`PollBatcher` queues the starts on the event loop and hands
 them to ONE worker thread in batches (:func:`process_polls`): one cache round trip for the failure
 counters of their IPs and one query for their tokens (``clients.services.agents_authenticate``), one
-``UPDATE`` for their heartbeats (``agents_touch_seen``), one check for waiting rounds, and one query for
-which of them have a task (``trainings.services.tasks.agents_with_open_tasks``); only those agents then
-look their task up and take it, one by one, exactly as a single poll does. Polls woken by a task
-(``trainings.wakeup``) come back through the same queue for that lookup.
+``UPDATE`` for their heartbeats (``agents_touch_seen``), one check for waiting rounds, one query for
+their open tasks and one conditional ``UPDATE`` that marks the pending ones delivered
+(``trainings.services.tasks.tasks_next_for_agents``). Polls woken by a task (``trainings.wakeup``) come
+back through a queue of their own for that lookup, so a delivery never waits behind a backlog of starts.
 
 Each request gets what it would get alone, in the same order of checks (the throttle, the token, the
 agent's status, the heartbeat before the waiting round opens, then the task); an error of one request
@@ -23,7 +23,9 @@ dropped from it, and costs nothing more.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,8 +36,8 @@ from django.db import connection
 from clients.services import agents_authenticate, agents_touch_seen
 from fedsite.errors import ServiceError
 from trainings.selectors import task_payload
-from trainings.services import rounds_try_open_waiting_if_any, task_next_for_agent
-from trainings.services.tasks import agents_with_open_tasks
+from trainings.services import rounds_try_open_waiting_if_any
+from trainings.services.tasks import tasks_next_for_agents
 
 logger = logging.getLogger("trainings.poll_batch")
 
@@ -45,6 +47,9 @@ START = "start"
 POLL = "poll"
 #: The most requests one batch takes; more wait for the next batch.
 MAX_BATCH = 500
+#: A batch slower than this is logged (``poll_batch_slow``, with the seconds of each step), and so is a
+#: request that waited longer than this in the queue before its batch ran (``poll_batch_queued``).
+SLOW_BATCH_SECONDS = 1.0
 
 #: A task's JSON (trainings.selectors.task_payload), or None when the agent has no task.
 Payload = dict[str, Any] | None
@@ -62,6 +67,7 @@ def release_connection() -> None:
 def process_polls(items: list[tuple[str, Any]]) -> list[Outcome]:
     """The database work of a batch of polls, in order (synchronous: a worker thread runs it)."""
     outcomes: list[Outcome | None] = [None] * len(items)
+    marks = [time.perf_counter()]
     try:
         agents: dict[int, Any] = {}
         starts = [index for index, (kind, _) in enumerate(items) if kind == START]
@@ -72,6 +78,7 @@ def process_polls(items: list[tuple[str, Any]]) -> list[Outcome]:
                 for index in starts:
                     outcomes[index] = exc
                 authenticated = []
+            marks.append(time.perf_counter())
             for index, result in zip(starts, authenticated, strict=False):
                 if isinstance(result, ServiceError):
                     outcomes[index] = result
@@ -81,6 +88,7 @@ def process_polls(items: list[tuple[str, Any]]) -> list[Outcome]:
             if started:
                 try:
                     agents_touch_seen([agents[index] for index in started])
+                    marks.append(time.perf_counter())
                     rounds_try_open_waiting_if_any()
                 except Exception as exc:
                     for index in started:
@@ -89,42 +97,51 @@ def process_polls(items: list[tuple[str, Any]]) -> list[Outcome]:
         for index, (kind, value) in enumerate(items):
             if kind == POLL:
                 agents[index] = value
+        marks.append(time.perf_counter())
+        order = list(agents)
         try:
-            with_work = agents_with_open_tasks({agent.pk for agent in agents.values()}) if agents else set()
-        except Exception as exc:
-            for index in agents:
-                outcomes[index] = exc
-            agents = {}
-            with_work = set()
-        for index, agent in agents.items():
-            if with_work is not None and agent.pk not in with_work:
-                outcomes[index] = (agent, None)
+            tasks: list[Any] = tasks_next_for_agents([agents[index] for index in order])
+        except Exception as exc:  # a statement shared by the batch failed: every poll gets its error
+            tasks = [exc] * len(order)
+        for index, task in zip(order, tasks, strict=True):
+            if isinstance(task, Exception):
+                outcomes[index] = task
                 continue
             try:
-                task = task_next_for_agent(agent=agent)
-                outcomes[index] = (agent, task_payload(task) if task is not None else None)
-            except Exception as exc:  # this agent's own lookup: the others are unaffected
+                outcomes[index] = (agents[index], task_payload(task) if task is not None else None)
+            except Exception as exc:
                 outcomes[index] = exc
     finally:
         release_connection()
+        marks.append(time.perf_counter())
+        if marks[-1] - marks[0] > SLOW_BATCH_SECONDS:
+            steps = " ".join(f"{b - a:.3f}" for a, b in itertools.pairwise(marks))
+            logger.warning(
+                "poll_batch_slow requests=%d seconds=%.3f steps=%s", len(items), marks[-1] - marks[0], steps
+            )
     return outcomes  # type: ignore[return-value]  # (every index was filled above)
 
 
 @dataclass
-class _LoopState:
-    queue: list[tuple[tuple[str, Any], asyncio.Future[Outcome]]] = field(default_factory=list)
+class _Queue:
+    #: (request, its future, when it was queued: the loop's clock)
+    items: list[tuple[tuple[str, Any], asyncio.Future[Outcome], float]] = field(default_factory=list)
     drain: asyncio.Task[None] | None = None
 
 
 class PollBatcher:
-    """Queue of poll requests per event loop, processed by :func:`process_polls` one batch at a time."""
+    """Requests per event loop, processed by :func:`process_polls` in batches.
+
+    Starts and woken polls queue apart, each queue with its own batch in flight: a woken poll (a task to
+    deliver) never waits behind a backlog of starts, as after thousands of agents reconnect at once.
+    """
 
     def __init__(self, max_batch: int = MAX_BATCH) -> None:
         self.max_batch = max_batch
         #: Batches handed to a thread, and the requests they carried, since the process started.
         self.batches = 0
         self.requests = 0
-        self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
+        self._queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _Queue]] = (
             weakref.WeakKeyDictionary()
         )
 
@@ -139,25 +156,34 @@ class PollBatcher:
 
     async def _submit(self, item: tuple[str, Any]) -> tuple[Any, Payload]:
         loop = asyncio.get_running_loop()
-        state = self._states.get(loop)
-        if state is None:
-            state = self._states[loop] = _LoopState()
+        queues = self._queues.get(loop)
+        if queues is None:
+            queues = self._queues[loop] = {START: _Queue(), POLL: _Queue()}
+        queue = queues[item[0]]
         future: asyncio.Future[Outcome] = loop.create_future()
-        state.queue.append((item, future))
-        if state.drain is None:
-            state.drain = loop.create_task(self._drain(state))
+        queue.items.append((item, future, loop.time()))
+        if queue.drain is None:
+            queue.drain = loop.create_task(self._drain(queue))
         outcome = await future
         if isinstance(outcome, BaseException):
             raise outcome
         return outcome
 
-    async def _drain(self, state: _LoopState) -> None:
+    async def _drain(self, queue: _Queue) -> None:
         try:
-            while state.queue:
-                taken, state.queue = state.queue[: self.max_batch], state.queue[self.max_batch :]
-                batch = [(item, future) for item, future in taken if not future.done()]  # clients gone
+            while queue.items:
+                taken, queue.items = queue.items[: self.max_batch], queue.items[self.max_batch :]
+                batch = [(item, future) for item, future, _ in taken if not future.done()]  # clients gone
                 if not batch:
                     continue
+                waited = asyncio.get_running_loop().time() - taken[0][2]
+                if waited > SLOW_BATCH_SECONDS:
+                    logger.warning(
+                        "poll_batch_queued kind=%s requests=%d waited=%.3f",
+                        taken[0][0][0],
+                        len(batch),
+                        waited,
+                    )
                 self.batches += 1
                 self.requests += len(batch)
                 try:
@@ -172,10 +198,10 @@ class PollBatcher:
                     if not future.done():
                         future.set_result(outcome)
         finally:
-            state.drain = None
-            for _, future in state.queue:  # (left only when this task was cancelled)
+            queue.drain = None
+            for _, future, _ in queue.items:  # (left only when this task was cancelled)
                 future.cancel()
-            state.queue = []
+            queue.items = []
 
 
 _in_thread = sync_to_async(process_polls, thread_sensitive=False)

@@ -18,12 +18,13 @@ move out are final, and a move is accepted only by the protocol whose table hold
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from types import MappingProxyType
+from typing import Any
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from fedsite.errors import Conflict
@@ -277,6 +278,39 @@ def deliver_task_if_pending(task: Task) -> bool:
         return False
     task.status, task.delivered_at = KS.DELIVERED, now
     return True
+
+
+def deliver_tasks_if_pending(tasks: Sequence[Task]) -> set[Any]:
+    """:func:`deliver_task_if_pending` of many tasks in ONE conditional ``UPDATE ... RETURNING``: the pks of
+    those it moved (each updated in memory too); the others were no longer pending."""
+    if not tasks:
+        return set()
+    _check("task", TASK_TRANSITIONS, KS.PENDING, KS.DELIVERED, f"Task {tasks[0].pk}")
+    now = timezone.now()
+    table = connection.ops.quote_name(Task._meta.db_table)
+    status = connection.ops.quote_name(Task._meta.get_field("status").column)
+    delivered_at_field = Task._meta.get_field("delivered_at")
+    delivered_at = connection.ops.quote_name(delivered_at_field.column)
+    pk = connection.ops.quote_name(Task._meta.pk.column)
+    pk_field = Task._meta.pk
+    values = [pk_field.get_db_prep_value(task.pk, connection) for task in tasks]
+    placeholders = ", ".join(["%s"] * len(values))
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {table} SET {status} = %s, {delivered_at} = %s "  # noqa: S608 - names quoted, values bound
+            f"WHERE {pk} IN ({placeholders}) AND {status} = %s RETURNING {pk}",
+            [
+                KS.DELIVERED,
+                Task._meta.get_field("delivered_at").get_db_prep_value(now, connection),
+                *values,
+                KS.PENDING,
+            ],
+        )
+        moved = {pk_field.to_python(row[0]) for row in cursor.fetchall()}
+    for task in tasks:
+        if task.pk in moved:
+            task.status, task.delivered_at = KS.DELIVERED, now
+    return moved
 
 
 def transition_task(task: Task, target: str, *, reason: str = "") -> Task:

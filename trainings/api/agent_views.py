@@ -18,6 +18,7 @@ download is one row of the audit log (``version.download``, the agent and its ta
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from typing import Any
 
@@ -123,6 +124,17 @@ class _Polls:
         return (await self._alone((POLL, agent)))[1]
 
 
+def poll_duration(wait: float, draw: float | None = None) -> float:
+    """How long a poll with nothing to do is held: ``wait`` shortened by up to ``FEDSITE_LONG_POLL_JITTER``
+    of it, at random (``draw`` in [0, 1), for tests). Agents that connected in the same second then come
+    back spread over that fraction of ``wait``, and spread further at every poll, instead of returning
+    together every ``wait`` seconds: after a server restart thousands of them would otherwise keep
+    arriving in one burst."""
+    if draw is None:
+        draw = random.random()
+    return wait * (1.0 - float(settings.FEDSITE_LONG_POLL_JITTER) * draw)
+
+
 def _shutting_down_response() -> HttpResponse:
     response = error_response(
         ServiceUnavailable(
@@ -136,7 +148,8 @@ def _shutting_down_response() -> HttpResponse:
 
 @csrf_exempt
 async def next_task_view(request: HttpRequest) -> HttpResponse:
-    """``GET /api/v1/agent/tasks/next?wait=<seconds>``: 200 with a task, or 204 after ``wait`` seconds.
+    """``GET /api/v1/agent/tasks/next?wait=<seconds>``: 200 with a task, or 204 after ``wait`` seconds (up
+    to ``FEDSITE_LONG_POLL_JITTER`` of it sooner: :func:`poll_duration`).
 
     While the server shuts down a waiting poll is answered at once: its task if one exists, else 503 with
     ``Retry-After`` (never left to be cut off at the end of the graceful-shutdown period).
@@ -151,7 +164,7 @@ async def next_task_view(request: HttpRequest) -> HttpResponse:
             return _shutting_down_response()
         polls = _Polls(request)
         agent, payload = await polls.start(request.headers.get("Authorization"), client_ip(request))
-        deadline = time.monotonic() + wait
+        deadline = time.monotonic() + poll_duration(wait)
         with open_long_polls.track():  # the gauge of /api/system/health and /metrics
             while True:
                 if payload is not None:

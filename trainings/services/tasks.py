@@ -15,7 +15,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -32,7 +32,7 @@ from privacy.models import PrivacyBudget
 from trainings.configuration import TrainingConfiguration
 from trainings.models import Round, Task, Training
 from trainings.services.trainings import ASYNCHRONOUS_ALGORITHMS
-from trainings.state import deliver_task_if_pending
+from trainings.state import deliver_task_if_pending, deliver_tasks_if_pending
 from versioning.models import ModelVersion
 
 logger = logging.getLogger("trainings")
@@ -169,28 +169,47 @@ def task_next_for_agent(*, agent: Agent) -> Task | None:
     return found
 
 
-def agents_with_open_tasks(agent_pks: Collection[Any]) -> set[Any] | None:
-    """Which of these agents :func:`task_next_for_agent` may find a task for, in one query; None while an
-    asynchronous training runs (its tasks are issued on demand: any agent may get one when it asks).
+def tasks_next_for_agents(agents: Sequence[Agent]) -> list[Task | None]:
+    """:func:`task_next_for_agent` of many agents at once (the long-polls that start or wake together), in
+    order: each agent's oldest open task in a collecting round of a running training, marked delivered.
 
-    A superset of the agents that have an open task in a collecting round of a running training, so the
-    polls that start together look up their tasks one by one only where there is one.
+    Their open tasks are read in one query (with what the task JSON needs) and the pending ones marked
+    delivered in one conditional ``UPDATE``; a task changed meanwhile by another request, and every agent
+    while an asynchronous training runs (its tasks are issued on demand), go through
+    :func:`task_next_for_agent` one by one.
     """
     from trainings.services.secagg import ROUND_STATES as SECAGG_STATES
 
-    if not agent_pks:
-        return set()
+    active = [agent for agent in agents if agent.status == Agent.Status.ACTIVE]
+    if not active:
+        return [None] * len(agents)
     if Training.objects.filter(status=TS.RUNNING, algorithm__in=list(ASYNCHRONOUS_ALGORITHMS)).exists():
-        return None
-    return set(
+        return [task_next_for_agent(agent=agent) for agent in agents]
+    oldest: dict[Any, Task] = {}
+    for task in (
         Task.objects.filter(
-            agent_id__in=list(agent_pks),
+            agent_id__in={agent.pk for agent in active},
             status__in=list(Task.OPEN),
             deadline__gt=timezone.now(),
             round__status__in=[RS.COLLECTING, *SECAGG_STATES],
             round__training__status=TS.RUNNING,
-        ).values_list("agent_id", flat=True)
-    )
+        )
+        .select_related(*PAYLOAD_RELATIONS)
+        .order_by("created_at")
+    ):
+        oldest.setdefault(task.agent_id, task)
+    pending = [task for task in oldest.values() if task.status == KS.PENDING]
+    moved = deliver_tasks_if_pending(pending)
+    changed = {task.agent_id for task in pending if task.pk not in moved}
+    found: list[Task | None] = []
+    for agent in agents:
+        if agent.status != Agent.Status.ACTIVE:
+            found.append(None)
+        elif agent.pk in changed:  # another request changed its task since it was read: as one poll does
+            found.append(task_next_for_agent(agent=agent))
+        else:
+            found.append(oldest.get(agent.pk))
+    return found
 
 
 #: What the task's JSON needs (trainings.selectors.task_payload), read with the task in one query.

@@ -40,3 +40,35 @@ def test_long_poll_with_nothing_to_do_is_204(client: Any, make_agent: Any) -> No
     response = client.get("/api/v1/agent/tasks/next?wait=1", HTTP_AUTHORIZATION=f"Bearer {token}")
     assert response.status_code == 204
     assert response.content == b""
+
+
+def test_an_idle_poll_is_held_between_one_minus_the_jitter_and_all_of_its_wait(settings: Any) -> None:
+    from trainings.api.agent_views import poll_duration
+
+    settings.FEDSITE_LONG_POLL_JITTER = 0.2
+    assert poll_duration(30.0, draw=0.0) == 30.0
+    assert poll_duration(30.0, draw=0.5) == pytest.approx(27.0)
+    durations = [poll_duration(30.0) for _ in range(2000)]
+    assert all(24.0 < d <= 30.0 for d in durations)
+    # spread over the whole window (uniform: mean 27, standard deviation 6 / sqrt(12) = 1.73)
+    assert min(durations) < 24.5 and max(durations) > 29.5
+    assert abs(sum(durations) / len(durations) - 27.0) < 0.2
+    settings.FEDSITE_LONG_POLL_JITTER = 0
+    assert {poll_duration(30.0) for _ in range(100)} == {30.0}
+
+
+@pytest.mark.django_db
+def test_an_idle_poll_with_jitter_is_204_within_its_window(
+    client: Any, make_agent: Any, settings: Any
+) -> None:
+    import time
+
+    settings.FEDSITE_LONG_POLL_JITTER = 0.5
+    _, token = make_agent()
+    took = []
+    for _ in range(3):
+        started = time.monotonic()
+        response = client.get("/api/v1/agent/tasks/next?wait=2", HTTP_AUTHORIZATION=f"Bearer {token}")
+        took.append(time.monotonic() - started)
+        assert response.status_code == 204
+    assert all(t > 0.95 for t in took), took  # never answered before (1 - jitter) x wait

@@ -137,3 +137,41 @@ def test_polls_that_start_together_share_a_batch_and_a_cancelled_one_is_dropped(
     assert isinstance(outcomes[-1], asyncio.CancelledError)
     assert batcher.requests == 5  # the cancelled poll cost no database work
     assert batcher.batches <= 2, batcher.batches
+
+
+@pytest.mark.django_db
+def test_the_tasks_of_a_batch_are_read_and_taken_in_the_same_statements_for_three_agents_as_for_eight(
+    make_agent: Any, make_training: Any, settings: Any
+) -> None:
+    settings.FEDSITE_MAX_CONCURRENT_TRAININGS = 5
+    counts = []
+    for size in (3, 8):
+        agents = [make_agent()[0] for _ in range(size)]
+        training = make_training(min_clients_per_round=size, max_clients_per_round=size)
+        picked = [a for a in agents if Task.objects.filter(agent=a, round__training=training).exists()]
+        with CaptureQueriesContext(connection) as context:
+            outcomes = process_polls([(POLL, agent) for agent in picked])
+        counts.append(len(context.captured_queries))
+        for agent, (polled, payload) in zip(picked, outcomes, strict=True):
+            task = Task.objects.get(agent=agent, round__training=training)
+            assert polled.pk == agent.pk and payload["task_id"] == str(task.pk)
+            assert task.status == KS.DELIVERED and task.delivered_at is not None
+    # asynchronous trainings, the open tasks with what their JSON needs, one UPDATE for the pending ones
+    assert counts[0] == counts[1] == 3, counts
+
+
+@pytest.mark.django_db
+def test_a_task_changed_since_the_batch_read_it_is_not_moved(make_agent: Any, make_training: Any) -> None:
+    from trainings.state import deliver_tasks_if_pending
+
+    (a, _), (b, _) = make_agent(), make_agent()
+    make_training(min_clients_per_round=2, max_clients_per_round=2)
+    read = list(Task.objects.filter(agent__in=[a, b]).order_by("agent__agent_id"))
+    Task.objects.filter(pk=read[1].pk).update(status=KS.CANCELLED)  # another request, meanwhile
+
+    moved = deliver_tasks_if_pending(read)
+
+    assert moved == {read[0].pk}
+    assert read[0].status == KS.DELIVERED and read[1].status == KS.PENDING  # in memory, as stored
+    assert Task.objects.get(pk=read[0].pk).status == KS.DELIVERED
+    assert Task.objects.get(pk=read[1].pk).status == KS.CANCELLED

@@ -92,6 +92,7 @@ class Command(BaseCommand):
             http=protocol,
             h11_max_incomplete_event_size=settings.FEDSITE_MAX_HEADER_BYTES,
             timeout_keep_alive=settings.FEDSITE_KEEP_ALIVE_TIMEOUT,
+            backlog=settings.FEDSITE_LISTEN_BACKLOG,
         )
         server = _server_class(uvicorn.Server)(config)
 

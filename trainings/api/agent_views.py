@@ -3,9 +3,10 @@
 The long-poll is an async view. Served by ``fedsite.asgi`` (its :class:`~fedsite.asgi.LongPollApp`:
 no middleware, no per-request thread; ``scope[DIRECT_SCOPE_KEY]`` is set) a waiting poll holds no thread
 and makes no query: it awaits a wake-up (trainings/wakeup.py), and one shared re-check per process
-(:data:`shared_recheck`) catches lost ones. Its database work then runs in the event loop's shared
-executor. Through Django's own handler (the test client, another ASGI setup) the same view runs with
-thread-sensitive database calls, as Django requires there. The rest are DRF views.
+(:data:`shared_recheck`) catches lost ones. Its database work runs in batches shared with the polls
+that start or wake at the same time (trainings/poll_batch.py), on the event loop's shared executor.
+Through Django's own handler (the test client, another ASGI setup) the same view runs with
+thread-sensitive database calls, one request at a time, as Django requires there. The rest are DRF views.
 
 A model download is checked against the version's sha256 before it is served: the blob is hashed in one
 pass the first time this process serves it, and again whenever its size, mtime or inode change

@@ -7,7 +7,10 @@ Invariants, whatever a client sends:
 - a body that is not complete within its endpoint's deadline, or that stalls longer than
   ``FEDSITE_BODY_IDLE_TIMEOUT`` between two chunks, is answered 408;
 - every refusal has the API's JSON error shape and ``Connection: close``, so the rest of the body is
-  never read.
+  never read;
+- an HTTP/1.x request with neither ``Content-Length`` (or 0) nor ``Transfer-Encoding`` has no body by the
+  protocol, and passes through untouched (most GETs: polls, downloads, pages); HTTP/2 requests are
+  always counted.
 
 Only the update upload and the secure-aggregation answer take ``FEDSITE_MAX_UPDATE_BYTES`` (the tighter
 per-task limit is applied by the view); the rest of the API takes ``FEDSITE_MAX_JSON_BODY_BYTES`` and
@@ -82,6 +85,14 @@ def _declared_length(scope: dict[str, Any]) -> int | str | None:
             text = value.decode("latin-1").strip()
             return int(text) if text.isdigit() else text
     return None
+
+
+def _has_no_body(scope: dict[str, Any]) -> bool:
+    """Whether an HTTP/1.x request declares no body: no ``Transfer-Encoding`` (the caller checked
+    ``Content-Length``). HTTP/2 and later frame bodies without either header: never assumed empty."""
+    if scope.get("http_version") not in ("1.0", "1.1"):
+        return False
+    return not any(name == b"transfer-encoding" for name, _ in scope.get("headers", []))
 
 
 class _GuardedBody:
@@ -177,6 +188,11 @@ class RequestLimitsMiddleware:
                 f"The request body is {declared} bytes; this endpoint accepts at most {limit.max_bytes}.",
                 {"max_bytes": limit.max_bytes, "content_length": declared},
             )
+            return
+        if declared in (None, 0) and _has_no_body(scope):
+            # HTTP/1.x with neither Content-Length (or 0) nor Transfer-Encoding: the body is empty by the
+            # protocol (RFC 9112, 6.3); the server has it already, so there is nothing to count or time.
+            await self.app(scope, receive, send)
             return
         guarded = _GuardedBody(receive, send, limit)
         await self.app(scope, guarded.receive, guarded.send)

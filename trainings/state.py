@@ -301,7 +301,7 @@ def deliver_tasks_if_pending(tasks: Sequence[Task]) -> set[Any]:
             f"WHERE {pk} IN ({placeholders}) AND {status} = %s RETURNING {pk}",
             [
                 KS.DELIVERED,
-                Task._meta.get_field("delivered_at").get_db_prep_value(now, connection),
+                delivered_at_field.get_db_prep_value(now, connection),
                 *values,
                 KS.PENDING,
             ],

@@ -294,11 +294,11 @@ def deliver_tasks_if_pending(tasks: Sequence[Task]) -> set[Any]:
     pk = connection.ops.quote_name(Task._meta.pk.column)
     pk_field = Task._meta.pk
     values = [pk_field.get_db_prep_value(task.pk, connection) for task in tasks]
-    placeholders = ", ".join(["%s"] * len(values))
+    marks = ", ".join(["%s"] * len(values))
     with connection.cursor() as cursor:
         cursor.execute(
             f"UPDATE {table} SET {status} = %s, {delivered_at} = %s "  # noqa: S608 - names quoted, values bound
-            f"WHERE {pk} IN ({placeholders}) AND {status} = %s RETURNING {pk}",
+            f"WHERE {pk} IN ({marks}) AND {status} = %s RETURNING {pk}",
             [
                 KS.DELIVERED,
                 delivered_at_field.get_db_prep_value(now, connection),

@@ -140,21 +140,37 @@ def _wake_agents(agent_pks: list[Any]) -> None:
     wake_agents(agent_pks)
 
 
+def _deliverable(now: Any) -> Q:
+    """Tasks a poll may hand out: deadline not passed, in a collecting (or secure-aggregation) round of a
+    running training."""
+    from trainings.services.secagg import ROUND_STATES as SECAGG_STATES
+
+    return Q(
+        deadline__gt=now,
+        round__training__status=TS.RUNNING,
+        round__status__in=[RS.COLLECTING, *SECAGG_STATES],
+    )
+
+
+def _asynchronous_training_running() -> bool:
+    """Whether an asynchronous training runs: its tasks are issued on demand, to any agent that asks."""
+    return Training.objects.filter(status=TS.RUNNING, algorithm__in=list(ASYNCHRONOUS_ALGORITHMS)).exists()
+
+
 def task_next_for_agent(*, agent: Agent) -> Task | None:
     """The agent's oldest open task in a collecting round of a running training, marked delivered."""
     from trainings.services.asynchronous import _issue_asynchronous_task  # (it imports this module)
-    from trainings.services.secagg import ROUND_STATES as SECAGG_STATES
 
     if agent.status != Agent.Status.ACTIVE:  # quarantined since its tasks were issued: hand out none
         return None
     now = timezone.now()
+    asynchronous = Q(
+        deadline__gt=now,
+        round__training__status=TS.RUNNING,
+        round__training__algorithm__in=list(ASYNCHRONOUS_ALGORITHMS),
+    )
     found = (
-        Task.objects.filter(agent=agent, status__in=list(Task.OPEN), deadline__gt=now)
-        .filter(round__training__status=TS.RUNNING)
-        .filter(
-            Q(round__status__in=[RS.COLLECTING, *SECAGG_STATES])
-            | Q(round__training__algorithm__in=list(ASYNCHRONOUS_ALGORITHMS))
-        )
+        Task.objects.filter(_deliverable(now) | asynchronous, agent=agent, status__in=list(Task.OPEN))
         .select_related(*PAYLOAD_RELATIONS)
         .order_by("created_at")
         .first()
@@ -178,21 +194,15 @@ def tasks_next_for_agents(agents: Sequence[Agent]) -> list[Task | None]:
     while an asynchronous training runs (its tasks are issued on demand), go through
     :func:`task_next_for_agent` one by one.
     """
-    from trainings.services.secagg import ROUND_STATES as SECAGG_STATES
-
     active = [agent for agent in agents if agent.status == Agent.Status.ACTIVE]
     if not active:
         return [None] * len(agents)
-    if Training.objects.filter(status=TS.RUNNING, algorithm__in=list(ASYNCHRONOUS_ALGORITHMS)).exists():
+    if _asynchronous_training_running():
         return [task_next_for_agent(agent=agent) for agent in agents]
     oldest: dict[Any, Task] = {}
     for task in (
         Task.objects.filter(
-            agent_id__in={agent.pk for agent in active},
-            status__in=list(Task.OPEN),
-            deadline__gt=timezone.now(),
-            round__status__in=[RS.COLLECTING, *SECAGG_STATES],
-            round__training__status=TS.RUNNING,
+            _deliverable(timezone.now()), agent_id__in={a.pk for a in active}, status__in=list(Task.OPEN)
         )
         .select_related(*PAYLOAD_RELATIONS)
         .order_by("created_at")
@@ -226,19 +236,13 @@ def tasks_agents_with_work(agent_keys: Collection[str]) -> set[str]:
     waiting = set(agent_keys)
     if not waiting:
         return set()
-    from trainings.services.secagg import ROUND_STATES as SECAGG_STATES
-
-    now = timezone.now()
     pending = {
         str(pk)
-        for pk in Task.objects.filter(
-            status=KS.PENDING,
-            deadline__gt=now,
-            round__status__in=[RS.COLLECTING, *SECAGG_STATES],
-            round__training__status=TS.RUNNING,
-        ).values_list("agent_id", flat=True)
+        for pk in Task.objects.filter(_deliverable(timezone.now()), status=KS.PENDING).values_list(
+            "agent_id", flat=True
+        )
     }
-    if Training.objects.filter(status=TS.RUNNING, algorithm__in=list(ASYNCHRONOUS_ALGORITHMS)).exists():
+    if _asynchronous_training_running():
         return waiting
     return pending & waiting
 

@@ -46,6 +46,13 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
             response["Retry-After"] = "5"
         if getattr(exc, "retry_after", None) is not None:
             response["Retry-After"] = str(exc.retry_after)
+        if exc.status_code == 401:  # a 401 names its scheme (RFC 9110), as DRF's own 401s do
+            view, request = context.get("view"), context.get("request")
+            challenge = (
+                view.get_authenticate_header(request) if view is not None and request is not None else None
+            )
+            if challenge:
+                response["WWW-Authenticate"] = challenge
         return response
     if isinstance(exc, DjangoValidationError):
         details = exc.message_dict if hasattr(exc, "error_dict") else {"non_field_errors": exc.messages}

@@ -11,13 +11,15 @@ batches on the event loop's executor (trainings/poll_batch.py). The view authent
 token itself, sets no cookie and reads no session, so the middleware it skips (sessions, CSRF, messages,
 authentication, clickjacking, security headers on a JSON response, Prometheus' request counters) has
 nothing to do for it.
-A raw update upload (``POST /api/v1/agent/tasks/<id>/update``, ``application/octet-stream``) is spooled by
-:class:`RawUploadSpooler` as its body arrives: each chunk is hashed, counted and written once to the file
-that becomes the blob, instead of Django's buffering of the whole body, then a copy of it into a file
-hashed in a second pass. Django's handler then sees an empty body and the view takes the spooled file.
-Model downloads whose blob is sent from a file (``trainings.api.agent_views.BlobFileResponse``) leave the
-application as one ``http.response.pathsend`` message when the server offers the extension
-(fedsite/http_protocol.py), else in large chunks read here (:class:`BlobSendMiddleware`).
+The model download (``GET /api/v1/agent/models/<id>``) and the raw update upload (``POST
+/api/v1/agent/tasks/<id>/update``, ``application/octet-stream``) go to :class:`AgentTransferApp` the same
+way: each agent fetches and sends a model every round, and through Django's handler, its middleware chain
+and DRF each of those requests paid several milliseconds of plumbing around one or two queries. An
+upload is checked (token, task, meta, declared length) BEFORE its body is read, then spooled as the body
+arrives: each chunk hashed, counted against the task's limit and written once to the file that becomes
+the blob. A model's bytes leave the application as one ``http.response.pathsend`` message when the server
+offers the extension (fedsite/http_protocol.py), else in large chunks read here
+(:class:`~fedsite.http_protocol.BlobSendMiddleware`). Everything else is Django's.
 """
 
 import os
@@ -29,7 +31,9 @@ get_asgi_application()  # django.setup(); the HTTP handler used is ReusedThreadA
 
 import asyncio  # noqa: E402
 import io  # noqa: E402
+import re  # noqa: E402
 import threading  # noqa: E402
+import time  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -40,20 +44,27 @@ from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E40
 from django.core.handlers.asgi import ASGIHandler, ASGIRequest  # noqa: E402
 from django.core.handlers.base import BaseHandler  # noqa: E402
 from django.core.handlers.exception import response_for_exception  # noqa: E402
-from django.http import FileResponse  # noqa: E402
+from django.http import FileResponse, HttpResponseBase  # noqa: E402
+from django_prometheus.middleware import Metrics  # noqa: E402
 
-from fedsite.http_protocol import BlobSendMiddleware  # noqa: E402
-from fedsite.limits import (  # noqa: E402
-    UPDATE_UPLOAD_PATH,
-    RequestLimitsMiddleware,
-    body_limit_for,
-    send_error,
-)
+from fedsite.http_protocol import SENDFILE_SCOPE_KEY, BlobSendMiddleware  # noqa: E402
+from fedsite.limits import RequestLimitsMiddleware  # noqa: E402
 from monitoring.routing import websocket_urlpatterns  # noqa: E402
-from trainings.api.agent_views import DIRECT_SCOPE_KEY, SPOOLED_BODY_SCOPE_KEY, next_task_view  # noqa: E402
+from trainings.api.agent_views import (  # noqa: E402
+    DIRECT_SCOPE_KEY,
+    agent_error_response,
+    direct_download,
+    direct_upload_accept,
+    direct_upload_admit,
+    next_task_view,
+)
+from trainings.services.updates import update_too_large  # noqa: E402
 from versioning.blobs import BlobSpoolWriter, BlobTooLarge  # noqa: E402
 
 LONG_POLL_PATH = "/api/v1/agent/tasks/next"
+#: The model download and the update upload (Django's URLs ``agent-model`` and ``agent-update``).
+MODEL_DOWNLOAD_PATH = re.compile(r"\A/api/v1/agent/models/(?P<version_id>[^/]+)\Z")
+UPDATE_UPLOAD_PATH = re.compile(r"\A/api/v1/agent/tasks/(?P<task_id>[^/]+)/update\Z")
 #: One-thread executors kept for Django's requests (more are made, and dropped after, under a burst).
 REQUEST_THREADS_KEPT = 16
 
@@ -132,12 +143,9 @@ class LongPollApp:
     """
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        while True:  # a GET's body, if any, is read and ignored (RequestLimitsMiddleware bounds it)
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            if not message.get("more_body", False):
-                break
+        if not await _read_whole_body(receive):
+            return
+        started = time.perf_counter()
         request = ASGIRequest({**scope, DIRECT_SCOPE_KEY: True}, io.BytesIO())
         this = asyncio.current_task()
         assert this is not None
@@ -154,12 +162,8 @@ class LongPollApp:
             response = await sync_to_async(response_for_exception, thread_sensitive=False)(request, exc)
         finally:
             watcher.cancel()
-        headers = [(name.encode("ascii"), value.encode("latin-1")) for name, value in response.items()]
-        body = response.content
-        if not response.has_header("Content-Length"):
-            headers.append((b"content-length", str(len(body)).encode("ascii")))
-        await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await send_response(send, response)
+        count_request("agent-next-task", "GET", response.status_code, started)
 
 
 async def _cancel_on_disconnect(receive: Any, task: asyncio.Task[Any], gone: asyncio.Event) -> None:
@@ -169,29 +173,58 @@ async def _cancel_on_disconnect(receive: Any, task: asyncio.Task[Any], gone: asy
     task.cancel()
 
 
-class AgentLongPollRouter:
-    """Send ``GET`` long-polls to :class:`LongPollApp` and every other HTTP request to Django."""
+async def send_response(send: Any, response: HttpResponseBase) -> None:
+    """Send a Django response as ASGI messages, with its ``Content-Length`` (a streaming one, which only a
+    model from a remote blob store is here, in its chunks, read on a worker thread)."""
+    headers = [(name.lower().encode("ascii"), value.encode("latin-1")) for name, value in response.items()]
+    if not response.streaming:
+        body = response.content  # type: ignore[attr-defined]
+        if not response.has_header("Content-Length"):
+            headers.append((b"content-length", str(len(body)).encode("ascii")))
+        await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        return
+    chunks = iter(response.streaming_content)  # type: ignore[attr-defined]
+    try:
+        await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+        while (chunk := await _in_thread(next)(chunks, None)) is not None:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+    finally:
+        await _in_thread(response.close)()
 
-    def __init__(self, django_app: Any, long_poll_app: Any) -> None:
-        self.django_app = django_app
-        self.long_poll_app = long_poll_app
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope.get("method") == "GET" and scope.get("path") == LONG_POLL_PATH:
-            await self.long_poll_app(scope, receive, send)
-        else:
-            await self.django_app(scope, receive, send)
+def count_request(view: str, method: str, status: int, started: float) -> None:
+    """Count a request served outside Django's handler in django-prometheus' request metrics, as its
+    middleware would have (``view`` is the URL's name): /metrics shows agent traffic either way."""
+    metrics = Metrics.get_instance()
+    code = str(status)
+    metrics.requests_total.inc()
+    metrics.responses_total.inc()
+    metrics.requests_by_method.labels(method=method).inc()
+    metrics.requests_by_transport.labels(transport="http").inc()
+    metrics.requests_by_view_transport_method.labels(view=view, transport="http", method=method).inc()
+    metrics.responses_by_status.labels(status=code).inc()
+    metrics.responses_by_status_view_method.labels(status=code, view=view, method=method).inc()
+    metrics.requests_latency_by_view_method.labels(view=view, method=method).observe(
+        time.perf_counter() - started
+    )
 
 
-def _is_raw_upload(scope: dict[str, Any]) -> bool:
-    if scope["type"] != "http" or scope.get("method") != "POST":
-        return False
-    if not UPDATE_UPLOAD_PATH.match(scope.get("path", "")):
-        return False
-    for name, value in scope.get("headers", []):
-        if name == b"content-type":
-            return value.split(b";", 1)[0].strip().lower() == b"application/octet-stream"
-    return False
+def _in_thread(function: Any) -> Any:
+    """``function`` run on the event loop's shared executor (a request of :class:`AgentTransferApp` has no
+    thread of its own; each of its calls hands its database connection back when it ends)."""
+    return sync_to_async(function, thread_sensitive=False)
+
+
+async def _read_whole_body(receive: Any) -> bool:
+    """Read and drop a GET's body, if any (RequestLimitsMiddleware bounds it); False if the client left."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return False
+        if not message.get("more_body", False):
+            return True
 
 
 async def _spool_body(receive: Any, writer: BlobSpoolWriter) -> bool:
@@ -205,67 +238,118 @@ async def _spool_body(receive: Any, writer: BlobSpoolWriter) -> bool:
             return True
 
 
-class RawUploadSpooler:
-    """Spool a raw update upload's body to its blob file as it arrives, then hand Django an empty body.
+class AgentTransferApp:
+    """The model download and the raw update upload, served without Django's handler or DRF.
 
-    Behind :class:`~fedsite.limits.RequestLimitsMiddleware`: a declared length over the upload limit was
-    answered 413 before one byte was read, and a longer body is cut off there (its ``receive`` then says
-    ``http.disconnect``: the file is removed and nothing is stored). Each chunk is hashed and written once
-    (``versioning.blobs.BlobSpoolWriter``); the view's service holds the size to the task's own limit and
-    validates the file, which becomes the blob when the update is accepted. The file is removed after the
-    response whatever happened (a no-op once it was moved into the store). Every other request passes
-    through untouched.
+    Each agent downloads the round's model and uploads its update every round; through Django's handler
+    each of those requests went through the middleware chain (ten middleware, none of which has anything
+    to do for a token-authenticated binary transfer: sessions, CSRF, messages, user authentication,
+    clickjacking and security headers are for browsers), URL resolution, DRF's request wrapping,
+    content negotiation and exception handling, around one or two queries. Here the request is Django's
+    own :class:`~django.core.handlers.asgi.ASGIRequest`, its work is one call on a worker thread
+    (``trainings.api.agent_views.direct_download``, ``direct_upload_admit``, ``direct_upload_accept``: the
+    same services, checks, errors and audit rows as the DRF views), and the response goes out as ASGI
+    messages. django-prometheus' request metrics are kept (:func:`count_request`); an unexpected error is
+    Django's 500 response (logged, ``got_request_exception`` sent).
+
+    A raw upload is admitted before one byte of its body is read: a wrong token (401, counted by the
+    throttle), another agent's task (403), bad meta (400) or a declared length over the task's limit
+    (413) is answered at once, with ``Connection: close``. Then the body is spooled as it arrives
+    (``versioning.blobs.BlobSpoolWriter``: one hash and one write of each chunk) and cut off at the task's
+    limit (413); a client that leaves half-way leaves nothing. The spool file is removed after the
+    response whatever happened (a no-op once it became the blob).
     """
 
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if not _is_raw_upload(scope):
-            await self.app(scope, receive, send)
-            return
-        writer = BlobSpoolWriter(max_bytes=body_limit_for(scope["path"]).max_bytes)
-        try:
-            complete = await _spool_body(receive, writer)
-        except BlobTooLarge:
-            writer.discard()
-            await send_error(
-                send,
-                413,
-                "payload_too_large",
-                f"The request body is larger than {writer.max_bytes} bytes, the most this endpoint accepts.",
-                {"max_bytes": writer.max_bytes},
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any, route: re.Match[str]) -> None:
+        started = time.perf_counter()
+        if scope["method"] == "GET":
+            if not await _read_whole_body(receive):
+                return
+            request = ASGIRequest(scope, io.BytesIO())
+            response = await self._call(
+                request,
+                direct_download,
+                request,
+                route["version_id"],
+                sendfile=bool(scope.get(SENDFILE_SCOPE_KEY)),
             )
+            await send_response(send, response)
+            count_request("agent-model", "GET", response.status_code, started)
             return
-        except BaseException:
-            writer.discard()
-            raise
-        if not complete:  # the client left, or the limits middleware answered 408 / 413 already
-            writer.discard()
-            return
-        spooled = writer.finish()
-        delivered = False
+        status = await self._upload(scope, receive, send, route["task_id"])
+        if status is not None:
+            count_request("agent-update", "POST", status, started)
 
-        async def empty_body_then_passthrough() -> dict[str, Any]:
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": b"", "more_body": False}
-            return await receive()  # Django listening for a disconnect
-
+    async def _call(self, request: ASGIRequest, function: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            await self.app({**scope, SPOOLED_BODY_SCOPE_KEY: spooled}, empty_body_then_passthrough, send)
+            return await _in_thread(function)(*args, **kwargs)
+        except Exception as exc:
+            return await _in_thread(response_for_exception)(request, exc)
+
+    async def _upload(self, scope: dict[str, Any], receive: Any, send: Any, task_id: str) -> int | None:
+        request = ASGIRequest(scope, io.BytesIO())
+        admission = await self._call(request, direct_upload_admit, request, task_id)
+        if isinstance(admission, HttpResponseBase):  # refused before the body: it is left unread
+            admission["Connection"] = "close"
+            await send_response(send, admission)
+            return admission.status_code
+        writer = BlobSpoolWriter(max_bytes=admission.max_bytes)
+        try:
+            try:
+                complete = await _spool_body(receive, writer)
+            except BlobTooLarge:
+                response: HttpResponseBase = agent_error_response(
+                    update_too_large(f"more than {writer.max_bytes}", writer.max_bytes)
+                )
+                response["Connection"] = "close"
+                await send_response(send, response)
+                return response.status_code
+            if not complete:  # the client left, or RequestLimitsMiddleware answered 408 / 413 already
+                return None
+            response = await self._call(request, direct_upload_accept, admission, writer.finish())
+            await send_response(send, response)
+            return response.status_code
         finally:
             writer.discard()  # not accepted, or already moved into the store
+
+
+def _is_raw_upload(scope: dict[str, Any]) -> bool:
+    for name, value in scope.get("headers", []):
+        if name == b"content-type":
+            return value.split(b";", 1)[0].strip().lower() == b"application/octet-stream"
+    return False
+
+
+class AgentRouter:
+    """Send the agent protocol's long-poll to :class:`LongPollApp`, its model downloads and raw update
+    uploads to :class:`AgentTransferApp`, and every other HTTP request to Django."""
+
+    def __init__(self, django_app: Any, long_poll_app: Any, transfer_app: Any) -> None:
+        self.django_app = django_app
+        self.long_poll_app = long_poll_app
+        self.transfer_app = transfer_app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            method, path = scope.get("method"), scope.get("path", "")
+            if method == "GET":
+                if path == LONG_POLL_PATH:
+                    await self.long_poll_app(scope, receive, send)
+                    return
+                if route := MODEL_DOWNLOAD_PATH.match(path):
+                    await self.transfer_app(scope, receive, send, route)
+                    return
+            elif method == "POST" and (route := UPDATE_UPLOAD_PATH.match(path)) and _is_raw_upload(scope):
+                await self.transfer_app(scope, receive, send, route)
+                return
+        await self.django_app(scope, receive, send)
 
 
 application = ProtocolTypeRouter(
     {
         # Per-endpoint body limits and read deadlines before Django reads a byte (fedsite/limits.py).
         "http": RequestLimitsMiddleware(
-            BlobSendMiddleware(
-                AgentLongPollRouter(RawUploadSpooler(ReusedThreadASGIHandler()), LongPollApp())
-            )
+            BlobSendMiddleware(AgentRouter(ReusedThreadASGIHandler(), LongPollApp(), AgentTransferApp()))
         ),
         "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }

@@ -31,9 +31,6 @@ from django.conf import settings
 
 # the update upload, and a secure-aggregation answer (a masked input is model-sized)
 UPLOAD_PATH = re.compile(r"\A/api/v1/agent/tasks/[^/]+/(update|secagg)/?\Z")
-# the update upload alone: its raw body is spooled to the blob store as it arrives (fedsite.asgi); a
-# secure-aggregation answer is read by its view from the request body as usual
-UPDATE_UPLOAD_PATH = re.compile(r"\A/api/v1/agent/tasks/[^/]+/update/?\Z")
 # Room for the multipart boundaries, part headers and the ``meta`` part around the update itself.
 MULTIPART_OVERHEAD_BYTES = 256 * 1024
 

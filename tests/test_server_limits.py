@@ -155,8 +155,10 @@ def oversized(
     send: int,
     chunked: bool,
     token: str = "fsa_not-a-real-token",
+    content_type: str | None = None,
 ) -> dict[str, Any]:
-    headers = {"Content-Type": "application/octet-stream" if "update" in path else "application/json"}
+    default_type = "application/octet-stream" if "update" in path else "application/json"
+    headers = {"Content-Type": content_type or default_type}
     headers["Authorization"] = f"Bearer {token}"
     headers["X-Update-Meta"] = '{"num_examples": 1}'
     if chunked:
@@ -167,6 +169,19 @@ def oversized(
         sock.sendall(_head("POST", path, headers))
         sent = _push(sock, send, chunked=chunked)
         return {**_read_response(sock), "sent": sent}
+
+
+def headers_only(port: int, path: str, length: int, token: str = "fsa_not-a-real-token") -> dict[str, Any]:
+    """A raw upload's request line and headers, declaring ``length`` bytes of body, and no body at all."""
+    headers = {
+        "Content-Type": "application/octet-stream",
+        "Content-Length": str(length),
+        "Authorization": f"Bearer {token}",
+        "X-Update-Meta": '{"num_examples": 1}',
+    }
+    with _connect(port) as sock:
+        sock.sendall(_head("POST", path, headers))
+        return _read_response(sock)
 
 
 def slow_body(port: int, *, drip_every: float | None) -> dict[str, Any]:
@@ -246,7 +261,12 @@ def test_memory_stays_bounded_and_slow_clients_are_cut_off(server: dict[str, Any
         jobs[f"enroll chunked {i}"] = lambda: oversized(
             port, "/api/v1/agent/enroll", declare=None, send=BIG, chunked=True
         )
-        jobs[f"upload chunked {i}"] = lambda: oversized(port, upload, declare=None, send=BIG, chunked=True)
+        # a multipart upload goes through Django's handler, behind the server-wide cap
+        jobs[f"upload chunked {i}"] = lambda: oversized(
+            port, upload, declare=None, send=BIG, chunked=True, content_type="multipart/form-data; boundary=b"
+        )
+        # a raw one is refused before its body is read: this token is nobody's (fedsite.asgi.AgentTransferApp)
+        jobs[f"raw upload, stranger {i}"] = lambda: headers_only(port, upload, MiB)
     jobs["upload declared 600 MB"] = lambda: oversized(
         port, upload, declare=600 * MiB, send=BIG, chunked=False
     )
@@ -280,6 +300,10 @@ def test_memory_stays_bounded_and_slow_clients_are_cut_off(server: dict[str, Any
         _assert_error(results[f"upload chunked {i}"], 413, "payload_too_large")
         # cut off near the limit, not after the whole body (the kernel buffers a few MiB in flight)
         assert results[f"upload chunked {i}"]["sent"] < BIG, results[f"upload chunked {i}"]
+        stranger = results[f"raw upload, stranger {i}"]
+        # answered while its declared body had not been sent at all (a server reading it first would wait
+        # for it, then answer 408)
+        _assert_error(stranger, 401, "invalid_token")
     declared = results["upload declared 600 MB"]
     _assert_error(declared, 413, "payload_too_large")
     assert declared["json"]["error"]["details"]["content_length"] == 600 * MiB
@@ -344,7 +368,7 @@ def test_uploads_stream_through_the_real_server(
 def test_raw_uploads_are_spooled_as_they_arrive_and_nothing_is_kept_when_refused(
     server: dict[str, Any], make_agent: Any, make_training: Any
 ) -> None:
-    """The ASGI layer spools a raw body to the blob file as it arrives (fedsite.asgi.RawUploadSpooler):
+    """The ASGI layer spools a raw body to the blob file as it arrives (fedsite.asgi.AgentTransferApp):
     an accepted one becomes the blob byte for byte; a refused one, or one cut off by its client, leaves no
     row, no blob and no temporary file."""
     import hashlib

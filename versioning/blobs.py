@@ -67,7 +67,7 @@ class BlobSpoolWriter:
     """A temporary file fed chunk by chunk, hashed and counted as it grows, refused past ``max_bytes``.
 
     What :func:`blob_spool` runs for a readable stream, and what the ASGI layer runs on the chunks of a raw
-    upload body as they arrive (``fedsite.asgi.RawUploadSpooler``): one write and one hash of each byte.
+    upload body as they arrive (``fedsite.asgi.AgentTransferApp``): one write and one hash of each byte.
     Call :meth:`finish` for the :class:`SpooledBlob`; the file is the caller's to remove, or
     :func:`blob_save_spooled`'s to move into the store. :meth:`discard` closes and removes it.
     """

@@ -197,8 +197,10 @@ def _copy_verified(name: str, expected: str, target: IO[bytes]) -> str:
     return digest.hexdigest()
 
 
-def version_open_verified(*, version: ModelVersion, actor: Any) -> IO[bytes]:
-    """An anonymous temporary file holding the version's weights, checked against its sha256.
+def version_open_verified(*, version: ModelVersion, actor: Any, audit: bool = True) -> IO[bytes]:
+    """An anonymous temporary file holding the version's weights, checked against its sha256, and (with
+    ``audit``) a ``version.download`` row for ``actor``; a caller that audits the download itself, with
+    more to say (the agent's model download: its task and round), passes ``audit=False``.
 
     Raises :class:`BlobCorrupted` (409, with a critical alert) when the stored bytes do not match.
     """
@@ -211,7 +213,8 @@ def version_open_verified(*, version: ModelVersion, actor: Any) -> IO[bytes]:
         spooled.close()
         raise _corrupted(version, actual, blob="weights", expected=version.blob_sha256)
     spooled.seek(0)
-    audit_record(actor=actor, action="version.download", obj=version)
+    if audit:
+        audit_record(actor=actor, action="version.download", obj=version)
     return spooled
 
 

@@ -9,21 +9,11 @@ import pytest
 from asgiref.sync import SyncToAsync, iscoroutinefunction
 from asgiref.testing import ApplicationCommunicator
 
+from fedsite.tests.asgi_scope import http_scope
+
 
 def _scope(path: str, query: bytes = b"", headers: tuple[tuple[bytes, bytes], ...] = ()) -> dict[str, Any]:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": query,
-        "headers": [(b"host", b"127.0.0.1"), *headers],
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 8001),
-    }
+    return http_scope("GET", path, list(headers), query)
 
 
 async def _get(application: Any, path: str) -> tuple[int, dict[bytes, bytes], bytes]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -35,6 +36,8 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from clients.models import Agent
+from clients.services import agent_authenticate
 from fedsite.agent_auth import AgentTokenAuthentication, IsAgent
 from fedsite.api import error_response
 from fedsite.errors import (
@@ -49,10 +52,11 @@ from fedsite.parsers import StrictJSONParser
 from fedsite.throttling import client_ip
 from monitoring.health import open_long_polls
 from trainings import services
-from trainings.poll_batch import POLL, START, Payload, poll_batcher, process_polls
+from trainings.models import ClientUpdate
+from trainings.poll_batch import POLL, START, Payload, poll_batcher, process_polls, release_connection
 from trainings.services.tasks import agent_download_record, agent_download_task, tasks_agents_with_work
 from trainings.wakeup import SharedRecheck, shutdown, wait_for_wakeup, wakeups_ready
-from versioning.blobs import BlobHashMismatch, blob_verified_path
+from versioning.blobs import BlobHashMismatch, SpooledBlob, blob_verified_path
 from versioning.models import ModelVersion
 from versioning.services import version_require_blob
 
@@ -65,9 +69,6 @@ LISTENER_READY_SECONDS = 0.5
 #: Scope key set by ``fedsite.asgi.LongPollApp``: no thread of this request's own; its database
 #: calls go to the event loop's shared executor.
 DIRECT_SCOPE_KEY = "fedsite.direct_long_poll"
-#: Scope key set by ``fedsite.asgi.RawUploadSpooler``: the raw upload body, already spooled
-#: (a ``versioning.blobs.SpooledBlob``); Django's handler saw an empty body.
-SPOOLED_BODY_SCOPE_KEY = "fedsite.spooled_upload_body"
 
 shared_recheck = SharedRecheck(SHARED_RECHECK_SECONDS)
 #: Retry-After of the 503 that answers long-polls when the server shuts down (a restart takes seconds).
@@ -194,12 +195,20 @@ async def next_task_view(request: HttpRequest) -> HttpResponse:
                 if time.monotonic() >= deadline - 0.05:
                     return HttpResponse(status=204)
     except ServiceError as exc:
-        response = error_response(exc)
-        if exc.status_code == 401:
-            response["WWW-Authenticate"] = 'Bearer realm="fedsite-agent"'
-        return response
+        return agent_error_response(exc)
     except asyncio.CancelledError:
         raise
+
+
+def agent_error_response(exc: ServiceError) -> HttpResponse:
+    """A service error as the agent protocol answers it outside DRF: the error JSON, ``Retry-After`` on a
+    429 or 503, ``WWW-Authenticate`` on a 401 (as ``fedsite.api.exception_handler`` and DRF do)."""
+    response = error_response(exc)
+    if exc.status_code == 401:
+        response["WWW-Authenticate"] = 'Bearer realm="fedsite-agent"'
+    if exc.status_code == 503 and not response.has_header("Retry-After"):
+        response["Retry-After"] = "5"
+    return response
 
 
 class ModelDownloadView(APIView):
@@ -214,29 +223,46 @@ class ModelDownloadView(APIView):
         parameters=[OpenApiParameter("If-None-Match", str, OpenApiParameter.HEADER, required=False)],
     )
     def get(self, request: Request, version_id: str) -> HttpResponse:
-        try:
-            version = ModelVersion.objects.get(pk=version_id)
-        except (ModelVersion.DoesNotExist, ValueError, DjangoValidationError) as exc:
-            raise NotFound(f"No model version {version_id!r}.", code="version_not_found") from exc
-        task = agent_download_task(agent=request.auth, version=version)
-        if task is None:
-            raise Forbidden(
-                "This agent has no task in the training of this model version.", code="not_your_model"
-            )
-        etag = f'"{version.blob_sha256}"'
-        if request.headers.get("If-None-Match", "").strip() == etag:
-            response = HttpResponse(status=304)
-            response["ETag"] = etag
-            return response
-        version_require_blob(version)  # 410 version_pruned: retention deleted its weights
-        response = _verified_blob_response(request, version)
-        agent_download_record(agent=request.auth, version=version, task=task)
+        return model_download(
+            agent=request.auth,
+            version_id=version_id,
+            if_none_match=request.headers.get("If-None-Match", ""),
+            sendfile=bool(getattr(request._request, "scope", {}).get(SENDFILE_SCOPE_KEY)),
+        )
+
+
+def model_download(
+    *, agent: Agent, version_id: str, if_none_match: str, sendfile: bool
+) -> HttpResponse | StreamingHttpResponse:
+    """The answer to an authenticated agent's model download: 404 ``version_not_found``, 403
+    ``not_your_model``, 304 for a matching ``If-None-Match``, 410 ``version_pruned``, 409 ``blob_corrupted``,
+    or the verified bytes (audited). With ``sendfile`` (``fedsite.http_protocol.BlobSendMiddleware`` is in
+    front) a local blob is named in a header for the server to send, not read here."""
+    try:
+        version = ModelVersion.objects.get(pk=version_id)
+    except (ModelVersion.DoesNotExist, ValueError, DjangoValidationError) as exc:
+        raise NotFound(f"No model version {version_id!r}.", code="version_not_found") from exc
+    task = agent_download_task(agent=agent, version=version)
+    if task is None:
+        raise Forbidden(
+            "This agent has no task in the training of this model version.", code="not_your_model"
+        )
+    etag = f'"{version.blob_sha256}"'
+    if if_none_match.strip() == etag:
+        response = HttpResponse(status=304)
         response["ETag"] = etag
-        response["X-Model-Version"] = str(version.number)
         return response
+    version_require_blob(version)  # 410 version_pruned: retention deleted its weights
+    response = _verified_blob_response(agent, version, sendfile)
+    agent_download_record(agent=agent, version=version, task=task)
+    response["ETag"] = etag
+    response["X-Model-Version"] = str(version.number)
+    return response
 
 
-def _verified_blob_response(request: Request, version: ModelVersion) -> HttpResponse | StreamingHttpResponse:
+def _verified_blob_response(
+    agent: Agent, version: ModelVersion, sendfile: bool
+) -> HttpResponse | StreamingHttpResponse:
     """The version's bytes, checked against its sha256 (409 ``blob_corrupted`` and an alert if not)."""
     from versioning.services import _corrupted, version_open_verified
 
@@ -245,12 +271,12 @@ def _verified_blob_response(request: Request, version: ModelVersion) -> HttpResp
     except BlobHashMismatch as exc:
         raise _corrupted(version, exc.actual, blob="weights", expected=version.blob_sha256) from exc
     if local is None:  # not on local disk: copied to a temporary file, hashed in the same pass
-        verified = version_open_verified(version=version, actor=request.auth)
+        verified = version_open_verified(version=version, actor=agent, audit=False)  # audited below
         remote = FileResponse(verified, content_type="application/octet-stream")
         remote["Content-Length"] = str(version.size_bytes)
         return remote
     path, size = local
-    if getattr(request._request, "scope", {}).get(SENDFILE_SCOPE_KEY):  # fedsite.asgi sends the file
+    if sendfile:  # fedsite.asgi sends the file
         response: HttpResponse | StreamingHttpResponse = HttpResponse(content_type="application/octet-stream")
         response[SENDFILE_HEADER.decode()] = path
     else:
@@ -263,6 +289,79 @@ class _LargeBlockFileResponse(FileResponse):
     """A FileResponse read in large blocks (Django's 4 KiB make a thousand messages of a 4 MiB model)."""
 
     block_size = SENDFILE_CHUNK_BYTES
+
+
+def raw_upload_headers(headers: Mapping[str, str]) -> tuple[str, int | None]:
+    """``(meta, declared length)`` of a raw (``application/octet-stream``) update upload: the JSON meta of
+    its ``X-Update-Meta`` header and its ``Content-Length``, or a 400 saying what is missing."""
+    meta = headers.get("X-Update-Meta")
+    if meta is None:
+        raise ValidationFailed(
+            "A raw (application/octet-stream) update needs its JSON meta in the X-Update-Meta header.",
+            details={"meta": "Required."},
+        )
+    declared = headers.get("Content-Length")
+    if declared is not None and not declared.strip().isdigit():
+        raise ValidationFailed(
+            f"Content-Length must be a non-negative integer. Found {declared!r}.",
+            details={"content_length": "Not an integer."},
+        )
+    return meta, int(declared) if declared is not None else None
+
+
+def update_receipt(update: ClientUpdate) -> dict[str, str]:
+    """The JSON body of an accepted upload (201 when it was stored now, 200 when it already was)."""
+    return {"task_id": str(update.task_id), "status": "accepted", "sha256": update.blob_sha256}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model download and the raw upload as fedsite.asgi.AgentTransferApp serves them: no middleware chain,
+# no DRF; each function is one trip to a worker thread, and hands its database connection back after it.
+# ----------------------------------------------------------------------------------------------------------
+def _authenticated(request: HttpRequest) -> Agent:
+    return agent_authenticate(
+        authorization=request.headers.get("Authorization"), client_ip=client_ip(request)
+    )
+
+
+def direct_download(request: HttpRequest, version_id: str, *, sendfile: bool) -> HttpResponse:
+    """``GET /api/v1/agent/models/<version_id>``: as :class:`ModelDownloadView` answers it."""
+    try:
+        return model_download(
+            agent=_authenticated(request),
+            version_id=version_id,
+            if_none_match=request.headers.get("If-None-Match", ""),
+            sendfile=sendfile,
+        )
+    except ServiceError as exc:
+        return agent_error_response(exc)
+    finally:
+        release_connection()
+
+
+def direct_upload_admit(request: HttpRequest, task_id: str) -> services.UpdateAdmission | HttpResponse:
+    """A raw upload before its body is read: the token, the task, the meta and the declared length
+    (:func:`trainings.services.updates.update_admit`), or the error response that ends the request."""
+    try:
+        agent = _authenticated(request)
+        meta, declared = raw_upload_headers(request.headers)
+        return services.update_admit(agent=agent, task_id=task_id, meta=meta, declared_bytes=declared)
+    except ServiceError as exc:
+        return agent_error_response(exc)
+    finally:
+        release_connection()
+
+
+def direct_upload_accept(admission: services.UpdateAdmission, spooled: SpooledBlob) -> HttpResponse:
+    """A raw upload's spooled body validated and stored: the receipt (201, or 200 if it was already
+    stored) or the error."""
+    try:
+        update, created = services.update_accept_spooled(admission, spooled)
+        return JsonResponse(update_receipt(update), status=201 if created else 200)
+    except ServiceError as exc:
+        return agent_error_response(exc)
+    finally:
+        release_connection()
 
 
 UPDATE_RESPONSE = inline_serializer(
@@ -295,32 +394,15 @@ class UpdateUploadView(APIView):
     parser_classes = [MultiPartParser]
 
     def _raw_upload(self, request: Request, task_id: str) -> Response:
-        meta = request.headers.get("X-Update-Meta")
-        if meta is None:
-            raise ValidationFailed(
-                "A raw (application/octet-stream) update needs its JSON meta in the X-Update-Meta header.",
-                details={"meta": "Required."},
-            )
-        declared = request.headers.get("Content-Length")
-        if declared is not None and not declared.strip().isdigit():
-            raise ValidationFailed(
-                f"Content-Length must be a non-negative integer. Found {declared!r}.",
-                details={"content_length": "Not an integer."},
-            )
-        # Served by fedsite.asgi, the body was spooled to a file (hashed, counted) as it arrived, before
-        # Django's handler ran; otherwise the HttpRequest itself is the stream the service reads in chunks.
-        spooled = getattr(request._request, "scope", {}).get(SPOOLED_BODY_SCOPE_KEY)
+        # Served by fedsite.asgi, a raw upload never reaches this view (fedsite.asgi.AgentTransferApp
+        # spools it as it arrives); here (the test client, another ASGI setup) the HttpRequest itself is
+        # the stream the service reads in chunks.
+        meta, declared = raw_upload_headers(request.headers)
         update, created = services.update_submit(
-            agent=request.auth,
-            task_id=task_id,
-            body=None if spooled is not None else request._request,
-            meta=meta,
-            declared_bytes=int(declared) if declared is not None else None,
-            spooled=spooled,
+            agent=request.auth, task_id=task_id, body=request._request, meta=meta, declared_bytes=declared
         )
         return Response(
-            {"task_id": str(update.task_id), "status": "accepted", "sha256": update.blob_sha256},
-            status=status.HTTP_201_CREATED if created else status.HTTP_200_OK,
+            update_receipt(update), status=status.HTTP_201_CREATED if created else status.HTTP_200_OK
         )
 
     @extend_schema(
@@ -355,8 +437,7 @@ class UpdateUploadView(APIView):
             agent=request.auth, task_id=task_id, body=upload, meta=meta, declared_bytes=upload.size
         )
         return Response(
-            {"task_id": str(update.task_id), "status": "accepted", "sha256": update.blob_sha256},
-            status=status.HTTP_201_CREATED if created else status.HTTP_200_OK,
+            update_receipt(update), status=status.HTTP_201_CREATED if created else status.HTTP_200_OK
         )
 
 

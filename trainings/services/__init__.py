@@ -40,7 +40,10 @@ from trainings.services.trainings import (
 from trainings.services.updates import (
     MAX_FAIL_REASON_CHARS,
     MAX_METRICS,
+    UpdateAdmission,
     task_fail,
+    update_accept_spooled,
+    update_admit,
     update_max_bytes,
     update_submit,
 )
@@ -50,6 +53,7 @@ __all__ = [
     "ASYNCHRONOUS_ALGORITHMS",
     "MAX_FAIL_REASON_CHARS",
     "MAX_METRICS",
+    "UpdateAdmission",
     "agent_may_download",
     "is_asynchronous",
     "round_aggregate",
@@ -66,6 +70,8 @@ __all__ = [
     "training_create_and_start",
     "training_start",
     "training_stop",
+    "update_accept_spooled",
+    "update_admit",
     "update_max_bytes",
     "update_submit",
 ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
@@ -87,11 +88,53 @@ def update_max_bytes(training: Training) -> int:
     return min(spec.nbytes + header_room, settings.FEDSITE_MAX_UPDATE_BYTES)
 
 
-def _update_too_large(size: int | str, limit: int) -> PayloadTooLarge:
+def update_too_large(size: int | str, limit: int) -> PayloadTooLarge:
+    """The 413 of an update body over its task's limit (``size``: its bytes, or "more than <limit>")."""
     return PayloadTooLarge(
         f"The update is {size} bytes; this model's updates are at most {limit} bytes.",
         code="update_too_large",
         details={"max_update_bytes": limit},
+    )
+
+
+@dataclass(frozen=True)
+class UpdateAdmission:
+    """What :func:`update_admit` found before any byte of an update's body was read: the agent's task, its
+    parsed meta and the most bytes the body may have (:func:`update_max_bytes`)."""
+
+    agent: Agent
+    task: Task
+    num_examples: int
+    metrics: dict[str, float]
+    max_bytes: int
+
+
+def update_admit(
+    *, agent: Agent, task_id: Any, meta: Any, declared_bytes: int | None = None
+) -> UpdateAdmission:
+    """The checks of an upload that need no body: the task is the agent's (404, 403), the meta is valid
+    (400) and a ``declared_bytes`` is within the task's limit (413). The body is then read up to
+    ``max_bytes`` (a longer one is a 413 too) and given to :func:`update_accept_spooled`."""
+    task = _get_agent_task(agent, task_id)
+    num_examples, metrics = _parse_update_meta(meta)
+    limit = update_max_bytes(task.round.training)
+    if declared_bytes is not None and declared_bytes > limit:
+        raise update_too_large(declared_bytes, limit)
+    return UpdateAdmission(agent, task, num_examples, metrics, limit)
+
+
+def update_accept_spooled(admission: UpdateAdmission, spooled: SpooledBlob) -> tuple[ClientUpdate, bool]:
+    """Validate and store a body spooled for ``admission`` (the file stays the caller's to remove unless
+    it became the blob). Returns ``(update, created)``; see :func:`update_submit`."""
+    if spooled.size > admission.max_bytes:
+        raise update_too_large(spooled.size, admission.max_bytes)
+    return _update_accept(
+        admission.agent,
+        admission.task,
+        spooled,
+        admission.num_examples,
+        admission.metrics,
+        admission.max_bytes,
     )
 
 
@@ -109,28 +152,21 @@ def update_submit(
     ``body`` is read in chunks into a temporary file, hashed and counted in the same pass and cut off
     at the task's ``max_update_bytes`` (a ``declared_bytes`` above it is refused before anything is
     read); the safetensors are then validated from that file, which becomes the blob. Alternatively
-    ``spooled`` is a body already spooled that way as it arrived (``fedsite.asgi.RawUploadSpooler``); its
-    size is held to the same limit, and the file stays the caller's to remove unless it became the
-    blob. Nothing is stored and no file is left behind unless the update is accepted. Idempotent: the
-    same body again returns the stored update; a different body is a 409.
+    ``spooled`` is a body already spooled that way; its size is held to the same limit, and the file
+    stays the caller's to remove unless it became the blob. Nothing is stored and no file is left behind
+    unless the update is accepted. Idempotent: the same body again returns the stored update; a
+    different body is a 409. The same as :func:`update_admit` then :func:`update_accept_spooled`.
     """
-    task = _get_agent_task(agent, task_id)
-    training = task.round.training
-    num_examples, metrics = _parse_update_meta(meta)
-    limit = update_max_bytes(training)
-    if declared_bytes is not None and declared_bytes > limit:
-        raise _update_too_large(declared_bytes, limit)
+    admission = update_admit(agent=agent, task_id=task_id, meta=meta, declared_bytes=declared_bytes)
     if spooled is not None:
-        if spooled.size > limit:
-            raise _update_too_large(spooled.size, limit)
-        return _update_accept(agent, task, spooled, num_examples, metrics, limit)
+        return update_accept_spooled(admission, spooled)
     if body is None:
         raise ValueError("update_submit needs a body to read or a spooled one.")
     try:
-        with blob_spool(body, max_bytes=limit) as spooled:
-            return _update_accept(agent, task, spooled, num_examples, metrics, limit)
+        with blob_spool(body, max_bytes=admission.max_bytes) as spooled:
+            return update_accept_spooled(admission, spooled)
     except BlobTooLarge as exc:
-        raise _update_too_large(f"more than {limit}", limit) from exc
+        raise update_too_large(f"more than {admission.max_bytes}", admission.max_bytes) from exc
 
 
 def _update_accept(

@@ -498,14 +498,42 @@ def to_bytes(params: Mapping[str, npt.NDArray[Any]], metadata: dict[str, str] | 
             raise SerdeError(
                 "wrong_dtype", f"Tensor {name!r} has dtype {array.dtype}; only float32 can be serialised."
             )
-        tensors[name] = np.ascontiguousarray(array, dtype=_LITTLE_F32)
+        tensors[name] = np.asarray(array, dtype=_LITTLE_F32, order="C")  # (ascontiguousarray makes 0-d 1-d)
     header_metadata = dict(metadata or {})
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in header_metadata.items()):
         raise SerdeError("bad_header", "Metadata must map strings to strings.")
     if ORDER_METADATA_KEY in header_metadata:
         raise SerdeError("bad_header", f"Metadata key {ORDER_METADATA_KEY!r} is reserved by flcore.")
     header_metadata[ORDER_METADATA_KEY] = json.dumps(list(tensors))
-    return safetensors.numpy.save(tensors, metadata=header_metadata)
+    # Stored sorted by name, as the format's reference writer stores float32 tensors: the layout that
+    # FedAvgAccumulator.add_file and StackedFiles take in one pass (the writer's order is in the metadata).
+    return safetensors_bytes({name: tensors[name] for name in sorted(tensors)}, header_metadata)
+
+
+def safetensors_bytes(tensors: Mapping[str, npt.NDArray[Any]], metadata: dict[str, str]) -> bytes:
+    """The safetensors file of C-contiguous little-endian float32 ``tensors``, stored in the mapping's
+    order (:func:`to_bytes` passes them sorted by name): the 8-byte header length, the JSON header padded
+    with spaces to a multiple of 8 (as the format's reference writer pads it), then every tensor's bytes,
+    joined in one copy.
+
+    ``safetensors.numpy.save`` copies each tensor with ``tobytes()`` and then again into its output; every
+    agent serialises its update every round (``bench/serialise.py``; docs/benchmarks.md section 2i). Files are
+    read back with ``safetensors`` itself (:func:`from_bytes`), whose checks (contiguous, complete data
+    offsets; dtype sizes) every file written here passes: the tests load them with the library.
+    """
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, array in tensors.items():
+        header[name] = {
+            "dtype": "F32",
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + array.nbytes],
+        }
+        offset += array.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)
+    data = (memoryview(array.reshape(-1)).cast("B") for array in tensors.values())
+    return b"".join([struct.pack("<Q", len(encoded)), encoded, *data])
 
 
 def from_bytes(data: bytes, *, spec: ParameterSpec | None = None, max_bytes: int) -> Parameters:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import abc
 import importlib
-import json
-import struct
 import tracemalloc
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -14,7 +12,7 @@ import numpy as np
 import pytest
 
 from flcore.errors import FlcoreError, SerdeError
-from flcore.parameters import Parameters, ParameterSpec, TensorSpec, to_bytes
+from flcore.parameters import Parameters, ParameterSpec, TensorSpec, safetensors_bytes, to_bytes
 from flcore.strategies import AggregationAlgorithm, FedAvgAccumulator, fedavg
 
 # The module, not the function of the same name that flcore.strategies re-exports.
@@ -169,19 +167,8 @@ class TestAccumulatorWithoutBlas(AggregatorContract):
 
 def write_unsorted_blob(path: Path, update: Mapping[str, np.ndarray]) -> None:
     """A valid safetensors file whose tensors are stored in the update's order, not sorted by name."""
-    header: dict[str, object] = {}
-    offset = 0
-    for name, array in update.items():
-        header[name] = {
-            "dtype": "F32",
-            "shape": list(array.shape),
-            "data_offsets": [offset, offset + array.nbytes],
-        }
-        offset += array.nbytes
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    data = b"".join(np.ascontiguousarray(a, dtype="<f4").tobytes() for a in update.values())
-    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    tensors = {name: np.asarray(array, dtype="<f4", order="C") for name, array in update.items()}
+    path.write_bytes(safetensors_bytes(tensors, {}))
 
 
 # ---- accumulator specifics -----------------------------------------------------------------------------

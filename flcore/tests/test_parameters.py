@@ -434,3 +434,48 @@ def test_allclose_detects_differences(params: Parameters) -> None:
 
 def test_sha256_hex() -> None:
     assert sha256_hex(b"abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+@pytest.mark.parametrize(
+    "arrays",
+    [
+        {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.float32([1.5, -2.0])},
+        {"scalar": np.array(3.25, dtype=np.float32), "empty": np.zeros((0, 5), np.float32)},
+        {"zé/名": np.ones(7, np.float32), "t": np.arange(6, dtype=np.float32).reshape(2, 3).T},
+        {"big-endian": np.arange(5, dtype=">f4").astype(np.float32), "z": np.full(3, np.nan, np.float32)},
+    ],
+)
+def test_to_bytes_writes_files_the_safetensors_library_reads_exactly(arrays: dict[str, Any]) -> None:
+    """flcore writes the file itself (one copy, not the library's three): the library's own reader and
+    its lazy ``safe_open`` must see every tensor, name, shape and value, and the header padded to 8."""
+    from safetensors import safe_open
+
+    data = to_bytes(arrays, metadata={"round": "7"})
+
+    (length,) = struct.unpack("<Q", data[:8])
+    assert length % 8 == 0
+    header = json.loads(data[8 : 8 + length])
+    # stored sorted by name, as the library stores float32 tensors: FedAvgAccumulator.add_file's one-pass
+    # layout (the writer's order is kept in the metadata instead)
+    stored = sorted(
+        (entry["data_offsets"][0], name) for name, entry in header.items() if name != "__metadata__"
+    )
+    assert [name for _, name in stored] == sorted(arrays)
+    loaded = safetensors.numpy.load(data)
+    assert sorted(loaded) == sorted(arrays)
+    for name, array in arrays.items():
+        assert loaded[name].dtype == np.float32 and loaded[name].shape == array.shape
+        assert loaded[name].tobytes() == np.asarray(array, dtype="<f4", order="C").tobytes()
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "blob.safetensors"
+        path.write_bytes(data)
+        with safe_open(str(path), framework="numpy") as handle:
+            assert handle.metadata()["round"] == "7"
+            for name, array in arrays.items():
+                np.testing.assert_array_equal(handle.get_tensor(name), array)
+    # the same tensors through the library's writer read back to the same values
+    reference = safetensors.numpy.load(
+        safetensors.numpy.save({k: np.asarray(v, dtype="<f4", order="C") for k, v in arrays.items()})
+    )
+    for name in arrays:
+        assert loaded[name].tobytes() == reference[name].tobytes()

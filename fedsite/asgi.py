@@ -9,8 +9,8 @@ awaited directly, without Django's handler, its middleware chain or the per-requ
 loop, each holding a future and a socket, no thread (trainings/wakeup.py); their database work runs in
 batches on the event loop's executor (trainings/poll_batch.py). The view authenticates with the agent
 token itself, sets no cookie and reads no session, so the middleware it skips (sessions, CSRF, messages,
-authentication, clickjacking, security headers on a JSON response, Prometheus' request counters) has
-nothing to do for it.
+authentication, clickjacking, security headers on a JSON response) has nothing to do for it; its
+Prometheus request counters are kept (:func:`count_request`).
 The model download (``GET /api/v1/agent/models/<id>``) and the raw update upload (``POST
 /api/v1/agent/tasks/<id>/update``, ``application/octet-stream``) go to :class:`AgentTransferApp` the same
 way: each agent fetches and sends a model every round, and through Django's handler, its middleware chain

@@ -6,7 +6,10 @@ and makes no query: it awaits a wake-up (trainings/wakeup.py), and one shared re
 (:data:`shared_recheck`) catches lost ones. Its database work runs in batches shared with the polls
 that start or wake at the same time (trainings/poll_batch.py), on the event loop's shared executor.
 Through Django's own handler (the test client, another ASGI setup) the same view runs with
-thread-sensitive database calls, one request at a time, as Django requires there. The rest are DRF views.
+thread-sensitive database calls, one request at a time, as Django requires there. The rest are DRF views;
+served by ``fedsite.asgi``, the model download and the raw upload skip them and Django's handler
+(:class:`~fedsite.asgi.AgentTransferApp` calls :func:`direct_download`, :func:`direct_upload_admit` and
+:func:`direct_upload_accept`, which share the views' code and answers).
 
 A model download is checked against the version's sha256 before it is served: the blob is hashed in one
 pass the first time this process serves it, and again whenever its size, mtime or inode change

@@ -159,7 +159,7 @@ class LongPollApp:
             this.uncancel()  # the client left: nothing to answer (as Django's handler does)
             return
         except Exception as exc:
-            response = await sync_to_async(response_for_exception, thread_sensitive=False)(request, exc)
+            response = await _in_thread(response_for_exception)(request, exc)
         finally:
             watcher.cancel()
         await send_response(send, response)
@@ -263,22 +263,20 @@ class AgentTransferApp:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any, route: re.Match[str]) -> None:
         started = time.perf_counter()
         if scope["method"] == "GET":
-            if not await _read_whole_body(receive):
-                return
-            request = ASGIRequest(scope, io.BytesIO())
-            response = await self._call(
-                request,
-                direct_download,
-                request,
-                route["version_id"],
-                sendfile=bool(scope.get(SENDFILE_SCOPE_KEY)),
-            )
-            await send_response(send, response)
-            count_request("agent-model", "GET", response.status_code, started)
-            return
-        status = await self._upload(scope, receive, send, route["task_id"])
-        if status is not None:
-            count_request("agent-update", "POST", status, started)
+            view, status = "agent-model", await self._download(scope, receive, send, route["version_id"])
+        else:
+            view, status = "agent-update", await self._upload(scope, receive, send, route["task_id"])
+        if status is not None:  # (None: the client left before its answer)
+            count_request(view, scope["method"], status, started)
+
+    async def _download(self, scope: dict[str, Any], receive: Any, send: Any, version_id: str) -> int | None:
+        if not await _read_whole_body(receive):
+            return None
+        request = ASGIRequest(scope, io.BytesIO())
+        sendfile = bool(scope.get(SENDFILE_SCOPE_KEY))
+        response = await self._call(request, direct_download, request, version_id, sendfile=sendfile)
+        await send_response(send, response)
+        return response.status_code
 
     async def _call(self, request: ASGIRequest, function: Any, *args: Any, **kwargs: Any) -> Any:
         try:

@@ -44,17 +44,30 @@ def _update_bytes(training: Any, value: float) -> bytes:
 
 
 def _asgi(requests: list[dict[str, Any]]) -> list[httpx.Response]:
-    """Send each request (httpx.request keyword arguments) to the ASGI application, in order."""
+    """Send each request (httpx.request keyword arguments) to the ASGI application, in order, and check
+    that none of them went through Django's handler (its ``request_started`` signal)."""
+    from django.core.signals import request_started
+
     from fedsite.asgi import application
 
     connection.close()  # the application's threads use connections of their own
+    signals: list[Any] = []
+
+    def started(**kwargs: Any) -> None:
+        signals.append(kwargs)
 
     async def run() -> list[httpx.Response]:
         transport = httpx.ASGITransport(app=application)
         async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
             return [await client.request(**request) for request in requests]
 
-    return asyncio.run(run())
+    request_started.connect(started, weak=False)
+    try:
+        responses = asyncio.run(run())
+    finally:
+        request_started.disconnect(started)
+    assert signals == [], "a request went through Django's handler"
+    return responses
 
 
 def _drf(client: Any, request: dict[str, Any]) -> Any:
@@ -84,7 +97,6 @@ def federation(make_agent: Any, make_training: Any) -> dict[str, Any]:
 def test_downloads_and_uploads_skip_djangos_handler_and_count_in_the_metrics(
     federation: dict[str, Any],
 ) -> None:
-    from django.core.signals import request_started
     from django_prometheus.middleware import Metrics
 
     version, task, token = federation["version"], federation["task"], federation["token"]
@@ -95,28 +107,19 @@ def test_downloads_and_uploads_skip_djangos_handler_and_count_in_the_metrics(
         view: counted.labels(status=status, view=view, method=method)._value.get()
         for view, status, method in (("agent-model", "200", "GET"), ("agent-update", "201", "POST"))
     }
-    signals: list[Any] = []
+    download, upload = _asgi(
+        [
+            {"method": "GET", "url": f"/api/v1/agent/models/{version.pk}", "headers": auth},
+            {
+                "method": "POST",
+                "url": f"/api/v1/agent/tasks/{task.pk}/update",
+                "content": body,
+                "headers": {**auth, "Content-Type": "application/octet-stream", "X-Update-Meta": META},
+            },
+        ]
+    )
 
-    def started(**kwargs: Any) -> None:
-        signals.append(kwargs)
-
-    request_started.connect(started, weak=False)
-    try:
-        download, upload = _asgi(
-            [
-                {"method": "GET", "url": f"/api/v1/agent/models/{version.pk}", "headers": auth},
-                {
-                    "method": "POST",
-                    "url": f"/api/v1/agent/tasks/{task.pk}/update",
-                    "content": body,
-                    "headers": {**auth, "Content-Type": "application/octet-stream", "X-Update-Meta": META},
-                },
-            ]
-        )
-    finally:
-        request_started.disconnect(started)
-
-    assert signals == []  # neither went through Django's handler
+    # (_asgi checked that neither went through Django's handler)
     assert download.status_code == 200 and hashlib.sha256(download.content).hexdigest() == version.blob_sha256
     assert download.headers["etag"] == f'"{version.blob_sha256}"'
     assert download.headers["x-model-version"] == "0"

@@ -11,6 +11,7 @@ import json
 import secrets
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC
 from typing import Any
@@ -35,7 +36,7 @@ from fedsite.throttling import (
 )
 from monitoring.events import event_broadcast_on_commit
 from monitoring.models import Alert
-from monitoring.services import agent_failures_evaluate, alert_resolve, audit_record
+from monitoring.services import agents_failures_evaluate, alert_resolve, audit_record
 
 TOKEN_PREFIX = "fsa_"  # noqa: S105 - a public prefix, not a secret
 KEY_PREFIX = "fse_"
@@ -454,26 +455,45 @@ def agent_touch(*, agent: Agent, state: str | None = None, capabilities: Any = N
 def agent_record_outcome(*, agent_id: Any, outcome: str, training: Any = None) -> None:
     """Count a task outcome for the reliability score (``completed``, ``failed`` or ``expired``), then
     evaluate the agent's ``client_failures`` alert over its last tasks (docs/monitoring.md)."""
+    agents_record_outcome(agent_ids=[agent_id], outcome=outcome, training=training)
+
+
+def agents_record_outcome(*, agent_ids: Sequence[Any], outcome: str, training: Any = None) -> None:
+    """:func:`agent_record_outcome` of one outcome for many tasks at once (``agent_ids``: the agent of
+    each task, an agent once per task): one ``UPDATE`` of the counters, returning the rows the dashboards'
+    events need, then :func:`monitoring.services.agents_failures_evaluate` of those agents."""
     column = {"completed": "tasks_completed", "failed": "tasks_failed", "expired": "tasks_expired"}[outcome]
-    if outcome == "expired":  # its next poll writes last_seen_at: "seen again since" the expiry, at once
-        agent_seen_writes.forget(agent_id)
-    # One statement: the counter's increment returns the row the dashboards' event needs.
+    if not agent_ids:
+        return
+    if outcome == "expired":  # their next poll writes last_seen_at: "seen again since" the expiry, at once
+        for agent_id in agent_ids:
+            agent_seen_writes.forget(agent_id)
+    tasks_of = Counter(agent_ids)
+    by_count: dict[int, list[Any]] = {}
+    for agent_id, count in tasks_of.items():
+        by_count.setdefault(count, []).append(agent_id)
+    # One statement per number of tasks an agent finished (one, but for an agent with several tasks at
+    # once): the counter's increment returns the rows the dashboards' event needs.
     quote = connection.ops.quote_name
-    returned = ", ".join(quote(Agent._meta.get_field(name).column) for name in AGENT_EVENT_FIELDS)
+    pk = quote(Agent._meta.pk.column)
+    returned = ", ".join([pk, *(quote(Agent._meta.get_field(name).column) for name in AGENT_EVENT_FIELDS)])
     counter = quote(Agent._meta.get_field(column).column)
+    rows = []
     with connection.cursor() as cursor:
-        cursor.execute(
-            f"UPDATE {quote(Agent._meta.db_table)} SET {counter} = {counter} + 1 "  # noqa: S608 (names only)
-            f"WHERE {quote(Agent._meta.pk.column)} = %s RETURNING {returned}",
-            [Agent._meta.pk.get_db_prep_value(agent_id, connection)],
-        )
-        row = cursor.fetchone()
-    agent_failures_evaluate(agent_id=agent_id, training=training)
-    if row is not None:
-        values = dict(zip(AGENT_EVENT_FIELDS, row, strict=True))
-        seen = values[
-            "last_seen_at"
-        ]  # SQLite's cursor gives it naive (UTC), or as text, where the ORM converts
+        for count, ids in sorted(by_count.items()):
+            cursor.execute(
+                f"UPDATE {quote(Agent._meta.db_table)} SET {counter} = {counter} + %s "  # noqa: S608 (names)
+                f"WHERE {pk} IN ({', '.join(['%s'] * len(ids))}) RETURNING {returned}",
+                [count, *(Agent._meta.pk.get_db_prep_value(agent_id, connection) for agent_id in ids)],
+            )
+            rows.extend(cursor.fetchall())
+    names = {Agent._meta.pk.to_python(row[0]): row[1] for row in rows}  # (SQLite: a UUID's hex)
+    agents_failures_evaluate(
+        agents={agent_id: names.get(agent_id, str(agent_id)) for agent_id in tasks_of}, training=training
+    )
+    for row in rows:
+        values = dict(zip(AGENT_EVENT_FIELDS, row[1:], strict=True))
+        seen = values["last_seen_at"]  # SQLite's cursor: naive (UTC), or text, where the ORM converts
         if isinstance(seen, str):
             seen = parse_datetime(seen)
         if seen is not None and seen.tzinfo is None:

@@ -44,21 +44,23 @@ from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E40
 from django.core.handlers.asgi import ASGIHandler, ASGIRequest  # noqa: E402
 from django.core.handlers.base import BaseHandler  # noqa: E402
 from django.core.handlers.exception import response_for_exception  # noqa: E402
-from django.http import FileResponse, HttpResponseBase  # noqa: E402
+from django.http import FileResponse, HttpResponseBase, JsonResponse  # noqa: E402
 from django_prometheus.middleware import Metrics  # noqa: E402
 
+from fedsite.errors import ServiceError  # noqa: E402
 from fedsite.http_protocol import SENDFILE_SCOPE_KEY, BlobSendMiddleware  # noqa: E402
 from fedsite.limits import RequestLimitsMiddleware  # noqa: E402
+from fedsite.throttling import client_ip  # noqa: E402
 from monitoring.routing import websocket_urlpatterns  # noqa: E402
 from trainings.api.agent_views import (  # noqa: E402
     DIRECT_SCOPE_KEY,
     agent_error_response,
     direct_download,
-    direct_upload_accept,
-    direct_upload_admit,
     next_task_view,
+    update_receipt,
 )
 from trainings.services.updates import update_too_large  # noqa: E402
+from trainings.upload_batch import upload_batcher  # noqa: E402
 from versioning.blobs import BlobSpoolWriter, BlobTooLarge  # noqa: E402
 
 LONG_POLL_PATH = "/api/v1/agent/tasks/next"
@@ -246,18 +248,20 @@ class AgentTransferApp:
     to do for a token-authenticated binary transfer: sessions, CSRF, messages, user authentication,
     clickjacking and security headers are for browsers), URL resolution, DRF's request wrapping,
     content negotiation and exception handling, around one or two queries. Here the request is Django's
-    own :class:`~django.core.handlers.asgi.ASGIRequest`, its work is one call on a worker thread
-    (``trainings.api.agent_views.direct_download``, ``direct_upload_admit``, ``direct_upload_accept``: the
-    same services, checks, errors and audit rows as the DRF views), and the response goes out as ASGI
-    messages. django-prometheus' request metrics are kept (:func:`count_request`); an unexpected error is
+    own :class:`~django.core.handlers.asgi.ASGIRequest`, its work is one call on a worker thread for the
+    download (``trainings.api.agent_views.direct_download``) and, for the upload, two steps queued for the
+    batches it shares with the other uploads of the moment (``trainings.upload_batch``: admitted, then
+    accepted); the same services, checks, errors and audit rows as the DRF views. The response goes out as
+    ASGI messages. django-prometheus' request metrics are kept (:func:`count_request`); an unexpected error is
     Django's 500 response (logged, ``got_request_exception`` sent).
 
     A raw upload is admitted before one byte of its body is read: a wrong token (401, counted by the
     throttle), another agent's task (403), bad meta (400) or a declared length over the task's limit
     (413) is answered at once, with ``Connection: close``. Then the body is spooled as it arrives
     (``versioning.blobs.BlobSpoolWriter``: one hash and one write of each chunk) and cut off at the task's
-    limit (413); a client that leaves half-way leaves nothing. The spool file is removed after the
-    response whatever happened (a no-op once it became the blob).
+    limit (413); a client that leaves half-way leaves nothing. The spooled body is validated and stored
+    with the other uploads of its batch, and answered once their transaction commits. The spool file is
+    removed after the response whatever happened (a no-op once it became the blob).
     """
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any, route: re.Match[str]) -> None:
@@ -286,7 +290,14 @@ class AgentTransferApp:
 
     async def _upload(self, scope: dict[str, Any], receive: Any, send: Any, task_id: str) -> int | None:
         request = ASGIRequest(scope, io.BytesIO())
-        admission = await self._call(request, direct_upload_admit, request, task_id)
+        admission = await self._batched(
+            request,
+            upload_batcher.admit,
+            request.headers.get("Authorization"),
+            client_ip(request),
+            task_id,
+            request.headers,
+        )
         if isinstance(admission, HttpResponseBase):  # refused before the body: it is left unread
             admission["Connection"] = "close"
             await send_response(send, admission)
@@ -304,11 +315,24 @@ class AgentTransferApp:
                 return response.status_code
             if not complete:  # the client left, or RequestLimitsMiddleware answered 408 / 413 already
                 return None
-            response = await self._call(request, direct_upload_accept, admission, writer.finish())
-            await send_response(send, response)
-            return response.status_code
+            accepted = await self._batched(request, upload_batcher.accept, admission, writer.finish())
+            if isinstance(accepted, tuple):
+                update, created = accepted
+                accepted = JsonResponse(update_receipt(update), status=201 if created else 200)
+            await send_response(send, accepted)
+            return accepted.status_code
         finally:
             writer.discard()  # not accepted, or already moved into the store
+
+    async def _batched(self, request: ASGIRequest, step: Any, *args: Any) -> Any:
+        """A step of an upload through the batches (trainings/upload_batch.py): its result, or the error
+        response (the agent protocol's for a service error, Django's 500 for anything else)."""
+        try:
+            return await step(*args)
+        except ServiceError as exc:
+            return agent_error_response(exc)
+        except Exception as exc:
+            return await _in_thread(response_for_exception)(request, exc)
 
 
 def _is_raw_upload(scope: dict[str, Any]) -> bool:

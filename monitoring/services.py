@@ -204,16 +204,8 @@ def alert_resolve(
         open_alerts = open_alerts.filter(training=training)
         if round_number is not None:
             open_alerts = open_alerts.filter(round_number=round_number)
-    now = timezone.now()
     resolution = resolution or "The condition cleared."
-    resolved = 0
-    with transaction.atomic():
-        for alert in open_alerts.select_for_update():
-            alert.resolved_at = now
-            alert.resolution = resolution
-            alert.save(update_fields=["resolved_at", "resolution"])
-            _alert_broadcast(alert, "resolved")
-            resolved += 1
+    resolved = len(_alerts_resolve(open_alerts, lambda alert: resolution))
     if resolved:
         log_event(
             logger,
@@ -224,6 +216,33 @@ def alert_resolve(
             round=round_number,
             resolution=repr(resolution),
         )
+    return resolved
+
+
+def alerts_resolve_subjects(*, kind: str, resolutions: Mapping[str, str]) -> set[str]:
+    """:func:`alert_resolve` of many subjects at once (``{subject: resolution}``): one query for their
+    open alerts of ``kind``. Returns the subjects that had one."""
+    if not resolutions:
+        return set()
+    open_alerts = Alert.objects.filter(kind=kind, resolved_at__isnull=True, subject__in=list(resolutions))
+    resolved = {alert.subject for alert in _alerts_resolve(open_alerts, lambda a: resolutions[a.subject])}
+    for subject in sorted(resolved):
+        log_event(logger, "alert_resolved", kind=kind, subject=subject, resolution=repr(resolutions[subject]))
+    return resolved
+
+
+def _alerts_resolve(open_alerts: Any, resolution_of: Any) -> list[Alert]:
+    """Resolve each alert of ``open_alerts`` (locked) with ``resolution_of(alert)``, broadcast after commit;
+    return them. No savepoint: inside a caller's transaction, an error here is the caller's to handle."""
+    now = timezone.now()
+    resolved: list[Alert] = []
+    with transaction.atomic(savepoint=False):
+        for alert in open_alerts.select_for_update():
+            alert.resolved_at = now
+            alert.resolution = resolution_of(alert)
+            alert.save(update_fields=["resolved_at", "resolution"])
+            _alert_broadcast(alert, "resolved")
+            resolved.append(alert)
     return resolved
 
 
@@ -512,56 +531,80 @@ def health_sample_take(*, role: str, cpu_interval: float | None = None) -> Syste
     return sample
 
 
-def agent_failures_evaluate(*, agent_id: Any, training: Any = None) -> str:
+def agent_failures_evaluate(*, agent_id: Any, training: Any = None, name: str | None = None) -> str:
     """Raise, repeat or resolve the ``client_failures`` alert of one agent (subject ``agent:<agent_id>``).
 
     The agent's last ``FEDSITE_ALERT_CLIENT_FAILURE_WINDOW`` finished tasks (completed, failed, expired; by
     completion time) are counted once there are at least ``FEDSITE_ALERT_CLIENT_FAILURE_MIN_TASKS``; a
     failed-or-expired share at or above ``FEDSITE_ALERT_CLIENT_FAILURE_RATE`` raises (a repeat counts), a
     share under it resolves. ``training`` is the training of the task just finished (the alert's WebSocket
-    group). Returns ``raised``, ``resolved`` or ``unchanged``.
+    group); ``name`` the agent's ``agent_id`` when the caller has it. Returns ``raised``, ``resolved`` or
+    ``unchanged``.
     """
     from clients.models import Agent
+
+    if name is None:
+        name = Agent.objects.filter(pk=agent_id).values_list("agent_id", flat=True).first() or str(agent_id)
+    return agents_failures_evaluate(agents={agent_id: name}, training=training)[agent_id]
+
+
+def agents_failures_evaluate(*, agents: Mapping[Any, str], training: Any = None) -> dict[Any, str]:
+    """:func:`agent_failures_evaluate` of many agents at once (``{agent pk: agent_id}``), after tasks of
+    ``training`` finished: their last tasks in one query (a window per agent), and the alerts to resolve
+    in one more. Returns each agent's ``raised``, ``resolved`` or ``unchanged``."""
     from trainings.models import Task  # (trainings imports this module)
 
     statuses = [Task.Status.COMPLETED, Task.Status.FAILED, Task.Status.EXPIRED]
-    recent = list(
-        Task.objects.filter(agent_id=agent_id, status__in=statuses)
-        .order_by("-completed_at", "-pk")
-        .values_list("status", flat=True)[: settings.FEDSITE_ALERT_CLIENT_FAILURE_WINDOW]
+    recent: dict[Any, list[str]] = {pk: [] for pk in agents}
+    rows = (
+        Task.objects.filter(agent_id__in=list(agents), status__in=statuses)
+        .annotate(
+            place=models.Window(
+                models.functions.RowNumber(),
+                partition_by=[models.F("agent_id")],
+                order_by=[models.F("completed_at").desc(), models.F("pk").desc()],
+            )
+        )
+        .filter(place__lte=settings.FEDSITE_ALERT_CLIENT_FAILURE_WINDOW)
+        .values_list("agent_id", "status")
     )
-    if len(recent) < settings.FEDSITE_ALERT_CLIENT_FAILURE_MIN_TASKS:
-        return "unchanged"
-    failed = sum(s == Task.Status.FAILED for s in recent)
-    expired = sum(s == Task.Status.EXPIRED for s in recent)
-    rate = (failed + expired) / len(recent)
-    name = Agent.objects.filter(pk=agent_id).values_list("agent_id", flat=True).first() or str(agent_id)
-    subject = f"agent:{name}"
+    for agent_pk, status in rows:
+        recent[agent_pk].append(status)
     threshold = settings.FEDSITE_ALERT_CLIENT_FAILURE_RATE
-    if rate >= threshold:
+    results = dict.fromkeys(agents, "unchanged")
+    resolutions: dict[str, str] = {}
+    for agent_pk, name in agents.items():
+        last = recent[agent_pk]
+        if len(last) < settings.FEDSITE_ALERT_CLIENT_FAILURE_MIN_TASKS:
+            continue
+        failed = sum(s == Task.Status.FAILED for s in last)
+        expired = sum(s == Task.Status.EXPIRED for s in last)
+        rate = (failed + expired) / len(last)
+        if rate < threshold:
+            resolutions[f"agent:{name}"] = (
+                f"Agent {name} now fails {rate:.0%} of its last {len(last)} tasks (under {threshold:.0%})."
+            )
+            continue
         alert_raise(
             kind=Alert.Kind.CLIENT_FAILURES,
             severity=Alert.Severity.WARNING,
             training=training,
-            subject=subject,
+            subject=f"agent:{name}",
             message=(
-                f"Agent {name} failed or let expire {failed + expired} of its last {len(recent)} tasks "
+                f"Agent {name} failed or let expire {failed + expired} of its last {len(last)} tasks "
                 f"({rate:.0%}, threshold {threshold:.0%}): {failed} failed, {expired} expired."
             ),
             details={
                 "agent_id": name,
-                "tasks": len(recent),
+                "tasks": len(last),
                 "failed": failed,
                 "expired": expired,
                 "rate": rate,
             },
         )
-        return "raised"
-    resolved = alert_resolve(
-        kind=Alert.Kind.CLIENT_FAILURES,
-        subject=subject,
-        resolution=(
-            f"Agent {name} now fails {rate:.0%} of its last {len(recent)} tasks (under {threshold:.0%})."
-        ),
-    )
-    return "resolved" if resolved else "unchanged"
+        results[agent_pk] = "raised"
+    resolved = alerts_resolve_subjects(kind=Alert.Kind.CLIENT_FAILURES, resolutions=resolutions)
+    for agent_pk, name in agents.items():
+        if f"agent:{name}" in resolved:
+            results[agent_pk] = "resolved"
+    return results

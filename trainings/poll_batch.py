@@ -14,26 +14,23 @@ back through a queue of their own for that lookup, so a delivery never waits beh
 
 Each request gets what it would get alone, in the same order of checks (the throttle, the token, the
 agent's status, the heartbeat before the waiting round opens, then the task); an error of one request
-(401, 403, 429) is that request's own. Batches form by themselves: the first poll of a quiet moment is
-sent to the thread at once (no added delay), and while a batch runs the next ones queue, so the batch
-grows with the load. A poll whose client has gone (its future cancelled) before its batch runs is
-dropped from it, and costs nothing more.
+(401, 403, 429) is that request's own. Batches form by themselves (fedsite.batching): the first poll of a
+quiet moment is sent to the thread at once (no added delay), and while a batch runs the next ones queue,
+so the batch grows with the load. A poll whose client has gone (its future cancelled) before its batch
+runs is dropped from it, and costs nothing more.
 """
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import time
-import weakref
-from dataclasses import dataclass, field
 from typing import Any
 
-from asgiref.sync import sync_to_async
 from django.db import connection
 
 from clients.services import agents_authenticate, agents_touch_seen
+from fedsite.batching import ThreadBatcher
 from fedsite.errors import ServiceError
 from trainings.selectors import task_payload
 from trainings.services import rounds_try_open_waiting_if_any
@@ -122,87 +119,32 @@ def process_polls(items: list[tuple[str, Any]]) -> list[Outcome]:
     return outcomes  # type: ignore[return-value]  # (every index was filled above)
 
 
-@dataclass
-class _Queue:
-    #: (request, its future, when it was queued: the loop's clock)
-    items: list[tuple[tuple[str, Any], asyncio.Future[Outcome], float]] = field(default_factory=list)
-    drain: asyncio.Task[None] | None = None
-
-
-class PollBatcher:
-    """Requests per event loop, processed by :func:`process_polls` in batches.
+class PollBatcher(ThreadBatcher):
+    """Long-poll requests per event loop, processed by :func:`process_polls` in batches
+    (:class:`fedsite.batching.ThreadBatcher`).
 
     Starts and woken polls queue apart, each queue with its own batch in flight: a woken poll (a task to
     deliver) never waits behind a backlog of starts, as after thousands of agents reconnect at once.
     """
 
     def __init__(self, max_batch: int = MAX_BATCH) -> None:
-        self.max_batch = max_batch
-        #: Batches handed to a thread, and the requests they carried, since the process started.
-        self.batches = 0
-        self.requests = 0
-        self._queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _Queue]] = (
-            weakref.WeakKeyDictionary()
+        super().__init__(
+            process_polls,
+            name="poll_batch",
+            kinds=(START, POLL),
+            max_batch=max_batch,
+            slow_seconds=SLOW_BATCH_SECONDS,
+            log=logger,
         )
 
     async def start(self, authorization: str | None, client_ip: str | None) -> tuple[Any, Payload]:
         """Authenticate and touch the polling agent, open a waiting round if one can, find its task:
         ``(agent, task payload or None)``, or the :class:`~fedsite.errors.ServiceError` it gets."""
-        return await self._submit((START, (authorization, client_ip)))
+        return await self.submit(START, (authorization, client_ip))  # type: ignore[no-any-return]
 
     async def poll(self, agent: Any) -> Payload:
         """The agent's task payload (the task marked delivered), or None."""
-        return (await self._submit((POLL, agent)))[1]
-
-    async def _submit(self, item: tuple[str, Any]) -> tuple[Any, Payload]:
-        loop = asyncio.get_running_loop()
-        queues = self._queues.get(loop)
-        if queues is None:
-            queues = self._queues[loop] = {START: _Queue(), POLL: _Queue()}
-        queue = queues[item[0]]
-        future: asyncio.Future[Outcome] = loop.create_future()
-        queue.items.append((item, future, loop.time()))
-        if queue.drain is None:
-            queue.drain = loop.create_task(self._drain(queue))
-        outcome = await future
-        if isinstance(outcome, BaseException):
-            raise outcome
-        return outcome
-
-    async def _drain(self, queue: _Queue) -> None:
-        try:
-            while queue.items:
-                taken, queue.items = queue.items[: self.max_batch], queue.items[self.max_batch :]
-                batch = [(item, future) for item, future, _ in taken if not future.done()]  # clients gone
-                if not batch:
-                    continue
-                waited = asyncio.get_running_loop().time() - taken[0][2]
-                if waited > SLOW_BATCH_SECONDS:
-                    logger.warning(
-                        "poll_batch_queued kind=%s requests=%d waited=%.3f",
-                        taken[0][0][0],
-                        len(batch),
-                        waited,
-                    )
-                self.batches += 1
-                self.requests += len(batch)
-                try:
-                    outcomes = await _in_thread([item for item, _ in batch])
-                except asyncio.CancelledError:  # the loop shuts down: so do the polls of this batch
-                    for _, future in batch:
-                        future.cancel()
-                    raise
-                except Exception as exc:  # (process_polls catches its own: a failure of the hand-off itself)
-                    outcomes = [exc] * len(batch)
-                for (_, future), outcome in zip(batch, outcomes, strict=True):
-                    if not future.done():
-                        future.set_result(outcome)
-        finally:
-            queue.drain = None
-            for _, future, _ in queue.items:  # (left only when this task was cancelled)
-                future.cancel()
-            queue.items = []
+        return (await self.submit(POLL, agent))[1]  # type: ignore[no-any-return]
 
 
-_in_thread = sync_to_async(process_polls, thread_sensitive=False)
 poll_batcher = PollBatcher()

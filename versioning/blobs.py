@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Protocol
@@ -140,28 +140,54 @@ def blob_registered(name: str, *, sha256: str, size: int) -> Iterator[bool]:
     Yields whether the file is missing, so the block writes it while the lock is held: the garbage
     collector removes a file only under the same lock, after re-checking that nobody revived the blob.
     """
+    with blobs_registered([(name, sha256, size)]) as missing:
+        yield name in missing
+
+
+@contextmanager
+def blobs_registered(blobs: Sequence[tuple[str, str, int]]) -> Iterator[set[str]]:
+    """:func:`blob_registered` of several ``(name, sha256, size)`` at once: one upsert that creates the
+    missing rows and marks every row just used and not condemned, taking the row locks in name order
+    (two writers never wait for each other in a cycle). Yields the names whose file is missing.
+
+    The upsert takes each existing row's lock, waiting for a collector that holds it; if the collector
+    deleted the row meanwhile, the upsert inserts it again (INSERT ... ON CONFLICT DO UPDATE either
+    inserts or updates, atomically).
+    """
     from versioning.models import Blob
 
     now = timezone.now()
+    rows = {name: (sha256, size) for name, sha256, size in blobs}
     with transaction.atomic():
-        for _ in range(2):  # the second pass: the collector removed the row while this one waited for it
-            Blob.objects.bulk_create(
-                [Blob(name=name, sha256=sha256, size_bytes=size, touched_at=now)], ignore_conflicts=True
-            )
-            # An UPDATE takes the row lock (waiting for a collector that holds it) and revives the blob.
-            if Blob.objects.filter(name=name).update(touched_at=now, condemned_at=None, size_bytes=size):
-                break
-        yield not default_storage.exists(name)
+        Blob.objects.bulk_create(
+            [
+                Blob(name=name, sha256=sha256, size_bytes=size, touched_at=now, condemned_at=None)
+                for name, (sha256, size) in sorted(rows.items())
+            ],
+            update_conflicts=True,
+            unique_fields=["name"],
+            update_fields=["touched_at", "condemned_at", "size_bytes"],
+        )
+        yield {name for name in rows if not default_storage.exists(name)}
 
 
 def blob_save_spooled(spooled: SpooledBlob) -> str:
     """Move (or copy, for a remote storage) a spooled upload into the store; return the blob's name."""
-    name = blob_name_for(spooled.sha256)
-    with blob_registered(name, sha256=spooled.sha256, size=spooled.size) as missing:
-        if missing:
-            with open(spooled.path, "rb") as handle:
-                _store(name, _SpooledFile(handle, name=spooled.path))
+    (name,) = blobs_save_spooled([spooled])
     return name
+
+
+def blobs_save_spooled(spooled: Sequence[SpooledBlob]) -> list[str]:
+    """:func:`blob_save_spooled` of several spooled uploads, registered together
+    (:func:`blobs_registered`); returns their names, in order. Of identical uploads one file is kept."""
+    names = [blob_name_for(blob.sha256) for blob in spooled]
+    with blobs_registered([(n, b.sha256, b.size) for n, b in zip(names, spooled, strict=True)]) as missing:
+        for name, blob in zip(names, spooled, strict=True):
+            if name in missing:
+                with open(blob.path, "rb") as handle:
+                    _store(name, _SpooledFile(handle, name=blob.path))
+                missing.discard(name)
+    return names
 
 
 def blob_name_for(sha256: str) -> str:

@@ -43,9 +43,10 @@ def _update_bytes(training: Any, value: float) -> bytes:
     return to_bytes({t.name: np.full(t.shape, value, dtype=np.float32) for t in spec.tensors})
 
 
-def _asgi(requests: list[dict[str, Any]]) -> list[httpx.Response]:
-    """Send each request (httpx.request keyword arguments) to the ASGI application, in order, and check
-    that none of them went through Django's handler (its ``request_started`` signal)."""
+def _asgi(requests: list[dict[str, Any]], *, together: bool = False) -> list[httpx.Response]:
+    """Send each request (httpx.request keyword arguments) to the ASGI application, in order (or all at
+    once, ``together``), and check that none of them went through Django's handler (its
+    ``request_started`` signal)."""
     from django.core.signals import request_started
 
     from fedsite.asgi import application
@@ -59,6 +60,8 @@ def _asgi(requests: list[dict[str, Any]]) -> list[httpx.Response]:
     async def run() -> list[httpx.Response]:
         transport = httpx.ASGITransport(app=application)
         async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            if together:
+                return list(await asyncio.gather(*(client.request(**request) for request in requests)))
             return [await client.request(**request) for request in requests]
 
     request_started.connect(started, weak=False)
@@ -362,3 +365,32 @@ def test_a_model_in_a_remote_blob_store_is_streamed_verified(
     assert hashlib.sha256(direct.content).hexdigest() == version.blob_sha256
     assert direct.headers["content-length"] == str(len(stored))
     assert AuditLog.objects.filter(action="version.download", object_id=str(version.pk)).count() == 2
+
+
+def test_uploads_that_arrive_together_share_batches(make_agent: Any, make_training: Any) -> None:
+    from trainings.upload_batch import upload_batcher
+
+    agents = [make_agent() for _ in range(6)]
+    training = make_training(min_clients_per_round=6, max_clients_per_round=6)
+    tasks = [services.task_next_for_agent(agent=agent) for agent, _ in agents]
+    batches, requests = upload_batcher.batches, upload_batcher.requests
+    uploads = [
+        {
+            "method": "POST",
+            "url": f"/api/v1/agent/tasks/{task.pk}/update",
+            "content": _update_bytes(training, 0.1 * (n + 1)),
+            "headers": {
+                "Authorization": f"Bearer {token}",
+                "Content-Type": "application/octet-stream",
+                "X-Update-Meta": META,
+            },
+        }
+        for n, ((_, token), task) in enumerate(zip(agents, tasks, strict=True))
+    ]
+
+    responses = _asgi(uploads, together=True)
+
+    assert [r.status_code for r in responses] == [201] * 6, [r.text for r in responses]
+    assert ClientUpdate.objects.filter(round__training=training).count() == 6
+    assert upload_batcher.requests - requests == 12  # each upload's admission and acceptance
+    assert upload_batcher.batches - batches <= 4, upload_batcher.batches - batches  # (2 here: one of each)

@@ -103,3 +103,91 @@ def test_status_document_carries_the_convergence_status(
     convergence = response.json()["convergence"]
     assert convergence["status"] == status and convergence["metric"] == "accuracy"
     assert convergence["latest"] == values[-1]
+
+
+@pytest.mark.django_db
+def test_agents_evaluated_together_each_get_what_their_own_last_tasks_say(
+    settings: Any, make_agent: Any, make_training: Any
+) -> None:
+    """``agents_failures_evaluate`` of many agents against the rule applied by hand to each agent's
+    history (random outcomes, some with an open alert), in a fixed number of statements; and
+    ``agents_record_outcome`` counts an agent listed twice twice."""
+    import random
+    from datetime import timedelta
+
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+    from django.utils import timezone
+
+    from clients.models import Agent
+    from clients.services import agents_record_outcome
+    from monitoring.services import agents_failures_evaluate, alert_raise
+    from trainings.models import Round, Task
+
+    settings.FEDSITE_ALERT_CLIENT_FAILURE_WINDOW = 5
+    settings.FEDSITE_ALERT_CLIENT_FAILURE_MIN_TASKS = 3
+    settings.FEDSITE_ALERT_CLIENT_FAILURE_RATE = 0.4
+    ks = Task.Status
+    rng = random.Random(12)
+    make_agent(), make_agent()
+    template = Task.objects.filter(round__training=make_training()).first()
+    assert template is not None
+    round_ = Round.objects.get(pk=template.round_id)
+    now = timezone.now()
+    agents: dict[Any, str] = {}
+    expected: dict[Any, str] = {}
+    for n in range(12):
+        agent, _ = make_agent(f"history-{n:02d}", online=False)
+        outcomes = [
+            rng.choice([ks.COMPLETED, ks.COMPLETED, ks.FAILED, ks.EXPIRED]) for _ in range(rng.randint(0, 9))
+        ]
+        for k, status in enumerate(outcomes):  # the last one finished last
+            Task.objects.create(
+                round=round_,
+                agent=agent,
+                attempt=k + 1,
+                status=status,
+                base_version_id=template.base_version_id,
+                deadline=now,
+                completed_at=now - timedelta(minutes=len(outcomes) - k),
+            )
+        Task.objects.create(  # an open task: not counted
+            round=round_,
+            agent=agent,
+            attempt=len(outcomes) + 1,
+            status=ks.DELIVERED,
+            base_version_id=template.base_version_id,
+            deadline=now,
+        )
+        alerted = rng.random() < 0.5
+        if alerted:
+            alert_raise(kind=Alert.Kind.CLIENT_FAILURES, subject=f"agent:{agent.agent_id}", message="earlier")
+        last = outcomes[::-1][:5]
+        rate = sum(s != ks.COMPLETED for s in last) / max(len(last), 1)
+        if len(last) < 3:
+            expected[agent.pk] = "unchanged"
+        elif rate >= 0.4:
+            expected[agent.pk] = "raised"
+        else:
+            expected[agent.pk] = "resolved" if alerted else "unchanged"
+        agents[agent.pk] = agent.agent_id
+    assert set(expected.values()) == {"unchanged", "raised", "resolved"}  # the history covers every case
+
+    with CaptureQueriesContext(connection) as context:
+        results = agents_failures_evaluate(agents=agents)
+
+    assert results == expected
+    for pk, name in agents.items():
+        alert = Alert.objects.filter(kind=Alert.Kind.CLIENT_FAILURES, subject=f"agent:{name}").first()
+        if expected[pk] == "resolved":
+            assert alert is not None and alert.resolved_at is not None
+        if expected[pk] == "raised":
+            assert alert is not None and alert.resolved_at is None
+    statements = [q["sql"] for q in context.captured_queries]
+    assert sum('FROM "trainings_task"' in sql for sql in statements) == 1  # every agent's last tasks at once
+    assert sum('"monitoring_alert"."subject" IN' in sql for sql in statements) == 1  # and what to resolve
+
+    first, second = list(agents)[:2]
+    agents_record_outcome(agent_ids=[first, second, first], outcome="failed")
+    assert Agent.objects.get(pk=first).tasks_failed == 2
+    assert Agent.objects.get(pk=second).tasks_failed == 1

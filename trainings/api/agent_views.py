@@ -8,8 +8,8 @@ that start or wake at the same time (trainings/poll_batch.py), on the event loop
 Through Django's own handler (the test client, another ASGI setup) the same view runs with
 thread-sensitive database calls, one request at a time, as Django requires there. The rest are DRF views;
 served by ``fedsite.asgi``, the model download and the raw upload skip them and Django's handler
-(:class:`~fedsite.asgi.AgentTransferApp` calls :func:`direct_download`, :func:`direct_upload_admit` and
-:func:`direct_upload_accept`, which share the views' code and answers).
+(:class:`~fedsite.asgi.AgentTransferApp` calls :func:`direct_download`, and queues a raw upload's two steps
+for the batches of trainings/upload_batch.py; both share the views' services and answers).
 
 A model download is checked against the version's sha256 before it is served: the blob is hashed in one
 pass the first time this process serves it, and again whenever its size, mtime or inode change
@@ -59,7 +59,7 @@ from trainings.models import ClientUpdate
 from trainings.poll_batch import POLL, START, Payload, poll_batcher, process_polls, release_connection
 from trainings.services.tasks import agent_download_record, agent_download_task, tasks_agents_with_work
 from trainings.wakeup import SharedRecheck, shutdown, wait_for_wakeup, wakeups_ready
-from versioning.blobs import BlobHashMismatch, SpooledBlob, blob_verified_path
+from versioning.blobs import BlobHashMismatch, blob_verified_path
 from versioning.models import ModelVersion
 from versioning.services import version_require_blob
 
@@ -318,8 +318,8 @@ def update_receipt(update: ClientUpdate) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The model download and the raw upload as fedsite.asgi.AgentTransferApp serves them: no middleware chain,
-# no DRF; each function is one trip to a worker thread, and hands its database connection back after it.
+# The model download as fedsite.asgi.AgentTransferApp serves it: no middleware chain, no DRF; one trip to a
+# worker thread, which hands its database connection back after it (the raw upload: trainings/upload_batch).
 # ----------------------------------------------------------------------------------------------------------
 def _authenticated(request: HttpRequest) -> Agent:
     return agent_authenticate(
@@ -336,31 +336,6 @@ def direct_download(request: HttpRequest, version_id: str, *, sendfile: bool) ->
             if_none_match=request.headers.get("If-None-Match", ""),
             sendfile=sendfile,
         )
-    except ServiceError as exc:
-        return agent_error_response(exc)
-    finally:
-        release_connection()
-
-
-def direct_upload_admit(request: HttpRequest, task_id: str) -> services.UpdateAdmission | HttpResponse:
-    """A raw upload before its body is read: the token, the task, the meta and the declared length
-    (:func:`trainings.services.updates.update_admit`), or the error response that ends the request."""
-    try:
-        agent = _authenticated(request)
-        meta, declared = raw_upload_headers(request.headers)
-        return services.update_admit(agent=agent, task_id=task_id, meta=meta, declared_bytes=declared)
-    except ServiceError as exc:
-        return agent_error_response(exc)
-    finally:
-        release_connection()
-
-
-def direct_upload_accept(admission: services.UpdateAdmission, spooled: SpooledBlob) -> HttpResponse:
-    """A raw upload's spooled body validated and stored: the receipt (201, or 200 if it was already
-    stored) or the error."""
-    try:
-        update, created = services.update_accept_spooled(admission, spooled)
-        return JsonResponse(update_receipt(update), status=201 if created else 200)
     except ServiceError as exc:
         return agent_error_response(exc)
     finally:

@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from clients.models import Agent
-from clients.services import agent_record_outcome
-from fedsite.errors import Conflict, PayloadTooLarge, ValidationFailed
+from clients.services import agent_record_outcome, agents_record_outcome
+from fedsite.errors import Conflict, Forbidden, NotFound, PayloadTooLarge, ValidationFailed
 from fedsite.logs import log_event
 from fedsite.parsers import json_check, json_parse, text_check
 from flcore.errors import SerdeError
@@ -33,7 +35,7 @@ from trainings.models import ClientUpdate, Round, Task, Training
 from trainings.services.rounds import _round_settle
 from trainings.services.tasks import _get_agent_task
 from trainings.services.trainings import is_asynchronous
-from trainings.state import lock_round, transition_task
+from trainings.state import lock_round, transition_task, transition_tasks
 from versioning.blobs import (
     BlobTooLarge,
     Readable,
@@ -42,6 +44,7 @@ from versioning.blobs import (
     blob_read,
     blob_save_spooled,
     blob_spool,
+    blobs_save_spooled,
 )
 
 logger = logging.getLogger("trainings")
@@ -115,27 +118,55 @@ def update_admit(
     """The checks of an upload that need no body: the task is the agent's (404, 403), the meta is valid
     (400) and a ``declared_bytes`` is within the task's limit (413). The body is then read up to
     ``max_bytes`` (a longer one is a 413 too) and given to :func:`update_accept_spooled`."""
-    task = _get_agent_task(agent, task_id)
-    num_examples, metrics = _parse_update_meta(meta)
-    limit = update_max_bytes(task.round.training)
-    if declared_bytes is not None and declared_bytes > limit:
-        raise update_too_large(declared_bytes, limit)
-    return UpdateAdmission(agent, task, num_examples, metrics, limit)
+    (outcome,) = updates_admit([(agent, task_id, meta, declared_bytes)])
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
+def updates_admit(
+    requests: Sequence[tuple[Agent, Any, Any, int | None]],
+) -> list[UpdateAdmission | Exception]:
+    """:func:`update_admit` of many ``(agent, task_id, meta, declared_bytes)`` at once, in order: each
+    request's admission or the error it gets. Their tasks are read in one query."""
+    ids: list[Any] = []
+    for _, task_id, _, _ in requests:
+        try:
+            ids.append(Task._meta.pk.to_python(task_id))
+        except (ValueError, TypeError, DjangoValidationError):
+            ids.append(None)
+    tasks = {
+        task.pk: task
+        for task in Task.objects.select_related("round__training").filter(
+            pk__in={pk for pk in ids if pk is not None}
+        )
+    }
+    outcomes: list[UpdateAdmission | Exception] = []
+    for (agent, task_id, meta, declared_bytes), pk in zip(requests, ids, strict=True):
+        try:
+            task = tasks.get(pk)
+            if task is None:
+                raise NotFound(f"No task with id {task_id!r}.", code="task_not_found")
+            if task.agent_id != agent.pk:
+                raise Forbidden("This task belongs to another agent.", code="not_your_task")
+            task.agent = agent
+            num_examples, metrics = _parse_update_meta(meta)
+            limit = update_max_bytes(task.round.training)
+            if declared_bytes is not None and declared_bytes > limit:
+                raise update_too_large(declared_bytes, limit)
+            outcomes.append(UpdateAdmission(agent, task, num_examples, metrics, limit))
+        except Exception as exc:
+            outcomes.append(exc)
+    return outcomes
 
 
 def update_accept_spooled(admission: UpdateAdmission, spooled: SpooledBlob) -> tuple[ClientUpdate, bool]:
     """Validate and store a body spooled for ``admission`` (the file stays the caller's to remove unless
     it became the blob). Returns ``(update, created)``; see :func:`update_submit`."""
-    if spooled.size > admission.max_bytes:
-        raise update_too_large(spooled.size, admission.max_bytes)
-    return _update_accept(
-        admission.agent,
-        admission.task,
-        spooled,
-        admission.num_examples,
-        admission.metrics,
-        admission.max_bytes,
-    )
+    (outcome,) = updates_accept_spooled([(admission, spooled)])
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
 
 
 def update_submit(
@@ -169,15 +200,91 @@ def update_submit(
         raise update_too_large(f"more than {admission.max_bytes}", admission.max_bytes) from exc
 
 
-def _update_accept(
-    agent: Agent, task: Task, spooled: SpooledBlob, num_examples: int, metrics: dict[str, float], limit: int
-) -> tuple[ClientUpdate, bool]:
-    training = task.round.training
-    sha256 = spooled.sha256
-    existing = ClientUpdate.objects.filter(task=task).first()
-    if existing is not None:
-        return _idempotent_update(existing, sha256, num_examples), False
-    asynchronous = is_asynchronous(training)
+@dataclass
+class _Checked:
+    """An upload of a batch that passed the checks outside the transaction."""
+
+    index: int
+    admission: UpdateAdmission
+    spooled: SpooledBlob
+    norm: float
+    blob_name: str = ""
+
+
+#: What each upload of :func:`updates_accept_spooled` gets: ``(update, created)``, or its error.
+Accepted = tuple[ClientUpdate, bool] | Exception
+
+
+def updates_accept_spooled(items: Sequence[tuple[UpdateAdmission, SpooledBlob]]) -> list[Accepted]:
+    """:func:`update_accept_spooled` of many uploads at once (the uploads of a round arrive together), in
+    order: each upload's ``(update, created)``, or the error it gets, as it would get alone.
+
+    Outside any transaction: the stored updates of their tasks in one query (a repeated upload answers
+    from it), then each body checked against its task's spec (the values, their norm) and the accepted
+    blobs registered and moved into the store together (:func:`versioning.blobs.blobs_save_spooled`). Then,
+    per round, ONE transaction: the round's row lock, the tasks' row locks (one statement), their update
+    rows (one ``INSERT``), the tasks completed (one ``UPDATE``), the agents' counters and failure alerts
+    (``clients.services.agents_record_outcome``), and the round settled once. A task that closed meanwhile
+    gets ``task_closed``, or its stored update when the same body was accepted by another request. An
+    asynchronous training's uploads are recorded one by one (each may close the round it joins).
+    """
+    outcomes: list[Accepted | None] = [None] * len(items)
+    stored = {
+        update.task_id: update
+        for update in ClientUpdate.objects.filter(task_id__in={admission.task.pk for admission, _ in items})
+    }
+    checked: list[_Checked] = []
+    for index, (admission, spooled) in enumerate(items):
+        try:
+            if spooled.size > admission.max_bytes:
+                raise update_too_large(spooled.size, admission.max_bytes)
+            existing = stored.get(admission.task.pk)
+            if existing is not None:
+                outcomes[index] = (
+                    _idempotent_update(existing, spooled.sha256, admission.num_examples),
+                    False,
+                )
+                continue
+            checked.append(_Checked(index, admission, spooled, _checked_norm(admission, spooled)))
+        except Exception as exc:
+            outcomes[index] = exc
+    _save_blobs(checked, outcomes)
+    rounds: dict[Any, list[_Checked]] = {}
+    for entry in checked:
+        if outcomes[entry.index] is None:
+            task = entry.admission.task
+            key = ("one", entry.index) if is_asynchronous(task.round.training) else ("round", task.round_id)
+            rounds.setdefault(key, []).append(entry)
+    for (kind, _), entries in sorted(rounds.items(), key=lambda item: str(item[0])):
+        try:
+            _record_updates(entries, outcomes, asynchronous=kind == "one")
+        except IntegrityError:  # another request stored one of these tasks' updates first
+            for entry in entries:
+                outcomes[entry.index] = _stored_outcome(entry)
+        except Exception as exc:  # a statement shared by the round's uploads failed: each gets its error
+            for entry in entries:
+                outcomes[entry.index] = exc
+    for entry in checked:
+        outcome = outcomes[entry.index]
+        if isinstance(outcome, tuple) and outcome[1]:
+            task = entry.admission.task
+            log_event(
+                logger,
+                "update_accepted",
+                training_id=task.round.training_id,
+                round=task.round.number,
+                agent_id=entry.admission.agent.agent_id,
+                num_examples=entry.admission.num_examples,
+                norm=f"{entry.norm:.4g}",
+            )
+    return outcomes  # type: ignore[return-value]  # (every index was filled above)
+
+
+def _checked_norm(admission: UpdateAdmission, spooled: SpooledBlob) -> float:
+    """The checks of an upload before its blob is saved: its task still open, then its values (the checks
+    of load_file and the norm in one pass over the mapped file, no copy of the values)."""
+    task = admission.task
+    asynchronous = is_asynchronous(task.round.training)
     round_closed = task.round.status != RS.COLLECTING and not asynchronous
     if task.status not in Task.OPEN or round_closed or task.deadline <= timezone.now():
         raise Conflict(
@@ -185,56 +292,99 @@ def _update_accept(
             "drop it and poll again.",
             code="task_closed",
         )
-    spec = ParameterSpec.from_json(training.parameter_spec)
+    spec = ParameterSpec.from_json(task.round.training.parameter_spec)
     try:
-        # The checks of load_file, and the norm, in one pass over the mapped file (no copy of the values).
-        norm = validate_file(spooled.path, spec=spec, max_bytes=limit)
+        norm = validate_file(spooled.path, spec=spec, max_bytes=admission.max_bytes)
     except SerdeError as exc:
         raise ValidationFailed(str(exc), code=f"bad_update_{exc.code}") from exc
     if not math.isfinite(norm):
         raise ValidationFailed(
             "The update's norm overflows float64; send a smaller update.", code="bad_update_non_finite"
         )
-    blob_name = blob_save_spooled(spooled)
+    return norm
+
+
+def _save_blobs(checked: list[_Checked], outcomes: list[Accepted | None]) -> None:
+    """Move the checked uploads into the blob store together; if that fails, one by one (an upload whose
+    own move fails gets that error)."""
+    if not checked:
+        return
     try:
-        with transaction.atomic():
-            round_ = _collecting_round_for(task, asynchronous)
-            locked = Task.objects.select_for_update().get(pk=task.pk)
-            existing = ClientUpdate.objects.filter(task=locked).first()
-            if existing is not None:
-                return _idempotent_update(existing, sha256, num_examples), False
-            if locked.status not in Task.OPEN or round_.status != RS.COLLECTING:
-                raise Conflict(
-                    f"Task {task.pk} closed while the update was being checked; poll again.",
-                    code="task_closed",
+        names = blobs_save_spooled([entry.spooled for entry in checked])
+    except Exception:
+        for entry in checked:
+            try:
+                entry.blob_name = blob_save_spooled(entry.spooled)
+            except Exception as exc:
+                outcomes[entry.index] = exc
+        return
+    for entry, name in zip(checked, names, strict=True):
+        entry.blob_name = name
+
+
+def _record_updates(entries: list[_Checked], outcomes: list[Accepted | None], *, asynchronous: bool) -> None:
+    """The update rows of uploads for tasks of one round (or one upload of an asynchronous training), in
+    one transaction; each entry's outcome is set when it commits."""
+    decided: list[tuple[_Checked, Accepted]] = []
+    with transaction.atomic():
+        round_ = _collecting_round_for(entries[0].admission.task, asynchronous)
+        locked = {
+            task.pk: task
+            for task in Task.objects.select_for_update()
+            .filter(pk__in=[entry.admission.task.pk for entry in entries])
+            .order_by("pk")
+        }
+        new: dict[Any, tuple[_Checked, ClientUpdate]] = {}
+        late: list[_Checked] = []
+        for entry in entries:
+            task, admission = locked[entry.admission.task.pk], entry.admission
+            if task.pk in new:  # the same task twice in one batch: as a repeated upload
+                try:
+                    update = _idempotent_update(new[task.pk][1], entry.spooled.sha256, admission.num_examples)
+                    decided.append((entry, (update, False)))
+                except Conflict as exc:
+                    decided.append((entry, exc))
+            elif task.status not in Task.OPEN or round_.status != RS.COLLECTING:
+                late.append(entry)
+            else:
+                update = ClientUpdate(
+                    task=task,
+                    round=round_,
+                    agent=admission.agent,
+                    blob_name=entry.blob_name,
+                    blob_sha256=entry.spooled.sha256,
+                    size_bytes=entry.spooled.size,
+                    num_examples=admission.num_examples,
+                    metrics=admission.metrics,
+                    update_norm=entry.norm,
                 )
-            update = ClientUpdate.objects.create(
-                task=locked,
-                round=round_,
-                agent=agent,
-                blob_name=blob_name,
-                blob_sha256=sha256,
-                size_bytes=spooled.size,
-                num_examples=num_examples,
-                metrics=metrics,
-                update_norm=norm,
+                new[task.pk] = (entry, update)
+        decided.extend((entry, _stored_outcome(entry)) for entry in late)
+        if new:
+            ClientUpdate.objects.bulk_create([update for _, update in new.values()])
+            transition_tasks([locked[pk] for pk in new], KS.COMPLETED)
+            agents_record_outcome(
+                agent_ids=[entry.admission.agent.pk for entry, _ in new.values()], outcome="completed"
             )
-            transition_task(locked, KS.COMPLETED)
-            agent_record_outcome(agent_id=agent.pk, outcome="completed")
             _round_settle(round_)
-    except IntegrityError:
-        existing = ClientUpdate.objects.get(task=task)
-        return _idempotent_update(existing, sha256, num_examples), False
-    log_event(
-        logger,
-        "update_accepted",
-        training_id=training.pk,
-        round=task.round.number,
-        agent_id=agent.agent_id,
-        num_examples=num_examples,
-        norm=f"{norm:.4g}",
-    )
-    return update, True
+            decided.extend((entry, (update, True)) for entry, update in new.values())
+    for entry, outcome in decided:
+        outcomes[entry.index] = outcome
+
+
+def _stored_outcome(entry: _Checked) -> Accepted:
+    """A task found closed when its update was to be written: the update stored for it if that is this
+    same upload (200), else ``task_closed`` or ``update_conflict``."""
+    existing = ClientUpdate.objects.filter(task_id=entry.admission.task.pk).first()
+    if existing is None:
+        return Conflict(
+            f"Task {entry.admission.task.pk} closed while the update was being checked; poll again.",
+            code="task_closed",
+        )
+    try:
+        return _idempotent_update(existing, entry.spooled.sha256, entry.admission.num_examples), False
+    except Conflict as exc:
+        return exc
 
 
 def _collecting_round_for(task: Task, asynchronous: bool) -> Round:

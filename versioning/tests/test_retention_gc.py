@@ -237,6 +237,46 @@ def test_a_writer_re_writes_a_blob_whose_file_was_removed(
     assert blob_read(name) == data
 
 
+@pytest.mark.django_db
+def test_spooled_uploads_stored_together_revive_re_write_and_share_in_one_upsert(
+    make_training: Any, django_capture_on_commit_callbacks: Any, settings: Any, tmp_path: Any
+) -> None:
+    """``blobs_save_spooled`` (a batch of uploads): a blob condemned and removed by the collector is
+    revived and re-written, a new blob is stored once for two identical uploads, a live one is touched;
+    the registry rows in one statement."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from versioning.blobs import BlobSpoolWriter, blobs_save_spooled
+
+    settings.FILE_UPLOAD_TEMP_DIR = str(tmp_path)
+    training = _history(make_training, [0.5, 0.6], retention={"keep_last": 1, "keep_best": False})
+    removed, alive = training.versions.get(number=1).blob_name, training.versions.get(number=2).blob_name
+    removed_data, alive_data, fresh = blob_read(removed), blob_read(alive), os.urandom(64)
+    _age()
+    _collect(django_capture_on_commit_callbacks)
+    assert not default_storage.exists(removed)
+    touched_before = Blob.objects.get(name=alive).touched_at
+    writers = []
+    for body in (removed_data, alive_data, fresh, fresh):
+        writer = BlobSpoolWriter(max_bytes=len(body))
+        writer.write(body)
+        writers.append(writer)
+    try:
+        with CaptureQueriesContext(connection) as context:
+            names = blobs_save_spooled([writer.finish() for writer in writers])
+    finally:
+        for writer in writers:
+            writer.discard()
+    fresh_name = blob_name_for(hashlib.sha256(fresh).hexdigest())
+    assert names == [removed, alive, fresh_name, fresh_name]
+    assert (blob_read(removed), blob_read(alive), blob_read(fresh_name)) == (removed_data, alive_data, fresh)
+    assert sum('INTO "versioning_blob"' in q["sql"] for q in context.captured_queries) == 1
+    assert Blob.objects.get(name=alive).touched_at > touched_before
+    assert Blob.objects.get(name=fresh_name).size_bytes == len(fresh)
+    assert not Blob.objects.filter(name__in=names).exclude(condemned_at=None).exists()
+
+
 @pytest.mark.django_db(transaction=True)
 def test_no_blob_is_removed_when_the_collecting_transaction_rolls_back(make_training: Any) -> None:
     training = _history(make_training, [0.5, 0.6, 0.7], retention={"keep_last": 1, "keep_best": False})

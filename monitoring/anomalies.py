@@ -310,6 +310,24 @@ def contribution_next(previous: float | None, psi: float | None, *, decay: float
     return decay * previous + (1.0 - decay) * psi
 
 
+#: What a round's analysis writes in each update's statistics row (all but the update and its creation).
+STATISTICS_FIELDS = [
+    "training",
+    "round_number",
+    "agent",
+    "num_examples",
+    "update_norm",
+    "cosine",
+    "train_loss",
+    "loss_jump",
+    "scores",
+    "reasons",
+    "flagged",
+    "action",
+    "contribution",
+]
+
+
 def round_analysis_record(
     *, training: Any, round_number: int, analysis: RoundAnalysis
 ) -> list[UpdateStatistics]:
@@ -333,27 +351,30 @@ def round_analysis_record(
             action = UpdateStatistics.Action.EXCLUDED
         else:
             action = UpdateStatistics.Action.FLAGGED
-        row, _ = UpdateStatistics.objects.update_or_create(
-            update_id=measurement.update_id,
-            defaults={
-                "training": training,
-                "round_number": round_number,
-                "agent_id": measurement.agent_pk,
-                "num_examples": measurement.num_examples,
-                "update_norm": measurement.update_norm,
-                "cosine": measurement.cosine,
-                "train_loss": measurement.train_loss,
-                "loss_jump": measurement.loss_jump,
-                "scores": scores,
-                "reasons": reasons,
-                "flagged": bool(reasons),
-                "action": action,
-                "contribution": contribution_next(
+        rows.append(
+            UpdateStatistics(
+                update_id=measurement.update_id,
+                training=training,
+                round_number=round_number,
+                agent_id=measurement.agent_pk,
+                num_examples=measurement.num_examples,
+                update_norm=measurement.update_norm,
+                cosine=measurement.cosine,
+                train_loss=measurement.train_loss,
+                loss_jump=measurement.loss_jump,
+                scores=scores,
+                reasons=reasons,
+                flagged=bool(reasons),
+                action=action,
+                contribution=contribution_next(
                     before.get(measurement.agent_pk), measurement.cosine, decay=decay
                 ),
-            },
+            )
         )
-        rows.append(row)
+    # One statement for the round's rows (a retried commit of the round overwrites them, as before).
+    UpdateStatistics.objects.bulk_create(
+        rows, update_conflicts=True, unique_fields=["update"], update_fields=STATISTICS_FIELDS
+    )
     flagged = [row for row in rows if row.flagged]
     subject = f"training:{training.pk}/anomaly"
     if flagged:

@@ -254,15 +254,19 @@ def metrics_record(
     Then evaluate the metric alerts (degradation, stalled convergence); with ``round_completed`` (the
     aggregation's call) the round's ``round_failed`` and ``too_few_agents`` alerts resolve themselves.
     """
-    stored: list[Metric] = []
+    stored = [
+        Metric(training=training, round_number=round_number, name=name, value=float(value))
+        for name, value in values.items()
+        if value is not None and math.isfinite(float(value))
+    ]
     with transaction.atomic():
-        for name, value in values.items():
-            if value is None or not math.isfinite(float(value)):
-                continue
-            metric, _ = Metric.objects.update_or_create(
-                training=training, round_number=round_number, name=name, defaults={"value": float(value)}
-            )
-            stored.append(metric)
+        # One statement for all of them; a retry overwrites the values.
+        Metric.objects.bulk_create(
+            stored,
+            update_conflicts=True,
+            unique_fields=["training", "round_number", "name"],
+            update_fields=["value"],
+        )
         if round_completed:
             alert_resolve(
                 kind=Alert.Kind.ROUND_FAILED,

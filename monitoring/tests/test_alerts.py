@@ -87,6 +87,27 @@ def test_a_completed_round_resolves_its_round_failed_alert() -> None:
     assert alert.resolved_at is not None and "Round 1 completed" in alert.resolution
 
 
+def test_a_round_s_metrics_are_stored_in_one_statement_and_a_retry_overwrites_them() -> None:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from monitoring.models import Metric
+
+    training = make_training("metrics upsert")
+    values = {"accuracy": 0.5, "loss": 1.25, "skipped": float("nan"), "also_skipped": None}
+    for _retry in (False, True):
+        with CaptureQueriesContext(connection) as context:
+            stored = metrics_record(training=training, round_number=3, values=values)
+        writes = [q["sql"] for q in context.captured_queries if 'INTO "monitoring_metric"' in q["sql"]]
+        assert len(writes) == 1, writes
+        assert sorted(m.name for m in stored) == ["accuracy", "loss"]
+        values = {"accuracy": 0.75, "loss": 1.0}
+    assert dict(Metric.objects.filter(training=training).values_list("name", "value")) == {
+        "accuracy": 0.75,
+        "loss": 1.0,
+    }
+
+
 async def _receive(layer: Any, channel: str) -> dict[str, Any]:
     return await asyncio.wait_for(layer.receive(channel), timeout=5)
 

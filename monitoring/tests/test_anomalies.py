@@ -12,7 +12,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from django.db import connection
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 
 from clients.models import Agent
 from fedsite.errors import ValidationFailed
@@ -162,9 +164,12 @@ def test_planted_outliers_are_flagged_by_the_statistic_they_distort(
     rest_round(training, agents, clean)
     planted, _ = _planted(spec, attackers={0: "sign_flip", 1: "scaling", 2: "loss"}, seed=1)
 
-    number = rest_round(training, agents, planted)
+    with CaptureQueriesContext(connection) as context:
+        number = rest_round(training, agents, planted)
 
     assert number == 2
+    writes = [q["sql"] for q in context.captured_queries if 'INTO "monitoring_updatestatistics"' in q["sql"]]
+    assert len(writes) == 1, writes  # the round's rows in one statement
     flags = _flags(training, 2)
     assert flags == {"a0": ["cosine"], "a1": ["update_norm"], "a2": ["train_loss", "loss_jump"]}
     rows = {r.agent.agent_id: r for r in UpdateStatistics.objects.filter(training=training, round_number=2)}

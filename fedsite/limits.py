@@ -131,7 +131,8 @@ class _GuardedBody:
         try:
             if remaining <= 0:
                 raise TimeoutError
-            message = await asyncio.wait_for(self._receive(), remaining)
+            async with asyncio.timeout(remaining):  # (no task per chunk, as wait_for would make)
+                message = await self._receive()
         except TimeoutError:
             return await self._refuse(
                 408,

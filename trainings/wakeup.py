@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import threading
 import time
 import weakref
@@ -41,6 +42,10 @@ BROADCAST_GROUP = "fedsite.task_wakeups"
 WAKE_BATCH = 1000
 #: A listener renews its group membership this often (channels_redis expires it after a day by default).
 GROUP_RENEW_SECONDS = 600.0
+#: How long a wake-up is remembered for a poll that had not begun waiting yet (far longer than a poll
+#: takes from its look for a task to its wait), and past how many remembered agents the old ones go.
+WOKEN_MEMORY_SECONDS = 60.0
+WOKEN_PRUNE_SIZE = 4096
 
 
 class ShutdownSignal:
@@ -107,6 +112,9 @@ class _Waiters:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_agent: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]] = {}
+        #: When each agent was last named by a wake-up (time.monotonic()), for WOKEN_MEMORY_SECONDS: a
+        #: wake-up that arrives after a poll looked for its task but before it waits is not lost.
+        self._woken: dict[str, float] = {}
 
     def add(self, key: str, entry: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]) -> None:
         with self._lock:
@@ -128,9 +136,20 @@ class _Waiters:
         with self._lock:
             return sum(len(entries) for entries in self._by_agent.values())
 
-    def wake(self, keys: Iterable[str]) -> int:
-        """Resolve the futures of these agents' waiting polls; return how many were woken."""
+    def woken_since(self, key: str, since: float) -> bool:
+        """Whether a wake-up named this agent at or after ``since`` (a time.monotonic() reading)."""
         with self._lock:
+            return self._woken.get(key, -math.inf) >= since
+
+    def wake(self, keys: Iterable[str]) -> int:
+        """Resolve the futures of these agents' waiting polls; return how many were woken. Every agent
+        named is remembered for :data:`WOKEN_MEMORY_SECONDS` (:meth:`woken_since`)."""
+        now = time.monotonic()
+        with self._lock:
+            keys = list(keys)
+            self._woken.update(dict.fromkeys(keys, now))
+            if len(self._woken) > WOKEN_PRUNE_SIZE:
+                self._woken = {k: t for k, t in self._woken.items() if now - t <= WOKEN_MEMORY_SECONDS}
             entries = [entry for key in keys for entry in self._by_agent.get(key, ())]
         for loop, future in entries:
             with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits there any more
@@ -268,13 +287,16 @@ async def _sleep_unless_shutdown(seconds: float) -> None:
         await asyncio.wait_for(shutdown.wait(), timeout=max(seconds, 0))
 
 
-async def wait_for_wakeup(agent_pk: Any, timeout: float) -> bool:
+async def wait_for_wakeup(agent_pk: Any, timeout: float, *, since: float | None = None) -> bool:
     """Wait up to ``timeout`` seconds for a wake-up for this agent. True if one arrived.
 
     Returns False after ``timeout`` seconds without one, and at once when the server starts shutting
     down. The wait costs no thread and no broker call of its own: it registers a future in
     :data:`waiters`, which this process's :func:`wake_agents` and the loop's listener resolve. When the
-    channel layer is unreachable no listener runs, and this is a plain sleep of ``timeout``.
+    channel layer is unreachable no listener runs, and this is a plain sleep of ``timeout``. ``since``
+    is when the caller last looked for the agent's task (time.monotonic()): a wake-up that named the
+    agent since then, before this wait began, returns True at once (the task may have been issued just
+    after the look).
     """
     if timeout <= 0:
         return False
@@ -284,6 +306,9 @@ async def wait_for_wakeup(agent_pk: Any, timeout: float) -> bool:
     entry = (loop, future)
     key = _agent_key(agent_pk)
     waiters.add(key, entry)
+    if since is not None and waiters.woken_since(key, since):
+        waiters.discard(key, entry)
+        return True
     stop = asyncio.ensure_future(shutdown.wait())
     try:
         done, _ = await asyncio.wait({future, stop}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)

@@ -168,6 +168,7 @@ async def next_task_view(request: HttpRequest) -> HttpResponse:
         if shutdown.is_set():
             return _shutting_down_response()
         polls = _Polls(request)
+        looked = time.monotonic()  # a wake-up from now on is not lost, even before the poll waits
         agent, payload = await polls.start(request.headers.get("Authorization"), client_ip(request))
         deadline = time.monotonic() + poll_duration(wait)
         with open_long_polls.track():  # the gauge of /api/system/health and /metrics
@@ -185,9 +186,10 @@ async def next_task_view(request: HttpRequest) -> HttpResponse:
                 # Wake-ups reach this loop: wait for one (or the deadline) with no query of our own.
                 # Otherwise (broker away) re-check every RECHECK_SECONDS, as plain polling would.
                 woken = await wait_for_wakeup(
-                    agent.pk, remaining if reliable else min(remaining, RECHECK_SECONDS)
+                    agent.pk, remaining if reliable else min(remaining, RECHECK_SECONDS), since=looked
                 )
                 if woken and not shutdown.is_set():
+                    looked = time.monotonic()
                     payload = await polls.poll(agent)
                     continue
                 if shutdown.is_set() or (not reliable and time.monotonic() > deadline - 0.05):

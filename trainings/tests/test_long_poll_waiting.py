@@ -150,3 +150,24 @@ def test_django_requests_reuse_kept_threads_instead_of_one_new_thread_each(make_
     seen = asyncio.run(requests(6))
     assert seen[0], "no kept request thread"
     assert all(s == seen[0] for s in seen[1:]), seen
+
+
+def test_a_wake_up_that_comes_after_the_look_but_before_the_wait_is_not_lost() -> None:
+    """A poll looks for its task, finds none, and only then waits: a round opened in between wakes it
+    before it waits. That wake-up is remembered: the wait returns at once, and the poll looks again
+    (without this the process's shared re-check found the task up to 5 s later)."""
+    from trainings.wakeup import wait_for_wakeup, waiters
+
+    async def scenario() -> tuple[bool, float, bool]:
+        looked = time.monotonic()
+        waiters.wake(["agent-between"])  # the round's wake-up: after the look, before the wait
+        began = time.monotonic()
+        early = await wait_for_wakeup("agent-between", 5.0, since=looked)
+        took = time.monotonic() - began
+        # a wake-up from before the poll's look is no reason to look again: this wait runs its course
+        later = await wait_for_wakeup("agent-between", 0.3, since=time.monotonic())
+        return early, took, later
+
+    early, took, later = asyncio.run(scenario())
+    assert early and took < 1.0, (early, took)
+    assert not later

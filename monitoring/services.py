@@ -535,27 +535,17 @@ def health_sample_take(*, role: str, cpu_interval: float | None = None) -> Syste
     return sample
 
 
-def agent_failures_evaluate(*, agent_id: Any, training: Any = None, name: str | None = None) -> str:
-    """Raise, repeat or resolve the ``client_failures`` alert of one agent (subject ``agent:<agent_id>``).
+def agents_failures_evaluate(*, agents: Mapping[Any, str], training: Any = None) -> dict[Any, str]:
+    """Raise, repeat or resolve the ``client_failures`` alert (subject ``agent:<agent_id>``) of each agent
+    of ``agents`` (``{agent pk: agent_id}``), after tasks of ``training`` finished (the alert's WebSocket
+    group).
 
-    The agent's last ``FEDSITE_ALERT_CLIENT_FAILURE_WINDOW`` finished tasks (completed, failed, expired; by
+    An agent's last ``FEDSITE_ALERT_CLIENT_FAILURE_WINDOW`` finished tasks (completed, failed, expired; by
     completion time) are counted once there are at least ``FEDSITE_ALERT_CLIENT_FAILURE_MIN_TASKS``; a
     failed-or-expired share at or above ``FEDSITE_ALERT_CLIENT_FAILURE_RATE`` raises (a repeat counts), a
-    share under it resolves. ``training`` is the training of the task just finished (the alert's WebSocket
-    group); ``name`` the agent's ``agent_id`` when the caller has it. Returns ``raised``, ``resolved`` or
-    ``unchanged``.
+    share under it resolves. Every agent's last tasks are read in one query (a window per agent), the alerts
+    to resolve in one more. Returns each agent's ``raised``, ``resolved`` or ``unchanged``.
     """
-    from clients.models import Agent
-
-    if name is None:
-        name = Agent.objects.filter(pk=agent_id).values_list("agent_id", flat=True).first() or str(agent_id)
-    return agents_failures_evaluate(agents={agent_id: name}, training=training)[agent_id]
-
-
-def agents_failures_evaluate(*, agents: Mapping[Any, str], training: Any = None) -> dict[Any, str]:
-    """:func:`agent_failures_evaluate` of many agents at once (``{agent pk: agent_id}``), after tasks of
-    ``training`` finished: their last tasks in one query (a window per agent), and the alerts to resolve
-    in one more. Returns each agent's ``raised``, ``resolved`` or ``unchanged``."""
     from trainings.models import Task  # (trainings imports this module)
 
     statuses = [Task.Status.COMPLETED, Task.Status.FAILED, Task.Status.EXPIRED]

@@ -1,12 +1,13 @@
 """The raw uploads' database work, batched: the uploads of a round arrive together, and share trips to a
 worker thread and a handful of statements (fedsite.batching).
 
-One at a time, an upload cost two trips to a worker thread and about seventeen ORM statements, compiled
-and sent one by one, ten of them while holding the round's row lock that every other upload of the round
-waits for: its task with its round and training, its stored update (twice), the blob's registry row (two
+One at a time, an upload cost two trips to a worker thread and twelve ORM statements, compiled and sent
+one by one, eight of them while holding the round's row lock that every other upload of the round waits
+for: its task with its round and training, its stored update (twice), the blob's registry row (two
 statements), the round's and the task's locks, the update row, the task's transition, the agent's
-counters, its last tasks and its name for the failure alert, the alert's resolution in a savepoint, and
-the round's settlement. :class:`UploadBatcher` queues the two steps of each upload on the event loop:
+counters, its last tasks for the failure alert, and the round's settlement; sixteen (twelve under the
+lock) once the agent had enough finished tasks for the alert (its name, and the alert's lookup in a
+savepoint). :class:`UploadBatcher` queues the two steps of each upload on the event loop:
 
 - ``ADMIT``, before the body is read: the tokens (``clients.services.agents_authenticate``: one cache
   round trip, one query for the tokens not cached), the headers, the tasks with their rounds and

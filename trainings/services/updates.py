@@ -255,7 +255,7 @@ def updates_accept_spooled(items: Sequence[tuple[UpdateAdmission, SpooledBlob]])
             task = entry.admission.task
             key = ("one", entry.index) if is_asynchronous(task.round.training) else ("round", task.round_id)
             rounds.setdefault(key, []).append(entry)
-    for (kind, _), entries in sorted(rounds.items(), key=lambda item: str(item[0])):
+    for (kind, _), entries in rounds.items():
         try:
             _record_updates(entries, outcomes, asynchronous=kind == "one")
         except IntegrityError:  # another request stored one of these tasks' updates first

@@ -5,11 +5,14 @@ eight."""
 from __future__ import annotations
 
 import dataclasses
+import errno
+import hashlib
 import json
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
+from django.core.files.storage import FileSystemStorage
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
@@ -20,7 +23,7 @@ from trainings import services
 from trainings.models import ClientUpdate, Round, Task
 from trainings.services.updates import updates_accept_spooled, updates_admit
 from trainings.upload_batch import ACCEPT, ADMIT, process_uploads
-from versioning.blobs import BlobSpoolWriter
+from versioning.blobs import BlobSpoolWriter, blob_name_for, blob_read
 
 KS = Task.Status
 META = json.dumps({"num_examples": 7, "metrics": {"loss": 0.5}})
@@ -202,18 +205,58 @@ def test_the_admissions_of_a_batch_read_their_tasks_in_one_query(make_agent: Any
 
 
 @pytest.mark.django_db
-def test_an_accept_through_the_batch_function_stores_what_the_service_stores_alone(
+def test_an_accepted_upload_stores_its_body_its_meta_and_its_norm(
     make_agent: Any, make_training: Any, spool: Any
 ) -> None:
+    training, agents = _round_of(make_agent, make_training, 1)
+    agent, _, task = agents[0]
+    body = _body(training, 0.25)
+    ((update, created),) = process_uploads([(ACCEPT, (_admit(agent, task), spool(body)))])
+    assert created
+    stored = ClientUpdate.objects.get(pk=update.pk)
+    assert stored.blob_sha256 == hashlib.sha256(body).hexdigest() and stored.size_bytes == len(body)
+    assert blob_read(stored.blob_name) == body
+    assert (stored.num_examples, stored.metrics, stored.round_id) == (7, {"loss": 0.5}, task.round_id)
+    parameters = ParameterSpec.from_json(training.parameter_spec).num_parameters
+    assert stored.update_norm == pytest.approx(0.25 * parameters**0.5, rel=1e-6)  # brute force: a constant
+
+
+class FullDiskStorage(FileSystemStorage):
+    """The file-system store with a disk that is full for the names in :attr:`refused` (a fake of the
+    storage backend, which is Django's)."""
+
+    refused: ClassVar[set[str]] = set()
+
+    def _save(self, name: str, content: Any) -> str:
+        if name in self.refused:
+            raise OSError(errno.ENOSPC, "No space left on device", name)
+        return super()._save(name, content)
+
+
+@pytest.mark.django_db
+def test_an_upload_whose_body_cannot_be_stored_fails_alone(
+    make_agent: Any, make_training: Any, spool: Any, settings: Any
+) -> None:
+    """The blobs of a batch are stored together; when that fails, they are stored one by one, and only the
+    upload whose own file cannot be written gets the error."""
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "default": {
+            "BACKEND": "trainings.tests.test_upload_batch.FullDiskStorage",
+            "OPTIONS": {"location": settings.MEDIA_ROOT},
+        },
+    }
     training, agents = _round_of(make_agent, make_training, 2)
     (a, _, task_a), (b, _, task_b) = agents[:2]
-    body = _body(training, 0.25)
-    ((batched, created),) = process_uploads([(ACCEPT, (_admit(a, task_a), spool(body)))])
-    alone, created_alone = services.update_submit(agent=b, task_id=task_b.pk, spooled=spool(body), meta=META)
-    assert created and created_alone
-    fields = ("blob_name", "blob_sha256", "size_bytes", "num_examples", "metrics", "update_norm", "round_id")
-    assert [getattr(batched, f) for f in fields] == [getattr(alone, f) for f in fields]
-    parameters = ParameterSpec.from_json(training.parameter_spec).num_parameters
-    assert ClientUpdate.objects.get(pk=batched.pk).update_norm == pytest.approx(
-        0.25 * parameters**0.5, rel=1e-6
-    )
+    good, refused = _body(training, 0.1), _body(training, 0.2)
+    FullDiskStorage.refused = {blob_name_for(hashlib.sha256(refused).hexdigest())}
+    items = [(_admit(a, task_a), spool(good)), (_admit(b, task_b), spool(refused))]
+    try:
+        outcomes = updates_accept_spooled(items)
+    finally:
+        FullDiskStorage.refused = set()
+
+    assert outcomes[0][1] is True and blob_read(outcomes[0][0].blob_name) == good
+    assert isinstance(outcomes[1], OSError) and outcomes[1].errno == errno.ENOSPC
+    assert list(ClientUpdate.objects.values_list("task_id", flat=True)) == [task_a.pk]
+    assert Task.objects.get(pk=task_b.pk).status == KS.DELIVERED
